@@ -1,0 +1,205 @@
+"""Load a checkpoint in the official layout, streaming one safetensors shard at a time.
+
+The model is built on `meta` (nothing allocated), each tensor is read from its mmap'ed shard,
+converted to the target dtype/device, and put in place with `load_state_dict(assign=True)`; so peak
+memory stays near the model's own size. Every missing, unexpected or mis-shaped tensor is named in
+a CheckpointError. FP8 weights are recognised by their `weight_scale_inv`, whatever their name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..kernels.fp8 import dequantize_blocks
+from .names import disk_to_memory
+
+if TYPE_CHECKING:
+    from ..model.transformer import DeepSeekV3
+
+INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """{official key: shard file path} from the index, or from a single `model.safetensors`."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not os.path.isfile(f):
+                raise CheckpointError(f"shard {os.path.basename(f)} named in {INDEX_NAME} is missing")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not os.path.isfile(single) and len(shards) != 1:
+        raise CheckpointError(f"{path}: no {INDEX_NAME} and not exactly one .safetensors file")
+    file = single if os.path.isfile(single) else os.path.join(path, shards[0])
+    with _open(file) as f:
+        return {k: file for k in f.keys()}
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{os.path.basename(file)}: cannot read safetensors file ({e})") from None
+
+
+def load_model(
+    cls: type[DeepSeekV3],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    fp8: bool = False,
+    mtp: bool | None = None,
+) -> DeepSeekV3:
+    """Build `cls` on meta from `path/config.json` and fill it from the shards (see module doc)."""
+    path = os.fspath(path)
+    try:
+        cfg = ModelConfig.from_pretrained(os.path.join(path, "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    files = checkpoint_files(path)
+    scaled = {k[: -len(SCALE_SUFFIX)] for k in files if k.endswith(SCALE_SUFFIX)}
+    if scaled and cfg.fp8_block_size is None:
+        raise CheckpointError(
+            f"{sorted(scaled)[0]} has a weight_scale_inv but config.json has no fp8 quantization_config"
+        )
+    block = cfg.fp8_block_size or (128, 128)
+    has_mtp = any(disk_to_memory(k, cfg.num_hidden_layers)[0].startswith("mtp.") for k in files)
+    # Default: load the MTP layer when the config declares it and the checkpoint has it (HF's
+    # save_pretrained drops it); asking for it explicitly makes its absence an error.
+    want_mtp = cfg.num_nextn_predict_layers > 0 and has_mtp if mtp is None else mtp
+    if want_mtp and cfg.num_nextn_predict_layers == 0:
+        raise CheckpointError(f"{path}: mtp=True but config.json has num_nextn_predict_layers = 0")
+    model_cfg = cfg if want_mtp else cfg.replace(num_nextn_predict_layers=0)
+    keep_fp8 = fp8 and bool(scaled)
+    if not keep_fp8:
+        model_cfg = model_cfg.replace(quantization_config=None)
+
+    with torch.device("meta"):
+        model = cls(model_cfg)
+    if keep_fp8:
+        _fp8_layout(model, scaled, block, cfg.num_hidden_layers)
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+
+    state: dict[str, torch.Tensor] = {}
+    filled_rows: dict[str, set[int]] = {}
+    handles: dict[str, object] = {}
+
+    def read(key: str) -> torch.Tensor:
+        file = files[key]
+        if file not in handles:
+            handles[file] = _open(file)
+        return handles[file].get_tensor(key)
+
+    # Shard by shard: tensors of one file are read together, then the file is closed.
+    by_file: dict[str, list[str]] = {}
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
+    for file in sorted(by_file):
+        for key in sorted(by_file[file]):
+            name, row = disk_to_memory(key, cfg.num_hidden_layers)
+            if name.startswith("mtp.") and not want_mtp:
+                continue  # the MTP layer is skipped when the model does not want it
+            if key.endswith(SCALE_SUFFIX) and not keep_fp8:
+                if key[: -len(SCALE_SUFFIX)] not in files:
+                    raise CheckpointError(f"{key} has no weight {key[: -len(SCALE_SUFFIX)]} beside it")
+                continue  # consumed with its weight
+            if name not in expected or name in tied:
+                raise CheckpointError(f"unexpected tensor {key} in {os.path.basename(file)}")
+            target = expected[name]
+            want_shape = tuple(target.shape[1:] if row is not None else target.shape)
+            tensor = read(key)
+            if tuple(tensor.shape) != want_shape:
+                raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {want_shape}")
+            tensor = _convert(key, tensor, keep_fp8, dtype, block, read, files)
+            if row is None:
+                state[name] = tensor.to(device)
+            else:
+                if not 0 <= row < target.shape[0]:
+                    raise CheckpointError(f"unexpected tensor {key}: expert {row} of {target.shape[0]}")
+                if name not in state:
+                    state[name] = torch.empty(target.shape, dtype=tensor.dtype, device=device)
+                state[name][row].copy_(tensor)
+                filled_rows.setdefault(name, set()).add(row)
+        for f in [f for f in handles if f == file]:
+            del handles[f]
+
+    missing = []
+    for name, target in expected.items():
+        if name in tied:
+            continue
+        if name not in state:
+            missing.append(name)
+        elif name in filled_rows and len(filled_rows[name]) != target.shape[0]:
+            absent = sorted(set(range(target.shape[0])) - filled_rows[name])
+            missing.append(f"{name} (experts {absent[:5]}{'...' if len(absent) > 5 else ''})")
+    if missing:
+        from .names import memory_to_disk
+
+        shown = [memory_to_disk(m, cfg.num_hidden_layers, 1)[0] if "(" not in m else m for m in missing[:5]]
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(shown)}{more}")
+
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialize_meta_buffers(model, device)
+    return model.eval()
+
+
+def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:
+    """Cast one checkpoint tensor for the model: dequantize FP8 (or keep it), else cast to dtype."""
+    scale_key = key + SCALE_SUFFIX
+    if tensor.dtype == torch.float8_e4m3fn:
+        if scale_key not in files:
+            raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
+        if keep_fp8:
+            return tensor
+        try:
+            return dequantize_blocks(tensor, read(scale_key), block, dtype or torch.bfloat16)
+        except ValueError as e:
+            raise CheckpointError(f"{scale_key}: {e}") from None
+    if scale_key in files:
+        raise CheckpointError(f"{key} has a weight_scale_inv but is stored as {tensor.dtype}, not float8_e4m3fn")
+    if key.endswith(SCALE_SUFFIX) or key.endswith("e_score_correction_bias"):
+        # FP8 scales and the routing bias stay float32 (a bf16 bias would move near-ties).
+        return tensor.float()
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _fp8_layout(model, scaled: set[str], block: tuple[int, int], num_layers: int) -> None:
+    """Give every Linear/ExpertLinear whose checkpoint weight has a scale FP8 storage (on meta)."""
+    from ..model.linear import ExpertLinear, Linear
+
+    scaled_names = {disk_to_memory(k + SCALE_SUFFIX, num_layers)[0][: -len(SCALE_SUFFIX)] for k in scaled}
+    for mname, module in model.named_modules():
+        if isinstance(module, (Linear, ExpertLinear)) and f"{mname}.weight" in scaled_names:
+            module.to_fp8_layout(block)
+
+
+def _materialize_meta_buffers(model, device) -> None:
+    """Non-persistent buffers (not in the checkpoint) are still on meta after assign: zero them."""
+    for module in model.modules():
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[bname] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+    for p_name, p in model.named_parameters():
+        if p.is_meta:
+            raise CheckpointError(f"parameter {p_name} was not loaded")

@@ -1,0 +1,155 @@
+"""`dsv3 ...` / `python -m dsv3 ...`: argparse subcommands mapped to functions.
+
+A user mistake (DsV3Error, a missing file) is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from .errors import DsV3Error, RequestError
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise RequestError(f"--dtype must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------- params
+def cmd_params(args: argparse.Namespace) -> int:
+    from . import accounting
+    from .config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(args.config)
+    if args.json:
+        print(json.dumps(accounting.summary_dict(cfg, mtp=args.mtp), indent=2))
+        return 0
+    print(accounting.format_param_table(cfg, mtp=args.mtp))
+    print()
+    print(accounting.format_summary(cfg, mtp=args.mtp))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- init
+def cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .model.transformer import DeepSeekV3
+
+    cfg = ModelConfig.from_pretrained(args.config)
+    if os.path.exists(args.out) and not args.force and os.listdir(args.out):
+        raise DsV3Error(f"{args.out} exists and is not empty (use --force to replace it)")
+    torch.manual_seed(args.seed)
+    model = DeepSeekV3(cfg.replace(quantization_config=None), dtype=_torch_dtype(args.dtype))
+    if args.random_bias:
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0, 0.1)
+    model.save_pretrained(args.out, fp8=args.fp8)
+    n = model.num_parameters(include_mtp=True)
+    print(f"wrote {args.out}: {n:,} parameters{' (fp8)' if args.fp8 else ''}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on a built-in default: account for the seed, then build/save/load/generate `small`."""
+    import torch
+
+    from . import accounting
+    from .config import ModelConfig
+    from .inference.generate import generate
+    from .model.transformer import DeepSeekV3
+
+    seed_cfg = ModelConfig.from_pretrained("deepseek-v3")
+    print(accounting.format_param_table(seed_cfg))
+    print()
+    print(accounting.format_summary(seed_cfg))
+    print()
+    cfg = ModelConfig.from_pretrained(args.config)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = DeepSeekV3(cfg, dtype=torch.bfloat16)
+    print(f"built {args.config!r}: {model.num_parameters():,} parameters in {time.perf_counter() - t0:.1f}s")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt")
+        t0 = time.perf_counter()
+        model.save_pretrained(ckpt)
+        shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+        print(f"saved the official layout ({len(shards)} shard(s) + index) in {time.perf_counter() - t0:.1f}s")
+        t0 = time.perf_counter()
+        loaded = DeepSeekV3.from_pretrained(ckpt, dtype=torch.bfloat16)
+        print(f"loaded it back in {time.perf_counter() - t0:.1f}s")
+    prompts = [[0, 100, 200, 300, 400, 500, 600, 700], [0, 42, 43]]
+    generate(loaded, prompts, max_new_tokens=2)  # warm-up
+    t0 = time.perf_counter()
+    out = generate(loaded, prompts, max_new_tokens=args.tokens, stop_token_ids=[])
+    dt = time.perf_counter() - t0
+    n = sum(len(o) for o in out)
+    for p, o in zip(prompts, out):
+        print(f"prompt {p} -> {o}")
+    print(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f}s ({n / dt:.1f} tokens/s, greedy, bf16)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("params", help="the seed's parameter table, activated params, bytes, KV per token")
+    s.add_argument("config", nargs="?", default="deepseek-v3", help="preset name, config.json or checkpoint dir")
+    s.add_argument("--mtp", action="store_true", help="include the MTP module")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_params)
+
+    s = sub.add_parser("init", help="write a random-weight checkpoint in the official layout")
+    s.add_argument("config")
+    s.add_argument("out")
+    s.add_argument("--fp8", action="store_true", help="store the projections in FP8 with 128x128 block scales")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="bf16", help="bf16 or fp32 for the high-precision tensors")
+    s.add_argument("--random-bias", action="store_true", help="random e_score_correction_bias (routing tests)")
+    s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("demo", help="account for the seed, then build, save, load and run the small preset")
+    s.add_argument("--config", default="small")
+    s.add_argument("--tokens", type=int, default=16)
+    s.set_defaults(fn=cmd_demo)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Subcommands that live with their own code register themselves here (inference, server, training, ...).
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except DsV3Error as e:
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

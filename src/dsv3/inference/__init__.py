@@ -1,0 +1,1 @@
+"""Running the model: sampling, batched generation with the latent cache, MTP speculative decoding."""

@@ -1,0 +1,1 @@
+"""The DeepSeek-V3 network, read top-down: norm -> rope -> linear -> attention (MLA) -> mlp/moe -> transformer."""

@@ -1,0 +1,139 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2 section 2.1; V3 section 2.1.1).
+
+Queries: q = q_b_proj(rmsnorm(q_a_proj(x))) (or q_proj(x) without q LoRA), split per head into a
+"nope" part (qk_nope_head_dim) and a rope part (qk_rope_head_dim).
+Keys/values: kv_a_proj_with_mqa(x) gives the latent c (kv_lora_rank, then kv_a_layernorm) and ONE
+rope key shared by all heads; kv_b_proj expands c into per-head k_nope and v.
+
+Two ways to compute the same attention:
+- expanded (prefill, many queries): run kv_b_proj over every cached latent and attend per head;
+- absorbed (decode, few queries): fold W_UK (the k_nope rows of kv_b_proj) into the query and
+  apply W_UV (the v rows) after attending over the latent itself, so the cache is read as is:
+    q_nope . (W_UK c) = (W_UK^T q_nope) . c      and      sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j).
+The cheaper one is picked per call by counting multiply-adds (`_absorbed_is_cheaper`).
+
+Legend: B batch, T new tokens, S keys, H heads, R kv_lora_rank, Dn/Dr/Dv nope/rope/value head dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import CacheBatch
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        H, D = cfg.num_attention_heads, cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(D, H * self.qk_head_dim)
+        else:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(H * self.v_dim, D)
+        self._absorbed_cache: tuple | None = None  # (key, W_UK, W_UV) prepared once per weight version
+
+    # ------------------------------------------------------------------ pieces
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope (B,T,H,Dn), rotated q_rope (B,T,H,Dr)). Head count comes from the tensor (TP shards it)."""
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (-1, self.qk_head_dim))
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the cache stores for x: [normed latent (R), rotated shared rope key (Dr)], (B, T, R+Dr)."""
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos, sin)], dim=-1)
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK (H, Dn, R), W_UV (H, Dv, R)) from kv_b_proj, prepared once per weight version.
+
+        FP8 weights are dequantized here once, not on every decode step (the official code does).
+        """
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if self._absorbed_cache is None or self._absorbed_cache[0] != key or torch.is_grad_enabled():
+            full = self.kv_b_proj.dequantized_weight(dtype) if self.kv_b_proj.is_fp8 else w.to(dtype)
+            full = full.view(-1, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = full[:, : self.nope_dim], full[:, self.nope_dim :]
+            if torch.is_grad_enabled():  # never cache a graph
+                return w_uk, w_uv
+            self._absorbed_cache = (key, w_uk, w_uv)
+        return self._absorbed_cache[1], self._absorbed_cache[2]
+
+    def _absorbed_is_cheaper(self, num_queries: int) -> bool:
+        # Per key and head: absorbed costs T*(2R+Dr); expanded costs R*(Dn+Dv) for kv_b_proj + T*(Dn+Dr+Dv).
+        R, T = self.kv_lora_rank, num_queries
+        absorbed = T * (2 * R + self.rope_dim)
+        expanded = R * (self.nope_dim + self.v_dim) + T * (self.nope_dim + self.rope_dim + self.v_dim)
+        return absorbed < expanded
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheBatch | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With a cache, the new latents are appended and all cached keys used."""
+        B, T, _ = x.shape
+        q_nope, q_rope = self._queries(x, cos, sin)
+        kv_new = self.latent(x, cos, sin)  # (B, T, R+Dr)
+        if cache is None:
+            kv, mask = kv_new, None  # causal over the T tokens
+        else:
+            kv = cache.update(self.layer_idx, kv_new)  # (B, S, R+Dr)
+            mask = cache.attention_mask(T, x.device)  # (B, T, S)
+        if absorb is None:
+            absorb = cache is not None and self._absorbed_is_cheaper(T)
+        out = (self._attend_absorbed if absorb else self._attend_expanded)(q_nope, q_rope, kv.to(x.dtype), mask)
+        return self.o_proj(out.flatten(2))  # (B, T, H*Dv) -> (B, T, D)
+
+    def _attend_expanded(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split(
+            [self.nope_dim, self.v_dim], dim=-1
+        )  # (B, S, H, Dn), (B, S, H, Dv)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        return out.transpose(1, 2)  # (B, T, H, Dv)
+
+    def _attend_absorbed(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
+        # Fold W_UK into the query: (B,T,H,Dn) x (H,Dn,R) -> (B,T,H,R); then one query row per (t, h)
+        # over the cache as stored, [latent, rope key], so scores are a single matmul.
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        q = torch.cat([q_latent, q_rope], dim=-1).flatten(1, 2)  # (B, T*H, R+Dr)
+        scores = torch.matmul(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, T*H, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
+        scores = scores.view(B, T, H, S).masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.dtype).view(B, T * H, S)
+        o_latent = torch.matmul(probs, kv[..., : self.kv_lora_rank]).view(B, T, H, self.kv_lora_rank)
+        return torch.einsum("bthr,hvr->bthv", o_latent, w_uv)  # (B, T, H, Dv)

@@ -1,0 +1,132 @@
+"""The compressed MLA cache: per layer and token, the post-norm latent and the rotated rope key.
+
+That is `kv_lora_rank + qk_rope_head_dim` values (576 for V3), never per-head keys and values.
+
+`LatentCache` is a bounded pool of sequence slots: a sequence takes a slot with `allocate()` and
+gives it back with `free()`, so sequences of different lengths share one preallocated tensor.
+A forward pass sees a `CacheBatch` (from `bind`): which slots its rows use, how many tokens each
+already holds (`start`) and how many real new tokens each row brings (`n_new`, rows right-padded).
+
+Legend: B batch rows, T new tokens per row, S cached length read, C = kv_lora_rank + qk_rope_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import RequestError
+
+
+class LatentCache:
+    """Preallocated latent KV for `num_slots` sequences of up to `max_len` tokens, all layers."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        num_layers: int | None = None,
+    ) -> None:
+        layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.max_len = max_len
+        # (layers, slots, max_len, C): one tensor so a slot's memory is reused as soon as it is freed.
+        self.kv = torch.zeros(layers, num_slots, max_len, cfg.kv_cache_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self._free = list(range(num_slots))
+
+    @property
+    def num_slots(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def allocate(self) -> int:
+        """Take a free slot (emptied) or raise RequestError when the pool is full."""
+        if not self._free:
+            raise RequestError(f"latent cache is full ({self.num_slots} sequences)")
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not allocated")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort()
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget everything after the first `length` tokens of a slot (rejected speculative tokens)."""
+        self.lengths[slot] = min(int(self.lengths[slot]), length)
+
+    def bind(self, slots: list[int] | torch.Tensor, n_new: list[int] | torch.Tensor) -> CacheBatch:
+        """A view for one forward pass: row b appends n_new[b] tokens to slot slots[b]."""
+        dev = self.lengths.device
+        slots_t = torch.as_tensor(slots, dtype=torch.long, device=dev)
+        n_new_t = torch.as_tensor(n_new, dtype=torch.long, device=dev)
+        start = self.lengths[slots_t].clone()
+        end = start + n_new_t
+        longest = int(end.max()) if len(slots_t) else 0
+        if longest > self.max_len:
+            raise RequestError(f"sequence of {longest} tokens exceeds the cache length {self.max_len}")
+        return CacheBatch(self, slots_t, start, n_new_t, longest)
+
+
+class CacheBatch:
+    """One forward pass's window on a LatentCache; `commit()` after the pass advances the lengths."""
+
+    def __init__(
+        self, cache: LatentCache, slots: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor, read_len: int
+    ) -> None:
+        self.cache, self.slots, self.start, self.n_new, self.read_len = cache, slots, start, n_new, read_len
+        s = slots.tolist()
+        # Rows on consecutive slots (the usual generate() case) read a view instead of a gather.
+        self._slot_range = (s[0], s[-1] + 1) if s and s == list(range(s[0], s[0] + len(s))) else None
+        self._mask_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """(B, T) absolute positions of the new tokens."""
+        return self.start[:, None] + torch.arange(num_tokens, device=self.start.device)
+
+    def update(self, layer: int, kv_new: torch.Tensor) -> torch.Tensor:
+        """Write kv_new (B, T, C) for the real new tokens, return this layer's cache (B, S, C)."""
+        B, T, _ = kv_new.shape
+        store = self.cache.kv[layer]
+        t = torch.arange(T, device=kv_new.device)
+        if bool((self.n_new == T).all()):
+            pos = self.start[:, None] + t  # (B, T)
+            store[self.slots[:, None].expand(B, T), pos] = kv_new.to(store.dtype)
+        else:
+            real = t[None, :] < self.n_new[:, None]  # (B, T): right padding is not written
+            b_idx, t_idx = real.nonzero(as_tuple=True)
+            store[self.slots[b_idx], self.start[b_idx] + t_idx] = kv_new[b_idx, t_idx].to(store.dtype)
+        if self._slot_range is not None:
+            lo, hi = self._slot_range
+            return store[lo:hi, : self.read_len]
+        return store[self.slots, : self.read_len]
+
+    def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(B, T, S) bool: query t of row b sees cached key j iff j <= start_b + t and j < start_b + n_new_b."""
+        key = (num_tokens, device)
+        if key not in self._mask_cache:
+            j = torch.arange(self.read_len, device=device)
+            q_pos = self.positions(num_tokens).to(device)  # (B, T)
+            end = (self.start + self.n_new).to(device)
+            mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < end[:, None, None])
+            # Key 0 always visible: a padded row with nothing cached must not softmax over nothing (NaN).
+            mask[:, :, 0] = True
+            self._mask_cache[key] = mask
+        return self._mask_cache[key]
+
+    def commit(self) -> None:
+        """Advance each slot's length by its new tokens (call once, after the forward pass)."""
+        self.cache.lengths[self.slots] = self.start + self.n_new

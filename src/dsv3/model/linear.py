@@ -1,0 +1,88 @@
+"""Linear layers whose weight is either high precision or FP8 with 128x128 block scales.
+
+FP8 is a weight format, not a model variant: an FP8 `Linear` owns `weight` (float8_e4m3fn) and
+`weight_scale_inv` (float32, one per block) and computes through `dsv3.kernels.fp8`; everything
+else about the layer is the same. `ExpertLinear` is the same idea for experts stacked as [E, out, in].
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import fp8 as fp8_kernels
+
+# How FP8 weights compute: "dequant" (dequantize blocks on the fly, then a matmul in the activation
+# dtype) or "gemm" (quantize activations per token per 128 channels, then an FP8 GEMM).
+FP8_COMPUTE_MODES = ("dequant", "gemm")
+
+
+class Linear(nn.Module):
+    """y = x @ weight.T, weight [out, in]; FP8 weights carry `weight_scale_inv` [ceil(out/b0), ceil(in/b1)]."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.block_size: tuple[int, int] = (128, 128)
+        self.fp8_mode = "dequant"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == torch.float8_e4m3fn
+
+    def to_fp8_layout(self, block_size: tuple[int, int]) -> None:
+        """Give this layer FP8 storage (values filled by the loader or by `quantize_`)."""
+        b0, b1 = block_size
+        self.block_size = block_size
+        dev = self.weight.device
+        self.weight = nn.Parameter(
+            torch.empty(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=dev),
+            requires_grad=False,
+        )
+        grid = (-(-self.out_features // b0), -(-self.in_features // b1))
+        self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=dev), requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        if not self.is_fp8:
+            return self.weight.to(dtype)
+        return fp8_kernels.dequantize_blocks(self.weight, self.weight_scale_inv, self.block_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fp8:
+            return fp8_kernels.linear_fp8(x, self.weight, self.weight_scale_inv, self.block_size, self.fp8_mode)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+class ExpertLinear(nn.Module):
+    """Weights of all routed experts for one projection, stacked as [E, out, in] (+ FP8 scales)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.block_size: tuple[int, int] = (128, 128)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == torch.float8_e4m3fn
+
+    def to_fp8_layout(self, block_size: tuple[int, int]) -> None:
+        b0, b1 = block_size
+        self.block_size = block_size
+        dev = self.weight.device
+        shape = (self.num_experts, self.out_features, self.in_features)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.float8_e4m3fn, device=dev), requires_grad=False)
+        grid = (self.num_experts, -(-self.out_features // b0), -(-self.in_features // b1))
+        self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=dev), requires_grad=False)
+
+    def expert_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's [out, in] weight in `dtype` (dequantized when FP8)."""
+        if not self.is_fp8:
+            return self.weight[e].to(dtype)
+        return fp8_kernels.dequantize_blocks(self.weight[e], self.weight_scale_inv[e], self.block_size, dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

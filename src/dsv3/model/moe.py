@@ -1,0 +1,184 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the DeepSeekMoE layer (router, experts, shared experts).
+
+Router (`noaux_tc`, DeepSeek-V3 section 2.1.2): affinities s = sigmoid(x W_g^T) in float32 (a bf16
+router flips near-ties). The bias b (`e_score_correction_bias`, moved by the trainer for aux-loss-free
+balancing) only steers SELECTION: group score = sum of the top-2 of s+b in each group, keep the best
+`topk_group` groups (others masked with -inf, not 0: biased scores can be negative), then the top
+`num_experts_per_tok` of s+b. The combine weights are the UNBIASED s of the chosen experts,
+normalised when `norm_topk_prob`, times `routed_scaling_factor`.
+
+Legend (dispatch code): T tokens, D model dim, F expert hidden, E experts, K experts per token,
+N = T*K token-expert assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .linear import ExpertLinear, Linear
+
+
+class MLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, hidden)
+        self.up_proj = Linear(dim, hidden)
+        self.down_proj = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Picks experts per token: x (T, D) -> (topk_idx (T, K) long, topk_weight (T, K) float32)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Per-expert token counts, accumulated only in training mode; the trainer reads and resets them.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_scores: torch.Tensor | None = None  # (T, E) affinities of the last training forward
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the routing bias: it decides near-ties between experts.
+        bias = self.e_score_correction_bias
+        out = super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32 and not moved.is_meta:
+            self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
+        return out
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s_TE = self.scores(x_TD)
+        topk_idx_TK = route_tokens(
+            s_TE.detach(), self.e_score_correction_bias.float(), self.n_group, self.topk_group, self.top_k
+        )
+        weight_TK = s_TE.gather(1, topk_idx_TK)
+        if self.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weight_TK = weight_TK * self.scaling
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts).to(
+                    self.tokens_per_expert.dtype
+                )
+            self.last_scores = s_TE
+        return topk_idx_TK, weight_TK
+
+
+def route_tokens(
+    scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int
+) -> torch.Tensor:
+    """Group-limited top-k selection on biased scores -> expert ids (T, K); ties go to the lower id."""
+    biased_TE = scores_TE + bias_E
+    T, E = biased_TE.shape
+    if n_group > 1:
+        grouped = biased_TE.view(T, n_group, E // n_group)
+        group_score_TG = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, _stable_topk(group_score_TG, topk_group), True)
+        biased_TE = grouped.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+    return _stable_topk(biased_TE, top_k)
+
+
+def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim; equal values resolve to the lower index."""
+    # A stable descending sort makes tie-breaking a documented rule instead of a kernel detail.
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+class Experts(nn.Module):
+    """All routed experts, stacked. The seam: grouped GEMM, FP8 and expert parallelism replace `forward`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = ExpertLinear(E, D, F_)
+        self.up_proj = ExpertLinear(E, D, F_)
+        self.down_proj = ExpertLinear(E, F_, D)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.weight.shape[0]
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        """sum_k weight[t,k] * expert_{idx[t,k]}(x[t]) for each token, computed expert by expert."""
+        T, K = topk_idx_TK.shape
+        # Sort the N = T*K assignments by expert so each expert sees one contiguous block of rows.
+        idx_N = topk_idx_TK.flatten()
+        order_N = torch.argsort(idx_N, stable=True)
+        token_N = order_N // K
+        counts_E = torch.bincount(idx_N, minlength=self.num_experts)
+        x_ND = x_TD[token_N]
+        h_NF = self._grouped_swiglu(x_ND, counts_E)
+        h_ND = h_NF * topk_weight_TK.flatten()[order_N, None].to(h_NF.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, h_ND.to(x_TD.dtype))
+
+    def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if _use_grouped_mm(x_ND, self.gate_proj):
+            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+            g = torch._grouped_mm(x_ND, self.gate_proj.weight.transpose(-2, -1), offs=offs)
+            u = torch._grouped_mm(x_ND, self.up_proj.weight.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(F.silu(g) * u, self.down_proj.weight.transpose(-2, -1), offs=offs)
+        # Loop over the active experts only (one host sync for the counts, none per expert).
+        out = torch.empty_like(x_ND)
+        dtype = x_ND.dtype
+        begin = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n == 0:
+                continue
+            rows = x_ND[begin : begin + n]
+            h = F.silu(F.linear(rows, self.gate_proj.expert_weight(e, dtype))) * F.linear(
+                rows, self.up_proj.expert_weight(e, dtype)
+            )
+            out[begin : begin + n] = F.linear(h, self.down_proj.expert_weight(e, dtype))
+            begin += n
+        return out
+
+
+# Set to False to force the per-expert loop (tests compare the two paths).
+GROUPED_MM_ENABLED = True
+
+
+def _use_grouped_mm(x_ND: torch.Tensor, proj: ExpertLinear) -> bool:
+    return (
+        GROUPED_MM_ENABLED
+        and hasattr(torch, "_grouped_mm")
+        and not proj.is_fp8
+        and x_ND.dtype == proj.weight.dtype
+        and x_ND.dtype in (torch.bfloat16, torch.float32)
+        and x_ND.shape[0] > 0
+    )
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts: y = experts(x, route(x)) + shared_experts(x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        topk_idx_TK, topk_weight_TK = self.gate(x_TD)
+        y_TD = self.experts(x_TD, topk_idx_TK, topk_weight_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(shape)

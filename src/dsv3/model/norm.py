@@ -1,0 +1,18 @@
+"""RMSNorm, computed in float32 whatever the activation dtype (as the official and HF code do)."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back before the weight multiply, like HF: the weight is applied in the weight's dtype.
+        return self.weight * x32.to(dtype)

@@ -1,0 +1,217 @@
+"""DecoderLayer, the MTP module and DeepSeekV3, the whole model.
+
+Module attribute names are the official checkpoint names (`model.layers.3.self_attn.kv_b_proj.weight`).
+Two bridges live in `dsv3.checkpoint.names`, nowhere else: routed experts are stacked per projection
+(`mlp.experts.gate_proj.weight` is [E, F, D]), and the MTP layers (`model.layers.{L+k}.*` on disk)
+live in `mtp.{k}` so the main stack never sees them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .cache import CacheBatch
+from .linear import ExpertLinear, Linear
+from .moe import MLP, MoE, Router
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)); ffn is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool) -> None:
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_idx)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheBatch | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction module k (V3 section 2.2): predicts token t+k+1 from h_t and token t+k.
+
+    h' = eh_proj(cat[enorm(embed(token_{t+1})), hnorm(h_t)]) -> one MoE decoder layer at the ORIGINAL
+    positions -> shared_head.norm -> shared_head.head. It is always MoE, whatever its index.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, moe=True)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: CacheBatch | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (B,T,D) of the main model, next token ids (B,T)) -> (logits (B,T,V), this module's hidden)."""
+        e = self.enorm(self.embed_tokens(next_ids))
+        h = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
+        h = super().forward(h, cos, sin, cache)
+        return self.shared_head.head(self.shared_head.norm(h)).float(), h
+
+
+class Backbone(nn.Module):
+    """`model.*` of the checkpoint: embedding, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3: input ids (B, T) -> float logits (B, T, V); optional latent cache and MTP module."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        """Random weights (`initializer_range`) unless built on the `meta` device; `dtype` defaults to torch's."""
+        super().__init__()
+        self.config = cfg
+        if dtype is not None:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+        try:
+            self._build(cfg)
+        finally:
+            if dtype is not None:
+                torch.set_default_dtype(previous)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def _build(self, cfg: ModelConfig) -> None:
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Random init as HF does: N(0, initializer_range) weights, unit norms, zero router bias."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(torch.initial_seed() if seed is None else seed)
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (Linear, ExpertLinear, nn.Embedding, Router)) and not module.weight.is_meta:
+                w = module.weight
+                if w.dtype == torch.float8_e4m3fn:
+                    continue
+                w.normal_(0.0, std, generator=gen)
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: CacheBatch | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) in float32 for input_ids (B, T) at positions (default 0..T-1, or after the cache)."""
+        return self.logits(self.hidden_states(input_ids, positions, cache))
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: CacheBatch | None = None
+    ) -> torch.Tensor:
+        """Final-norm input (B, T, D): the main stack's output before `model.norm`."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = (
+                cache.positions(T) if cache is not None else torch.arange(T, device=input_ids.device).expand(B, T)
+            )
+        cos, sin = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def mtp_logits(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        depth: int = 0,
+        cache: CacheBatch | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth`: (hidden (B,T,D) at t, ids at t+1+depth) -> (logits for t+2+depth, its hidden).
+
+        `hidden` is the main model's `hidden_states` (depth 0) or the previous MTP module's output.
+        Positions are the ORIGINAL positions t of `hidden`.
+        """
+        if not self.mtp:
+            raise ValueError("this model has no MTP module (num_nextn_predict_layers is 0)")
+        B, T = next_ids.shape
+        if positions is None:
+            positions = (
+                cache.positions(T) if cache is not None else torch.arange(T, device=next_ids.device).expand(B, T)
+            )
+        cos, sin = self.rotary(positions)
+        return self.mtp[depth](hidden, next_ids, cos, sin, cache)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        fp8: bool = False,
+        mtp: bool | None = None,
+    ) -> DeepSeekV3:
+        """Load a checkpoint directory in the official layout (bf16/fp32/FP8 safetensors, sharded).
+
+        FP8 weights are dequantized to `dtype` while streaming, unless `fp8=True` keeps them in FP8.
+        The MTP layers are loaded when `mtp` (default: the config's `num_nextn_predict_layers > 0`).
+        """
+        from ..checkpoint.load import load_model  # the one upward call, kept inside the function
+
+        return load_model(cls, path, dtype=dtype, device=device, fp8=fp8, mtp=mtp)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+        """Write the official layout (config.json, sharded safetensors, index) atomically."""
+        from ..checkpoint.save import save_model
+
+        save_model(self, out_dir, fp8=fp8, max_shard_bytes=max_shard_bytes)
+
+    def num_parameters(self, include_mtp: bool = False) -> int:
+        """Checkpoint tensors' element count, as the seed counts it (the router bias buffers included)."""
+        tensors = list(self.named_parameters()) + [
+            (n, b) for n, b in self.named_buffers() if n.endswith("e_score_correction_bias")
+        ]
+        return sum(t.numel() for n, t in tensors if include_mtp or not n.startswith("mtp."))
+
