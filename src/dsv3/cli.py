@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except DsV3Error as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except OSError as e:  # a path the user gave: missing, unwritable, a directory
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,27 +35,27 @@ def impl():
     set_fp8_gemm_impl(previous)
 
 
-def loop_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One 128x128 block at a time, straight from the spec (2-D only)."""
-    rows, cols = w.shape
+def loop_quantize(w: torch.Tensor, block: tuple[int, int] = (B, B)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block at a time, straight from the spec (2-D only)."""
+    (rows, cols), (b0, b1) = w.shape, block
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    s = torch.empty(math.ceil(rows / B), math.ceil(cols / B))
+    s = torch.empty(math.ceil(rows / b0), math.ceil(cols / b1))
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            blk = w[i * B : (i + 1) * B, j * B : (j + 1) * B].float()
-            amax = blk.abs().max().item()
-            scale = amax / FP8_MAX if amax > 0 else 1.0
-            s[i, j] = scale
-            q[i * B : (i + 1) * B, j * B : (j + 1) * B] = (blk / s[i, j]).to(torch.float8_e4m3fn)
+            r, c = slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1)
+            amax = w[r, c].float().abs().max().item()
+            s[i, j] = amax / FP8_MAX if amax > 0 else 1.0
+            q[r, c] = (w[r, c].float() / s[i, j]).to(torch.float8_e4m3fn)
     return q, s
 
 
-def loop_dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def loop_dequantize(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int] = (B, B)) -> torch.Tensor:
     out = torch.empty(q.shape)
+    b0, b1 = block
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            rows, cols = slice(i * B, (i + 1) * B), slice(j * B, (j + 1) * B)
-            out[rows, cols] = q[rows, cols].float() * s[i, j]
+            r, c = slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1)
+            out[r, c] = q[r, c].float() * s[i, j]
     return out
 
 
@@ -70,22 +70,32 @@ def assert_within_fp8_rounding(approx: torch.Tensor, exact: torch.Tensor, scale_
     assert (err <= bound).all(), f"worst error / bound = {(err / bound).max().item():.3f}"
 
 
-@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (1, 130), (129, 1), (128, 128)])
-def test_quantize_matches_loop_and_round_trips(shape):
+@pytest.mark.parametrize(
+    "shape, block",
+    [
+        ((256, 384), (B, B)),
+        ((300, 200), (B, B)),
+        ((1, 130), (B, B)),
+        ((129, 1), (B, B)),
+        ((128, 128), (B, B)),
+        ((100, 70), (64, 32)),
+    ],
+)
+def test_quantize_matches_loop_and_round_trips(shape, block):
     torch.manual_seed(0)
     # Rows of very different magnitude so blocks get different scales; some values land in subnormals.
     w = torch.randn(shape) * torch.logspace(-3, 2, shape[0])[:, None]
-    q, s = quantize_blocks(w)
+    q, s = quantize_blocks(w, block)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
-    assert s.dtype == torch.float32 and s.shape == (math.ceil(shape[0] / B), math.ceil(shape[1] / B))
+    assert s.dtype == torch.float32 and s.shape == (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
 
-    q_loop, s_loop = loop_quantize(w)
+    q_loop, s_loop = loop_quantize(w, block)
     torch.testing.assert_close(s, s_loop, rtol=0, atol=0)
     assert torch.equal(q.view(torch.uint8), q_loop.view(torch.uint8))
 
-    deq = dequantize_blocks(q, s, dtype=torch.float32)
-    torch.testing.assert_close(deq, loop_dequantize(q, s), rtol=0, atol=0)
-    assert_within_fp8_rounding(deq, w, expand(s, w.shape, (B, B)))
+    deq = dequantize_blocks(q, s, block, dtype=torch.float32)
+    torch.testing.assert_close(deq, loop_dequantize(q, s, block), rtol=0, atol=0)
+    assert_within_fp8_rounding(deq, w, expand(s, w.shape, block))
     # Each block's amax maps onto 448 exactly (up to the fp32 division), so it round-trips.
     amax = w.abs().amax()
     assert deq.abs().amax() == pytest.approx(amax.item(), rel=1e-6)
@@ -156,6 +166,13 @@ def test_misshaped_scale_inv_raises_naming_shapes(w_shape, s_shape):
         dequantize_blocks(q, torch.ones(s_shape))
     msg = str(exc.value)
     assert str(list(w_shape)) in msg and str(list(s_shape)) in msg
+
+
+def test_dequantize_rejects_non_fp8_and_1d():
+    with pytest.raises(ValueError, match="bfloat16"):
+        dequantize_blocks(torch.zeros(4, 4, dtype=torch.bfloat16), torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"\[4\]"):
+        dequantize_blocks(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones(1))
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])

@@ -69,6 +69,10 @@ def load_model(
 ) -> DeepSeekV3:
     """Build `cls` on meta from `path/config.json` and fill it from the shards (see module doc)."""
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json: not a checkpoint directory")
     try:
         cfg = ModelConfig.from_pretrained(os.path.join(path, "config.json"))
     except ConfigError as e:

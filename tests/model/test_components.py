@@ -1,0 +1,157 @@
+"""Component tests with answers worked out by hand: router, YaRN, softmax scale, RoPE pairs, MLA paths."""
+
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.model.attention import MLA
+from dsv3.model.cache import LatentCache
+from dsv3.model.moe import Router, route_tokens
+from dsv3.model.rope import apply_rope, rope_frequencies
+
+
+def router_for(logits: list[float], n_group: int, topk_group: int, top_k: int, norm=True, bias=None) -> Router:
+    """A Router whose affinities for the input e_0 are sigmoid(logits)."""
+    E = len(logits)
+    cfg = dsv3.ModelConfig.from_pretrained(
+        "tiny", n_routed_experts=E, n_group=n_group, topk_group=topk_group, num_experts_per_tok=top_k,
+        norm_topk_prob=norm, hidden_size=8,
+    )
+    r = Router(cfg)
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[:, 0] = torch.tensor(logits)
+        if bias is not None:
+            r.e_score_correction_bias.copy_(torch.tensor(bias))
+    return r
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+E0 = torch.zeros(1, 8)
+E0[0, 0] = 1.0
+SCORES = [0.9, 0.1, 0.8, 0.7, 0.2, 0.3, 0.6, 0.05]  # groups of 2: sums 1.0, 1.5, 0.5, 0.65
+
+
+def test_router_picks_top2_groups_then_topk():
+    r = router_for([logit(p) for p in SCORES], n_group=4, topk_group=2, top_k=2)
+    idx, w = r(E0)
+    # Kept groups: g1 (1.5) and g0 (1.0); best two experts inside them: 0 (0.9) and 2 (0.8).
+    assert sorted(idx[0].tolist()) == [0, 2]
+    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    assert got[0] == pytest.approx(2.5 * 0.9 / 1.7, rel=1e-5)
+    assert got[2] == pytest.approx(2.5 * 0.8 / 1.7, rel=1e-5)
+
+
+def test_bias_changes_choice_but_not_weights():
+    bias = [0, 0, 0, 0, 0, 0, 1.0, 0]
+    r = router_for([logit(p) for p in SCORES], n_group=4, topk_group=2, top_k=2, bias=bias)
+    idx, w = r(E0)
+    # Biased group sums: g3 = 1.6 + 0.05 = 1.65, g1 = 1.5 -> experts 6 (biased 1.6) and 2 (0.8).
+    assert sorted(idx[0].tolist()) == [2, 6]
+    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    # Combine weights come from the UNBIASED scores 0.6 and 0.8.
+    assert got[6] == pytest.approx(2.5 * 0.6 / 1.4, rel=1e-5)
+    assert got[2] == pytest.approx(2.5 * 0.8 / 1.4, rel=1e-5)
+
+
+def test_dropped_groups_are_minus_inf_even_when_scores_are_negative():
+    # All biased scores are negative; a 0-mask on dropped groups would make them win.
+    bias = [-2.0] * 8
+    r = router_for([logit(p) for p in SCORES], n_group=4, topk_group=2, top_k=2, bias=bias)
+    idx, _ = r(E0)
+    assert sorted(idx[0].tolist()) == [0, 2]
+
+
+def test_group_score_is_top2_sum_not_max():
+    # g0 = {0.95, 0.01}: max 0.95, sum 0.96; g1 = {0.6, 0.6}: max 0.6, sum 1.2 -> g1 must win.
+    r = router_for([logit(p) for p in [0.95, 0.01, 0.6, 0.6]], n_group=2, topk_group=1, top_k=1)
+    idx, w = r(E0)
+    assert idx[0].tolist() == [2]  # tie 0.6 / 0.6 -> the lower id
+    assert w[0].tolist() == pytest.approx([2.5])  # normalised over one expert
+
+
+def test_no_norm_topk_prob_keeps_raw_scores():
+    r = router_for([logit(p) for p in SCORES], n_group=4, topk_group=2, top_k=2, norm=False)
+    idx, w = r(E0)
+    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    assert got[0] == pytest.approx(2.5 * 0.9, rel=1e-5) and got[2] == pytest.approx(2.5 * 0.8, rel=1e-5)
+
+
+def test_routing_ties_are_deterministic():
+    scores = torch.full((3, 8), 0.5)
+    a = route_tokens(scores, torch.zeros(8), 4, 2, 2)
+    b = route_tokens(scores, torch.zeros(8), 4, 2, 2)
+    assert torch.equal(a, b) and a[0].tolist() == [0, 1]
+
+
+def test_router_is_float32_under_bf16():
+    r = router_for([logit(p) for p in SCORES], n_group=4, topk_group=2, top_k=2).to(torch.bfloat16)
+    assert r.e_score_correction_bias.dtype == torch.float32
+    idx, w = r(E0.bfloat16())
+    assert w.dtype == torch.float32 and sorted(idx[0].tolist()) == [0, 2]
+
+
+def test_yarn_frequencies_by_hand(tiny_cfg):
+    # dim 8, base 1e4, factor 4, original 128, beta_fast 32, beta_slow 1:
+    # low = max(floor(8 ln(128/(64 pi)) / (2 ln 1e4)), 0) = 0; high = min(ceil(8 ln(128/(2 pi)) / (2 ln 1e4)), 7) = 2
+    # ramp over i = 0..3: [0, 0.5, 1, 1]; base freqs [1, 0.1, 0.01, 0.001]; interpolated = base / 4.
+    inv_freq, attn_factor = rope_frequencies(tiny_cfg)
+    expected = [1.0, 0.1 * (0.5 / 4 + 0.5), 0.01 / 4, 0.001 / 4]
+    assert inv_freq.tolist() == pytest.approx(expected, rel=1e-6)
+    assert attn_factor == 1.0  # mscale == mscale_all_dim
+
+
+def test_no_rope_scaling_frequencies(tiny_cfg):
+    inv_freq, _ = rope_frequencies(tiny_cfg.replace(rope_scaling=None))
+    assert inv_freq.tolist() == pytest.approx([1.0, 0.1, 0.01, 0.001], rel=1e-6)
+
+
+def test_softmax_scale_v3():
+    cfg = dsv3.ModelConfig.from_pretrained("deepseek-v3")
+    m = 0.1 * 1.0 * math.log(40) + 1  # 1.36888794...
+    assert cfg.softmax_scale == pytest.approx(192**-0.5 * m * m, rel=1e-12)
+    assert cfg.softmax_scale == pytest.approx(0.1352337, rel=1e-6)
+    assert cfg.replace(rope_scaling=None).softmax_scale == pytest.approx(192**-0.5)
+
+
+def test_rope_rotates_adjacent_pairs():
+    x = torch.tensor([[[1.0, 0.0, 0.0, 2.0]]])  # (B=1, T=1, d=4): pairs (1,0) and (0,2)
+    ang = torch.tensor([[[math.pi / 2, math.pi]]])
+    out = apply_rope(x, ang.cos(), ang.sin())
+    # (1,0) by 90 deg -> (0,1); (0,2) by 180 deg -> (0,-2)
+    assert out[0, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, -2.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("q_lora", [48, None])
+def test_absorbed_and_expanded_attention_agree(tiny_cfg, q_lora):
+    cfg = tiny_cfg.replace(q_lora_rank=q_lora)
+    torch.manual_seed(0)
+    attn = MLA(cfg, layer_idx=0).eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rotary = dsv3.DeepSeekV3(cfg.replace(num_hidden_layers=1)).rotary
+    x = torch.randn(2, 9, cfg.hidden_size)
+    cache = LatentCache(cfg, 2, 16, dtype=torch.float32, num_layers=1)
+    slots = [cache.allocate(), cache.allocate()]
+    # Ragged: row 0 brings 9 tokens, row 1 only 6 (right padded).
+    batch = cache.bind(slots, [9, 6])
+    cos, sin = rotary(batch.positions(9))
+    with torch.no_grad():
+        a = attn(x, cos, sin, cache.bind(slots, [9, 6]), absorb=True)
+        b = attn(x, cos, sin, cache.bind(slots, [9, 6]), absorb=False)
+        ref = attn(x, cos, sin, None)  # plain causal attention over the 9 tokens
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, :6], b[1, :6], atol=1e-5)
+    assert torch.allclose(a[0], ref[0], atol=1e-5) and torch.allclose(a[1, :6], ref[1, :6], atol=1e-5)
+
+
+def test_cache_holds_latent_only(tiny_cfg):
+    cache = LatentCache(tiny_cfg, num_slots=3, max_len=10, dtype=torch.bfloat16)
+    # (kv_lora_rank 32 + rope 8) values x 3 layers x 2 bytes, per token.
+    assert cache.nbytes() == 3 * 10 * 3 * (32 + 8) * 2
+    v3 = dsv3.ModelConfig.from_pretrained("deepseek-v3")
+    assert v3.kv_cache_dim * v3.num_hidden_layers * 2 == 70_272
