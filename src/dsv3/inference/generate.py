@@ -147,11 +147,25 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    speculative: str | None = None,
 ) -> list[list[int]]:
-    """New tokens only, one list per prompt; greedy at temperature 0; the stop token is included."""
+    """New tokens only, one list per prompt; greedy at temperature 0; the stop token is included.
+
+    `speculative="mtp"` drafts with the MTP module and verifies with the main model (same output
+    distribution; identical greedy output).
+    """
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     out: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens, params, seed, stop_token_ids):
-        for b, t in step.items():
-            out[b].append(t)
+    if speculative is None:
+        for step in stream(model, prompts, max_new_tokens, params, seed, stop_token_ids):
+            for b, t in step.items():
+                out[b].append(t)
+        return out
+    if speculative != "mtp":
+        raise RequestError(f"speculative must be None or 'mtp', got {speculative!r}")
+    from .speculative import speculative_stream
+
+    for step in speculative_stream(model, prompts, max_new_tokens, params, seed, stop_token_ids):
+        for b, toks in step.items():
+            out[b].extend(toks)
     return out

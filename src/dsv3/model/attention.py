@@ -65,7 +65,7 @@ class MLA(nn.Module):
         return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos, sin)], dim=-1)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK (H, Dn, R), W_UV (H, Dv, R)) from kv_b_proj, prepared once per weight version.
+        """(W_UK (H, Dn, R), W_UV^T (H, R, Dv)) from kv_b_proj, contiguous, prepared once per weight version.
 
         FP8 weights are dequantized here once, not on every decode step (the official code does).
         """
@@ -74,10 +74,11 @@ class MLA(nn.Module):
         if self._absorbed_cache is None or self._absorbed_cache[0] != key or torch.is_grad_enabled():
             full = self.kv_b_proj.dequantized_weight(dtype) if self.kv_b_proj.is_fp8 else w.to(dtype)
             full = full.view(-1, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            w_uk, w_uv = full[:, : self.nope_dim], full[:, self.nope_dim :]
+            w_uk = full[:, : self.nope_dim]
+            w_uv_t = full[:, self.nope_dim :].transpose(1, 2)
             if torch.is_grad_enabled():  # never cache a graph
-                return w_uk, w_uv
-            self._absorbed_cache = (key, w_uk, w_uv)
+                return w_uk, w_uv_t
+            self._absorbed_cache = (key, w_uk.contiguous(), w_uv_t.contiguous())
         return self._absorbed_cache[1], self._absorbed_cache[2]
 
     def _absorbed_is_cheaper(self, num_queries: int) -> bool:
@@ -124,16 +125,20 @@ class MLA(nn.Module):
 
     def _attend_absorbed(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
-        S = kv.shape[1]
-        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-        # Fold W_UK into the query: (B,T,H,Dn) x (H,Dn,R) -> (B,T,H,R); then one query row per (t, h)
-        # over the cache as stored, [latent, rope key], so scores are a single matmul.
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-        q = torch.cat([q_latent, q_rope], dim=-1).flatten(1, 2)  # (B, T*H, R+Dr)
-        scores = torch.matmul(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, T*H, S)
+        S, R = kv.shape[1], self.kv_lora_rank
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
+        # Fold W_UK into the query, one batched matmul over heads: (H, B*T, Dn) x (H, Dn, R) -> (H, B*T, R).
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)
+        # One query row per (t, h) against the cache as stored, [latent, rope key]: (B, T*H, R+Dr).
+        q = torch.cat([q_latent.transpose(0, 1).reshape(B, T, H, R), q_rope], dim=-1).reshape(B, T * H, -1)
+        # kv @ q^T reads the cache rows in place (no transposed copy of the cache): (B, S, T*H).
+        scores = torch.matmul(kv, q.transpose(1, 2)).float() * self.softmax_scale
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
-        scores = scores.view(B, T, H, S).masked_fill(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv.dtype).view(B, T * H, S)
-        o_latent = torch.matmul(probs, kv[..., : self.kv_lora_rank]).view(B, T, H, self.kv_lora_rank)
-        return torch.einsum("bthr,hvr->bthv", o_latent, w_uv)  # (B, T, H, Dv)
+        scores = scores.view(B, S, T, H).masked_fill(~mask.transpose(1, 2)[..., None], float("-inf"))
+        probs = scores.softmax(dim=1).to(kv.dtype).view(B, S, T * H)
+        # probs^T @ kv keeps the cache contiguous; the rope columns of the result are dropped.
+        o_latent = torch.matmul(probs.transpose(1, 2), kv)[..., :R]  # (B, T*H, R)
+        o_latent = o_latent.reshape(B * T, H, R).transpose(0, 1)  # (H, B*T, R)
+        out = torch.bmm(o_latent, w_uv_t)  # (H, B*T, Dv)
+        return out.transpose(0, 1).reshape(B, T, H, -1)

@@ -29,8 +29,11 @@ class LatentCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         num_layers: int | None = None,
+        first_layer: int = 0,
     ) -> None:
+        """`num_layers` layers starting at layer index `first_layer` (the MTP layers keep their own cache)."""
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        self.first_layer = first_layer
         self.kv_lora_rank = cfg.kv_lora_rank
         self.max_len = max_len
         # (layers, slots, max_len, C): one tensor so a slot's memory is reused as soon as it is freed.
@@ -100,7 +103,7 @@ class CacheBatch:
     def update(self, layer: int, kv_new: torch.Tensor) -> torch.Tensor:
         """Write kv_new (B, T, C) for the real new tokens, return this layer's cache (B, S, C)."""
         B, T, _ = kv_new.shape
-        store = self.cache.kv[layer]
+        store = self.cache.kv[layer - self.cache.first_layer]
         t = torch.arange(T, device=kv_new.device)
         if bool((self.n_new == T).all()):
             pos = self.start[:, None] + t  # (B, T)

@@ -122,12 +122,19 @@ class Experts(nn.Module):
         token_N = order_N // K
         counts_E = torch.bincount(idx_N, minlength=self.num_experts)
         x_ND = x_TD[token_N]
-        h_NF = self._grouped_swiglu(x_ND, counts_E)
-        h_ND = h_NF * topk_weight_TK.flatten()[order_N, None].to(h_NF.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, h_ND.to(x_TD.dtype))
+        h_ND = self._grouped_swiglu(x_ND, counts_E)
+        # Undo the sort (every token has exactly K rows), then weight and sum over k: no scatter-add.
+        y_TKD = torch.empty_like(h_ND)
+        y_TKD[order_N] = h_ND
+        y_TKD = y_TKD.view(T, K, -1) * topk_weight_TK[..., None].to(h_ND.dtype)
+        return y_TKD.sum(dim=1).to(x_TD.dtype)
 
     def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if _use_grouped_mm(x_ND, self.gate_proj):
+        # One grouped GEMM pays off once experts see several rows each; for a few rows (decode),
+        # a loop over just the active experts reads only their weights and launches less.
+        if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * self.num_experts and _use_grouped_mm(
+            x_ND, self.gate_proj
+        ):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             g = torch._grouped_mm(x_ND, self.gate_proj.weight.transpose(-2, -1), offs=offs)
             u = torch._grouped_mm(x_ND, self.up_proj.weight.transpose(-2, -1), offs=offs)
@@ -150,6 +157,8 @@ class Experts(nn.Module):
 
 # Set to False to force the per-expert loop (tests compare the two paths).
 GROUPED_MM_ENABLED = True
+# Average rows per expert from which the grouped GEMM is used instead of the per-expert loop.
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 1
 
 
 def _use_grouped_mm(x_ND: torch.Tensor, proj: ExpertLinear) -> bool:

@@ -1,0 +1,412 @@
+"""Continuous batching: one background loop owns the model and serves many token-id requests at once.
+
+`Engine.submit()` queues a request (prompt ids, sampling, budget, stop ids, seed) and returns a
+`RequestHandle` whose tokens are read as they come, by a thread (`for token in handle`) or by asyncio
+(`async for token in handle`). The loop, each step:
+
+1. drops cancelled requests and frees their cache slots;
+2. admits waiting requests while `LatentCache` slots are free: each is prefilled on its own slot and
+   samples its first token (prefill is per request, so a bad request fails alone);
+3. runs ONE `decode_step` for every running request (the new ones included) and samples each row;
+   a request that hits a stop id or its budget leaves the batch and frees its slot at once.
+
+Each request samples with its own `torch.Generator` (seeded with `seed`, as `generate()` seeds row 0),
+and rows never share cache slots, so a request's tokens do not depend on what else is batched: at
+temperature 0 they equal `generate()` on the same prompt. The engine is tokenizer-free: ids in, ids
+out; a caller that cannot decode some ids passes `valid_ids` to mask them.
+
+Admission is bounded: at most `max_batch` requests run and `max_queue` wait; beyond that `submit()`
+raises `QueueFullError` at once (an HTTP server answers 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RequestError
+from ..model.cache import LatentCache
+from ..model.transformer import DeepSeekV3
+from .generate import decode_step, model_device, model_dtype, prefill
+from .sampling import SamplingParams, sample_tokens
+
+# Finish reasons, as OpenAI names the first two.
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+_THROUGHPUT_WINDOW_S = 10.0  # tokens/s is measured over this sliding window
+
+
+class QueueFullError(RequestError):
+    """The engine already holds `max_batch + max_queue` requests; retry later (HTTP 429)."""
+
+
+class EngineClosedError(RequestError):
+    """The engine has been shut down and accepts no more requests."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; counters are totals since the engine started."""
+
+    requests_total: int  # accepted by submit()
+    requests_rejected: int  # refused with QueueFullError
+    requests_finished: dict[str, int]  # by finish reason
+    requests_active: int  # holding a cache slot
+    requests_queued: int  # waiting for a slot
+    prompt_tokens: int  # prefilled
+    tokens_generated: int
+    tokens_per_second: float  # over the last _THROUGHPUT_WINDOW_S seconds
+    batch_size: int  # rows in the latest decode step
+    max_batch_size: int  # most rows seen in one decode step
+    cache_slots_in_use: int
+    cache_slots: int
+
+
+class RequestHandle:
+    """One submitted request: iterate it for its new token ids; `finish_reason` is set when it ends.
+
+    Iteration ends after the last token; it raises the request's error if the engine failed it.
+    `tokens` holds every id produced so far (a stop id that ended it included, as in `generate()`).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                 stop_token_ids: frozenset[int], seed: int | None) -> None:
+        self.id = next(RequestHandle._ids)
+        self.prompt, self.params, self.max_new_tokens = prompt, params, max_new_tokens
+        self.stop_token_ids = stop_token_ids
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**62))
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.slot: int | None = None
+        self._engine = engine
+        self._cancelled = False
+        # Events (a token id, or None at the end) cross from the engine thread to the reader here;
+        # `_wakeup` (set by an asyncio reader) is called after each put.
+        self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._wakeup: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the request's slot before its next step (idempotent)."""
+        if not self._cancelled and not self.done:
+            self._cancelled = True
+            self._engine._poke()
+
+    # --- engine side -------------------------------------------------------------------------------------------------
+
+    def _emit(self, token: int | None) -> None:
+        self._events.put(token)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            try:
+                wakeup()
+            except RuntimeError:  # the reader's event loop is closed: nobody is listening any more
+                pass
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+            self._emit(None)
+
+    # --- reader side -------------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[int]:
+        while (token := self._events.get()) is not None:
+            yield token
+        self._raise_if_failed()
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._wakeup = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                ready.clear()
+                # Drain after clearing: an event put in between leaves `ready` set, so nothing is missed.
+                while True:
+                    try:
+                        token = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if token is None:
+                        self._raise_if_failed()
+                        return
+                    yield token
+                await ready.wait()
+        finally:
+            self._wakeup = None
+
+    def _raise_if_failed(self) -> None:
+        if self.finish_reason == ERROR:
+            raise RequestError(f"generation failed: {self.error}") from self.error
+
+    def result(self) -> list[int]:
+        """Block until the request ends; return all its new tokens."""
+        for _ in self:
+            pass
+        return list(self.tokens)
+
+
+class Engine:
+    """Owns `model` in one background thread and batches every submitted request into its decode steps."""
+
+    def __init__(self, model: DeepSeekV3, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 valid_ids: torch.Tensor | None = None, start: bool = True) -> None:
+        """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits."""
+        cfg = model.config
+        max_len = cfg.max_position_embeddings if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_position_embeddings:
+            raise RequestError(f"max_len must be in [1, {cfg.max_position_embeddings}], got {max_len}")
+        if max_batch < 1 or max_queue < 0:
+            raise RequestError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.cache = LatentCache(cfg, num_slots=max_batch, max_len=max_len,
+                                 dtype=model_dtype(model), device=model_device(model))
+        self.default_stop_ids = frozenset(cfg.eos_token_ids)
+        self._mask: torch.Tensor | None = None  # additive (V,): 0 where valid, -inf where not
+        if valid_ids is not None:
+            if valid_ids.shape != (cfg.vocab_size,):
+                raise RequestError(f"valid_ids must have shape ({cfg.vocab_size},), got {tuple(valid_ids.shape)}")
+            if not bool(valid_ids.all()):
+                self._mask = torch.zeros(cfg.vocab_size, device=model_device(model)).masked_fill(
+                    ~valid_ids.to(model_device(model)), float("-inf"))
+
+        self._lock = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()  # submitted, no slot yet
+        self._running: list[RequestHandle] = []  # hold a slot; their last token is to be fed next step
+        self._closed = False
+        self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0)
+        self._finished: dict[str, int] = {STOP: 0, LENGTH: 0, CANCELLED: 0, ERROR: 0}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
+        self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    # --- public API --------------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), max_new_tokens: int = 16,
+               stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> RequestHandle:
+        """Queue one request; raise RequestError if it is invalid, QueueFullError if the engine is full."""
+        prompt = list(prompt)
+        self._check(prompt, max_new_tokens)
+        params.validate()
+        stops = self.default_stop_ids if stop_token_ids is None else frozenset(int(t) for t in stop_token_ids)
+        handle = RequestHandle(self, prompt, params, max_new_tokens, stops, seed)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+                self._stats["rejected"] += 1
+                raise QueueFullError(
+                    f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later")
+            self._stats["total"] += 1
+            if max_new_tokens == 0:  # nothing to generate: no slot, no forward pass
+                self._finished[LENGTH] += 1
+                handle._finish(LENGTH)
+                return handle
+            self._waiting.append(handle)
+            self._lock.notify()
+        return handle
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs and accepts requests."""
+        return self._thread.is_alive() and not self._closed
+
+    def stats(self) -> EngineStats:
+        """Counters and gauges for /metrics (cheap; safe from any thread)."""
+        with self._lock:
+            now = time.monotonic()
+            self._trim_recent(now)
+            rate = sum(n for _, n in self._recent) / _THROUGHPUT_WINDOW_S
+            s = self._stats
+            return EngineStats(
+                requests_total=s["total"], requests_rejected=s["rejected"], requests_finished=dict(self._finished),
+                requests_active=len(self._running), requests_queued=len(self._waiting),
+                prompt_tokens=s["prompt_tokens"], tokens_generated=s["generated"], tokens_per_second=rate,
+                batch_size=s["batch"], max_batch_size=s["max_batch"],
+                cache_slots_in_use=self.cache.slots_in_use, cache_slots=self.cache.num_slots,
+            )
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; unfinished requests end as cancelled. Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        with self._lock:
+            for h in list(self._waiting) + self._running:
+                self._end(h, CANCELLED)
+            self._waiting.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+
+    def _check(self, prompt: list[int], max_new_tokens: int) -> None:
+        vocab = self.model.config.vocab_size
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise RequestError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside [0, {vocab})")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise RequestError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
+                               f"length {self.max_len}")
+
+    def _poke(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                self._drop_cancelled()
+                admitted = []
+                while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+            try:
+                for h in admitted:
+                    self._start(h)
+                self._decode()
+            except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
+                with self._lock:
+                    for h in self._running:
+                        self._end(h, ERROR, e)
+
+    def _drop_cancelled(self) -> None:
+        # Called with the lock held.
+        for h in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(h)
+            self._end(h, CANCELLED)
+        for h in [h for h in self._running if h.cancelled]:
+            self._end(h, CANCELLED)
+
+    def _start(self, h: RequestHandle) -> None:
+        """Prefill one request on a fresh slot and sample its first token."""
+        if h.cancelled:
+            with self._lock:
+                self._end(h, CANCELLED)
+            return
+        with self._lock:
+            h.slot = self.cache.allocate()
+            self._running.append(h)
+        try:
+            logits = prefill(self.model, self.cache, [h.slot], [h.prompt])
+        except Exception as e:
+            with self._lock:
+                self._end(h, ERROR, e)
+            return
+        done = self._sample_rows(logits, [h])
+        with self._lock:
+            self._stats["prompt_tokens"] += len(h.prompt)
+            self._record([h for h, _ in done], [t for _, t in done])
+
+    def _decode(self) -> None:
+        """One decode step for every running request; if the batched step fails, each row is retried alone."""
+        with self._lock:
+            batch = [h for h in self._running if not h.cancelled]
+        if not batch:
+            return
+        try:
+            logits = decode_step(self.model, self.cache, [h.slot for h in batch], [h.tokens[-1] for h in batch])
+            done = self._sample_rows(logits, batch)
+        except Exception:
+            # Some row broke the batched forward pass: redo each row alone so only the culprit fails. A
+            # failed pass never reached `commit()`, so no slot's length moved and the rows can be replayed.
+            done = []
+            for h in batch:
+                try:
+                    logits = decode_step(self.model, self.cache, [h.slot], [h.tokens[-1]])
+                except Exception as e:
+                    with self._lock:
+                        self._end(h, ERROR, e)
+                    continue
+                done += self._sample_rows(logits, [h])
+        with self._lock:
+            self._stats["batch"] = len(done)
+            self._stats["max_batch"] = max(self._stats["max_batch"], len(done))
+            self._record([h for h, _ in done], [t for _, t in done])
+
+    def _sample_rows(self, logits: torch.Tensor, batch: list[RequestHandle]) -> list[tuple[RequestHandle, int]]:
+        """(request, token) for each row that could sample; a row whose sampling fails is ended with ERROR."""
+        if self._mask is not None:
+            logits = logits + self._mask
+        states = [h.generator.get_state() for h in batch]
+        try:
+            return list(zip(batch, sample_tokens(logits, [h.params for h in batch], [h.generator for h in batch])))
+        except Exception:
+            pass
+        # Some row cannot sample (e.g. NaN logits): rewind the generators the batched call advanced and
+        # sample row by row, so the healthy rows draw exactly what they would have drawn.
+        out = []
+        for b, (h, state) in enumerate(zip(batch, states)):
+            h.generator.set_state(state)
+            try:
+                out.append((h, sample_tokens(logits[b : b + 1], [h.params], [h.generator])[0]))
+            except Exception as e:
+                with self._lock:
+                    self._end(h, ERROR, e)
+        return out
+
+    def _record(self, batch: list[RequestHandle], tokens: list[int]) -> None:
+        """Deliver one new token per request; finished requests leave and free their slot. Lock held."""
+        now = time.monotonic()
+        self._recent.append((now, len(tokens)))
+        self._trim_recent(now)
+        self._stats["generated"] += len(tokens)
+        for h, token in zip(batch, tokens):
+            if h.cancelled:  # cancelled during the step: the reader is gone, drop the token
+                self._end(h, CANCELLED)
+                continue
+            h.tokens.append(token)
+            h._emit(token)
+            if token in h.stop_token_ids:
+                self._end(h, STOP)
+            elif len(h.tokens) >= h.max_new_tokens:
+                self._end(h, LENGTH)
+
+    def _end(self, h: RequestHandle, reason: str, error: BaseException | None = None) -> None:
+        """Finish a request, free its slot. Lock held."""
+        if h in self._running:
+            self._running.remove(h)
+        if h.slot is not None:
+            self.cache.free(h.slot)
+            h.slot = None
+        if not h.done:
+            self._finished[reason] += 1
+            h._finish(reason, error)
+
+    def _trim_recent(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - _THROUGHPUT_WINDOW_S:
+            self._recent.popleft()

@@ -1,0 +1,127 @@
+"""MTP self-speculative decoding: identical greedy output, real acceptances, the sampling rule, batches."""
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.inference.speculative import SpeculativeStats, speculative_stream
+
+PROMPTS = [[5, 9, 13], [7] * 17, [100, 3, 250, 4, 8, 19, 40, 2, 77, 31, 64], [300]]
+
+
+def random_model():
+    torch.manual_seed(0)
+    return dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny")).eval()
+
+
+def mostly_bigram_model(attn_scale: float):
+    """A model the MTP module can predict: the main stack is (nearly) a bigram model and the MTP block
+    is an identity whose input is the embedding of token t+1, so MTP's guess for t+2 is the main
+    model's bigram prediction from t+1. `attn_scale` > 0 lets attention perturb the main model, so
+    some drafts are wrong."""
+    m = random_model()
+    D = m.config.hidden_size
+    with torch.no_grad():
+        for layer in list(m.model.layers) + list(m.mtp):
+            layer.self_attn.o_proj.weight.mul_(attn_scale if layer in m.model.layers else 0.0)
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                mlp.experts.down_proj.weight.zero_()
+                mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                mlp.down_proj.weight.zero_()
+        mtp = m.mtp[0]
+        mtp.embed_tokens.weight.copy_(m.model.embed_tokens.weight)
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :D] = torch.eye(D)
+        mtp.enorm.weight.fill_(1.0)
+        mtp.shared_head.norm.weight.copy_(m.model.norm.weight)
+        mtp.shared_head.head.weight.copy_(m.lm_head.weight * 1.0)
+        m.lm_head.weight.mul_(20.0)  # confident predictions
+        mtp.shared_head.head.weight.mul_(20.0)
+    return m
+
+
+def run(model, prompts, n, **kw):
+    stats = SpeculativeStats()
+    out = [[] for _ in prompts]
+    for step in speculative_stream(model, prompts, n, stats=stats, **kw):
+        for b, toks in step.items():
+            out[b].extend(toks)
+    return out, stats
+
+
+def test_greedy_identical_with_random_weights():
+    m = random_model()
+    plain = dsv3.generate(m, PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    spec, stats = run(m, PROMPTS, 12, stop_token_ids=[])
+    assert spec == plain
+    assert stats.tokens == sum(len(o) for o in plain)
+
+
+@pytest.mark.parametrize("attn_scale", [0.0, 3.0])
+def test_greedy_identical_with_accepted_drafts(attn_scale):
+    m = mostly_bigram_model(attn_scale)
+    plain = dsv3.generate(m, PROMPTS, max_new_tokens=15, stop_token_ids=[])
+    spec, stats = run(m, PROMPTS, 15, stop_token_ids=[])
+    assert spec == plain
+    assert stats.accepted > 0
+    if attn_scale == 0.0:
+        assert stats.acceptance_rate == 1.0 and stats.tokens_per_step > 1.8
+    else:
+        assert 0.0 < stats.acceptance_rate < 1.0, stats
+
+
+def test_generate_api_and_stop_and_budget():
+    m = mostly_bigram_model(0.0)
+    plain = dsv3.generate(m, PROMPTS, max_new_tokens=7, stop_token_ids=[])
+    assert dsv3.generate(m, PROMPTS, max_new_tokens=7, stop_token_ids=[], speculative="mtp") == plain
+    stop = plain[0][2]
+    a = dsv3.generate(m, PROMPTS, max_new_tokens=7, stop_token_ids=[stop])
+    b = dsv3.generate(m, PROMPTS, max_new_tokens=7, stop_token_ids=[stop], speculative="mtp")
+    assert a == b and a[0][-1] == stop
+
+
+def sampling_histograms(m, n_rows=600):
+    prompts = [[5, 9, 13]] * n_rows
+    plain = dsv3.generate(m, prompts, max_new_tokens=3, temperature=1.0, seed=1, stop_token_ids=[])
+    spec = dsv3.generate(m, prompts, max_new_tokens=3, temperature=1.0, seed=2, stop_token_ids=[],
+                         speculative="mtp")
+    tv = []
+    for pos in (1, 2):
+        h1 = torch.bincount(torch.tensor([o[pos] for o in plain]), minlength=320).float() / n_rows
+        h2 = torch.bincount(torch.tensor([o[pos] for o in spec]), minlength=320).float() / n_rows
+        tv.append(0.5 * (h1 - h2).abs().sum().item())
+    return tv
+
+
+def soft_model():
+    m = mostly_bigram_model(3.0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1.5)  # entropy ~2.4 nats: a handful of likely tokens
+        m.mtp[0].shared_head.head.weight.mul_(0.5)  # a draft distribution q that differs from p
+    return m
+
+
+def test_sampling_matches_the_main_models_distribution():
+    """The accept/reject rule keeps the main model's distribution: compare token histograms."""
+    tv = sampling_histograms(soft_model())
+    assert max(tv) < 0.12, tv  # sampling noise at 600 draws is ~0.05
+
+
+def test_the_histogram_check_catches_a_broken_rule(monkeypatch):
+    """Accepting every draft (a classic bug) must fail the same check."""
+    import dsv3.inference.speculative as spec_mod
+
+    real_rand = torch.rand
+    monkeypatch.setattr(spec_mod.torch, "rand", lambda *a, **k: real_rand(*a, **k) * 0.0 - 1.0)
+    tv = sampling_histograms(soft_model())
+    monkeypatch.setattr(spec_mod.torch, "rand", real_rand)
+    assert max(tv) > 0.12, tv
+
+
+def test_needs_mtp_module(tmp_path):
+    cfg = dsv3.ModelConfig.from_pretrained("tiny", num_nextn_predict_layers=0)
+    m = dsv3.DeepSeekV3(cfg)
+    with pytest.raises(dsv3.RequestError, match="MTP"):
+        dsv3.generate(m, [[1, 2]], max_new_tokens=2, speculative="mtp")
