@@ -89,8 +89,7 @@ def speculative_stream(
     mtp_cache = LatentCache(cfg, len(prompts), max_len, dtype=dtype, device=dev, num_layers=1,
                             first_layer=cfg.num_hidden_layers)
     slots = [main_cache.allocate() for _ in prompts]
-    for s in slots:
-        mtp_cache.allocate()
+    assert [mtp_cache.allocate() for _ in prompts] == slots  # row b uses slot b in both caches
 
     def mask_vocab(logits: torch.Tensor) -> torch.Tensor:
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
