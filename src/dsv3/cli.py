@@ -128,13 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, default=16)
     s.set_defaults(fn=cmd_demo)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    # Subcommands that live with their own code (heavy imports stay inside their functions).
+    from . import bench
+
+    bench.add_commands(sub)
     return p
-
-
-# Subcommands that live with their own code register themselves here (inference, server, training, ...).
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,6 +308,8 @@ def test_linear_fp8_modes(impl, dtype):
 
     with pytest.raises(ValueError, match="mode"):
         linear_fp8(x, wq, ws, mode="fast")
+    # model/linear.py passes (x, weight, scale_inv, block, mode) positionally.
+    torch.testing.assert_close(linear_fp8(x, wq, ws, (B, B), "dequant"), y_dequant, rtol=0, atol=0)
 
 
 def test_linear_fp8_ue8m0_uses_power_of_two_activation_scales(monkeypatch):

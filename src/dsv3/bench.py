@@ -1,0 +1,224 @@
+"""`dsv3 bench`: dsv3 and HuggingFace transformers side by side, in ONE process, on the same weights.
+
+Rows (SPEC section 5): prefill 1x512 (and 1x4096), decode batch 1 and batch 8 after a 128-token
+prompt, decode batch 1 after a 4096-token prompt, MTP speculative decode, and decode batch 1 as a
+fraction of the memory-bandwidth bound = (measured bandwidth of a large bf16 matrix-vector product)
+/ (bytes of weights touched per decoded token). Figures are ratios measured side by side; absolute
+times drift on shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import accounting
+from .config import ModelConfig
+from .inference.generate import decode_step, prefill
+from .inference.speculative import SpeculativeStats, speculative_stream
+from .model.cache import LatentCache
+from .model.transformer import DeepSeekV3
+
+ROWS = ("prefill512", "prefill4096", "decode1", "decode8", "decode1_long", "mtp", "bandwidth")
+
+
+def measure_bandwidth(mb: int = 512, repeats: int = 10) -> float:
+    """Bytes/s streamed by a large bf16 matrix-vector product (the decode roofline on this machine)."""
+    cols = 8192
+    rows = mb * (1 << 20) // (2 * cols)
+    w = torch.randn(rows, cols).to(torch.bfloat16)
+    x = torch.randn(cols, 1).to(torch.bfloat16)
+    for _ in range(2):
+        torch.mm(w, x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(w, x)
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * 2 / best
+
+
+def decode_weight_bytes(cfg: ModelConfig) -> int:
+    """bf16 bytes of weights one decoded token touches: all activated parameters but the embedding table."""
+    return accounting.activated_parameters(cfg) * 2
+
+
+def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- dsv3 side
+def ours_prefill(model: DeepSeekV3, n: int) -> float:
+    cache = LatentCache(model.config, 1, n + 1, dtype=torch.bfloat16)
+    prompt = [list(range(2, 2 + n))]
+
+    def run():
+        cache.lengths.zero_()
+        prefill(model, cache, [0], prompt)
+
+    run()
+    return n / _timed(run, repeats=2)
+
+
+def ours_decode(model: DeepSeekV3, batch: int, context: int, steps: int) -> float:
+    cache = LatentCache(model.config, batch, context + steps + 8, dtype=torch.bfloat16)
+    slots = [cache.allocate() for _ in range(batch)]
+    prefill(model, cache, slots, [[(7 * i + b) % 1000 + 2 for i in range(context)] for b in range(batch)])
+    tokens = [5] * batch
+    for _ in range(3):
+        decode_step(model, cache, slots, tokens)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        decode_step(model, cache, slots, tokens)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def ours_mtp(model: DeepSeekV3, context: int, steps: int) -> tuple[float, SpeculativeStats]:
+    prompt = [[(7 * i) % 1000 + 2 for i in range(context)]]
+    stats = SpeculativeStats()
+    list(speculative_stream(model, prompt, 4, stop_token_ids=[]))  # warm-up
+    t0 = time.perf_counter()
+    n = 0
+    for step in speculative_stream(model, prompt, steps, stop_token_ids=[], stats=stats):
+        n += sum(len(v) for v in step.values())
+    return n / (time.perf_counter() - t0), stats
+
+
+# ---------------------------------------------------------------------------------------------- transformers side
+def hf_prefill(hf, n: int) -> float:
+    ids = torch.arange(2, 2 + n)[None]
+    with torch.inference_mode():
+        hf(ids, use_cache=True)
+        return n / _timed(lambda: hf(ids, use_cache=True), repeats=2)
+
+
+def hf_decode(hf, batch: int, context: int, steps: int) -> tuple[float, int]:
+    """(tokens/s, KV cache bytes at the end) for transformers' own cached decoding."""
+    ids = torch.tensor([[(7 * i + b) % 1000 + 2 for i in range(context)] for b in range(batch)])
+    with torch.inference_mode():
+        out = hf(ids, use_cache=True)
+        cache = out.cache
+        tok = torch.full((batch, 1), 5)
+        for _ in range(3):
+            hf(tok, cache=cache, use_cache=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            hf(tok, cache=cache, use_cache=True)
+        dt = time.perf_counter() - t0
+    cache_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in getattr(cache, "layers", [])
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )
+    return batch * steps / dt, cache_bytes
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_bench(
+    config: str = "small", rows: tuple[str, ...] = ROWS, steps: int = 16, threads: int | None = None,
+    with_hf: bool = True, log: Callable[[str], None] = print,
+) -> dict:
+    """Run the rows and return {"rows": [...], "meta": {...}}; `log` gets one line per finished row."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = ModelConfig.from_pretrained(config)
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    hf = None
+    if with_hf:
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+    results = []
+
+    def add(name: str, ours: float, ref: float | None, unit: str = "tokens/s", **extra) -> None:
+        row = {"row": name, "dsv3": ours, "transformers": ref, "ratio": (ours / ref) if ref else None,
+               "unit": unit, **extra}
+        results.append(row)
+        ref_s = f"{ref:9.1f}" if ref else "        -"
+        ratio_s = f"{ours / ref:6.2f}x" if ref else "     -"
+        log(f"{name:34s} dsv3 {ours:9.1f}  transformers {ref_s}  ratio {ratio_s}  {unit}")
+
+    with torch.inference_mode():
+        if "prefill512" in rows:
+            add("prefill 1x512", ours_prefill(model, 512), hf_prefill(hf, 512) if hf else None)
+        if "prefill4096" in rows:
+            add("prefill 1x4096", ours_prefill(model, 4096), hf_prefill(hf, 4096) if hf else None)
+        if "decode1" in rows:
+            ref = hf_decode(hf, 1, 128, steps)[0] if hf else None
+            add("decode b=1 after 128", ours_decode(model, 1, 128, steps), ref)
+        if "decode8" in rows:
+            ref = hf_decode(hf, 8, 128, steps)[0] if hf else None
+            add("decode b=8 after 128", ours_decode(model, 8, 128, steps), ref)
+        if "decode1_long" in rows:
+            ref, hf_cache = hf_decode(hf, 1, 4096, max(4, steps // 2)) if hf else (None, None)
+            ours = ours_decode(model, 1, 4096, steps)
+            latent = cfg.kv_cache_dim * cfg.num_hidden_layers * 2 * (4096 + steps)
+            add("decode b=1 after 4096", ours, ref, cache_bytes_dsv3=latent, cache_bytes_transformers=hf_cache)
+            gc.collect()
+        if "mtp" in rows and cfg.num_nextn_predict_layers:
+            tps, st = ours_mtp(model, 128, steps * 2)
+            add("MTP speculative b=1 after 128", tps, None, acceptance=st.acceptance_rate,
+                tokens_per_step=st.tokens_per_step)
+            log(f"{'':34s} acceptance {st.acceptance_rate:.2f}, {st.tokens_per_step:.2f} tokens/step "
+                "(random weights: the MTP head has not learnt the main model)")
+        if "bandwidth" in rows:
+            bw = measure_bandwidth()
+            need = decode_weight_bytes(cfg)
+            bound = bw / need
+            ours = next((r["dsv3"] for r in results if r["row"] == "decode b=1 after 128"), None)
+            if ours is None:
+                ours = ours_decode(model, 1, 128, steps)
+            results.append({"row": "decode b=1 vs bandwidth bound", "dsv3": ours, "bound": bound,
+                            "fraction": ours / bound, "bandwidth_GBps": bw / 1e9, "bytes_per_token": need})
+            log(f"{'decode b=1 / bandwidth bound':34s} {ours:.1f} of {bound:.1f} tokens/s = {ours / bound:.0%} "
+                f"({need / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s bf16 matvec)")
+    return {"rows": results, "meta": {"config": config, "threads": torch.get_num_threads(),
+                                      "torch": torch.__version__, "steps": steps}}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else ROWS
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        from .errors import RequestError
+
+        raise RequestError(f"unknown bench rows {sorted(unknown)} (rows: {', '.join(ROWS)})")
+    result = run_bench(args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("bench", help="dsv3 vs transformers side by side (SPEC section 5)")
+    s.add_argument("--config", default="small", help="preset or config.json (default: the benchmark preset)")
+    s.add_argument("--rows", default="", help=f"comma-separated subset of {','.join(ROWS)}")
+    s.add_argument("--steps", type=int, default=16, help="decode steps timed per row")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--json", default=None, help="also write the results here")
+    s.add_argument("--no-transformers", action="store_true", help="dsv3 rows only")
+    s.set_defaults(fn=cmd_bench)
