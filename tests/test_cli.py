@@ -77,3 +77,57 @@ def test_python_dash_m_and_console_script_agree():
     a = subprocess.run([exe, "params", "tiny"], capture_output=True, text=True, timeout=60)
     b = run_cli("params", "tiny")
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A tiny model with the real vocabulary size, so tokenizer ids can be fed to it."""
+    cfg = dsv3.ModelConfig.from_pretrained("tiny", vocab_size=129280)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("text") / "ckpt"
+    dsv3.DeepSeekV3(cfg).save_pretrained(path)
+    return path
+
+
+def expected_text(path, prompt_ids, n):
+    from dsv3.inference.generate import stream
+    from dsv3.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(path)
+    model = dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.bfloat16)
+    ids = [s[0] for s in stream(model, [prompt_ids], n, vocab_limit=tok.vocab_size)]
+    return tok, tok.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_streams_the_greedy_text(text_ckpt, capsys):
+    from dsv3.tokenizer import Tokenizer
+
+    prompt = "The capital of France is"
+    tok = Tokenizer.from_dir(text_ckpt)
+    _, want = expected_text(text_ckpt, tok.encode(prompt, add_bos=True), 10)
+    assert main(["generate", "--model", str(text_ckpt), "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    # MTP speculative decoding prints the same greedy text.
+    assert main(["generate", "--model", str(text_ckpt), "--prompt", prompt, "--max-new-tokens", "10",
+                 "--speculative", "mtp"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_chat_uses_the_template_and_keeps_history(text_ckpt, monkeypatch, capsys):
+    import io
+
+    from dsv3.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(text_ckpt)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--model", str(text_ckpt), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    ids = tok.encode_chat([{"role": "user", "content": "hello"}])
+    _, want = expected_text(text_ckpt, ids, 6)
+    assert out == want + "\n"
+
+
+def test_generate_with_a_small_vocab_model_is_a_clear_error(tmp_path):
+    dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny")).save_pretrained(tmp_path / "c")
+    out = run_cli("generate", "--model", str(tmp_path / "c"), "--prompt", "hello")
+    assert out.returncode == 2 and "vocabulary" in out.stderr and "Traceback" not in out.stderr

@@ -102,6 +102,113 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- text generation
+def _load_for_text(args: argparse.Namespace):
+    """(model, tokenizer) for generate/chat: the checkpoint's tokenizer files, else the packaged ones."""
+    import torch
+
+    from .model.transformer import DeepSeekV3
+    from .tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = DeepSeekV3.from_pretrained(args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8)
+    return model, Tokenizer.from_dir(args.model)
+
+
+def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace):
+    """Yield printable text pieces for one prompt, honouring stop strings; returns (n_tokens, seconds)."""
+    from .errors import RequestError
+    from .inference.generate import stream
+    from .inference.sampling import SamplingParams
+    from .tokenizer import StopStringMatcher, StreamDecoder
+
+    vocab = model.config.vocab_size
+    bad = [t for t in prompt_ids if t >= vocab]
+    if bad:
+        raise RequestError(
+            f"the prompt encodes to token id {bad[0]}, outside this model's vocabulary of {vocab} "
+            "(a test checkpoint smaller than the tokenizer?)"
+        )
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    limit = min(vocab, tok.vocab_size)  # never sample the padded ids the tokenizer cannot decode
+    if args.speculative == "mtp":
+        from .inference.speculative import speculative_stream
+
+        steps = speculative_stream(model, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        tokens = (t for step in steps for t in step.get(0, []))
+    else:
+        steps = stream(model, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        tokens = (step[0] for step in steps if 0 in step)
+    decoder, stops = StreamDecoder(tok, skip_special_tokens=True), StopStringMatcher(args.stop or [])
+    for t in tokens:
+        text, stopped = stops.push(decoder.push(t))
+        if text:
+            yield text
+        if stopped:
+            return
+    text, _ = stops.push(decoder.flush())
+    yield text + stops.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tok = _load_for_text(args)
+    ids = tok.encode(args.prompt, add_bos=True)
+    t0, n_chars = time.perf_counter(), 0
+    for piece in stream_text(model, tok, ids, args):
+        n_chars += len(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(f"[{time.perf_counter() - t0:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat with the chat template; history kept; /reset clears it, /exit or EOF quits."""
+    model, tok = _load_for_text(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode_chat(messages)
+        if interactive:
+            sys.stdout.write("assistant> ")
+        reply = []
+        for piece in stream_text(model, tok, ids, args):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
+    s.add_argument("--model", required=True, help="checkpoint directory (official layout)")
+    s.add_argument("--max-new-tokens", type=int, default=max_new)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--speculative", choices=["mtp"], default=None, help="MTP self-speculative decoding")
+    s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
+    s.add_argument("--fp8", action="store_true", help="keep FP8 checkpoint weights in FP8 in memory")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--verbose", action="store_true")
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
@@ -127,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="small")
     s.add_argument("--tokens", type=int, default=16)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("generate", help="complete a prompt, streamed to stdout")
+    s.add_argument("--prompt", required=True)
+    _add_sampling_args(s, max_new=64)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat with the DeepSeek-V3 chat template")
+    s.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(s, max_new=512)
+    s.set_defaults(fn=cmd_chat)
 
     # Subcommands that live with their own code (heavy imports stay inside their functions).
     from . import bench

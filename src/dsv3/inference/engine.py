@@ -208,6 +208,8 @@ class Engine:
         """Queue one request; raise RequestError if it is invalid, QueueFullError if the engine is full."""
         prompt = list(prompt)
         self._check(prompt, max_new_tokens)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+            raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         params.validate()
         stops = self.default_stop_ids if stop_token_ids is None else frozenset(int(t) for t in stop_token_ids)
         handle = RequestHandle(self, prompt, params, max_new_tokens, stops, seed)
@@ -301,7 +303,7 @@ class Engine:
                 self._decode()
             except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
                 with self._lock:
-                    for h in self._running:
+                    for h in admitted + list(self._running):
                         self._end(h, ERROR, e)
 
     def _drop_cancelled(self) -> None:

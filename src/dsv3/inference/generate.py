@@ -124,7 +124,7 @@ def stream(
     produced = [0] * len(prompts)
     while active:
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[:, vocab_limit:] = float("-inf")
+            logits = logits[:, :vocab_limit]  # ids past the limit can never be sampled
         tokens = sample_tokens(logits, [params[b] for b in active], [gens[b] for b in active])
         yield dict(zip(active, tokens))
         still = []

@@ -93,7 +93,7 @@ def speculative_stream(
 
     def mask_vocab(logits: torch.Tensor) -> torch.Tensor:
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[..., vocab_limit:] = float("-inf")
+            return logits[..., :vocab_limit]  # ids past the limit can never be sampled
         return logits
 
     def draw(probs: torch.Tensor, b: int) -> int:
