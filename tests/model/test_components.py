@@ -155,3 +155,52 @@ def test_cache_holds_latent_only(tiny_cfg):
     assert cache.nbytes() == 3 * 10 * 3 * (32 + 8) * 2
     v3 = dsv3.ModelConfig.from_pretrained("deepseek-v3")
     assert v3.kv_cache_dim * v3.num_hidden_layers * 2 == 70_272
+
+
+def test_fused_projections_give_the_same_numbers_and_names(tiny_cfg):
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(tiny_cfg).eval()
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        before = model(ids)
+        names = list(model.state_dict())
+        model.fuse_projections_()
+        layer = model.model.layers[1]
+        assert layer.mlp.experts._gate_up is not None and layer.self_attn._x_proj is not None
+        # gate_proj now lives inside the fused tensor, the state dict is unchanged.
+        assert layer.mlp.experts.gate_proj.weight.data_ptr() == layer.mlp.experts._gate_up.data_ptr()
+        assert list(model.state_dict()) == names
+        after = model(ids)
+    assert torch.allclose(before, after, atol=1e-5)
+    # Training (grad enabled) takes the unfused path so gradients reach every Parameter.
+    model.train()
+    model(ids).sum().backward()
+    assert layer.mlp.experts.up_proj.weight.grad is not None and layer.self_attn.q_a_proj.weight.grad is not None
+
+
+def test_grouped_mm_and_expert_loop_agree(tiny_cfg):
+    import dsv3.model.moe as moe
+
+    torch.manual_seed(0)
+    experts = moe.Experts(tiny_cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(40, tiny_cfg.hidden_size)
+    idx = torch.randint(0, tiny_cfg.n_routed_experts, (40, 2))
+    w = torch.rand(40, 2)
+    with torch.no_grad():
+        grouped = experts(x, idx, w)
+        saved = moe.GROUPED_MM_ENABLED
+        moe.GROUPED_MM_ENABLED = False
+        try:
+            looped = experts(x, idx, w)
+        finally:
+            moe.GROUPED_MM_ENABLED = saved
+    # Independent: token by token, expert by expert.
+    ref = torch.zeros_like(x)
+    for t in range(40):
+        for k in range(2):
+            e = idx[t, k]
+            h = torch.nn.functional.silu(experts.gate_proj.weight[e] @ x[t]) * (experts.up_proj.weight[e] @ x[t])
+            ref[t] += w[t, k] * (experts.down_proj.weight[e] @ h)
+    assert torch.allclose(grouped, ref, atol=1e-4) and torch.allclose(looped, ref, atol=1e-4)

@@ -97,8 +97,8 @@ def load_model(
 
     with torch.device("meta"):
         model = cls(model_cfg)
-    if keep_fp8:
-        _fp8_layout(model, scaled, block, cfg.num_hidden_layers)
+    # In-memory names of the weights kept in FP8: those with a scale whose module can compute with it.
+    fp8_in_memory = _fp8_layout(model, scaled, block, cfg.num_hidden_layers) if keep_fp8 else set()
     expected = model.state_dict()
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
 
@@ -121,7 +121,9 @@ def load_model(
             name, row = disk_to_memory(key, cfg.num_hidden_layers)
             if name.startswith("mtp.") and not want_mtp:
                 continue  # the MTP layer is skipped when the model does not want it
-            if key.endswith(SCALE_SUFFIX) and not keep_fp8:
+            is_scale = key.endswith(SCALE_SUFFIX)
+            keep = (name[: -len(SCALE_SUFFIX)] if is_scale else name) in fp8_in_memory
+            if is_scale and not keep:
                 if key[: -len(SCALE_SUFFIX)] not in files:
                     raise CheckpointError(f"{key} has no weight {key[: -len(SCALE_SUFFIX)]} beside it")
                 continue  # consumed with its weight
@@ -132,7 +134,7 @@ def load_model(
             tensor = read(key)
             if tuple(tensor.shape) != want_shape:
                 raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {want_shape}")
-            tensor = _convert(key, tensor, keep_fp8, dtype, block, read, files)
+            tensor = _convert(key, tensor, keep, dtype, block, read, files)
             if row is None:
                 state[name] = tensor.to(device)
             else:
@@ -142,8 +144,7 @@ def load_model(
                     state[name] = torch.empty(target.shape, dtype=tensor.dtype, device=device)
                 state[name][row].copy_(tensor)
                 filled_rows.setdefault(name, set()).add(row)
-        for f in [f for f in handles if f == file]:
-            del handles[f]
+        handles.clear()  # this shard, and any other one opened only to read a scale
 
     missing = []
     for name, target in expected.items():
@@ -165,7 +166,7 @@ def load_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_meta_buffers(model, device)
-    return model.eval()
+    return model.fuse_projections_().eval()
 
 
 def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:
@@ -182,20 +183,28 @@ def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:
             raise CheckpointError(f"{scale_key}: {e}") from None
     if scale_key in files:
         raise CheckpointError(f"{key} has a weight_scale_inv but is stored as {tensor.dtype}, not float8_e4m3fn")
+    if keep_fp8 and not key.endswith(SCALE_SUFFIX):  # an expert row in bf16 where its siblings are FP8
+        raise CheckpointError(f"{key} is stored as {tensor.dtype} but other experts of its projection are FP8")
     if key.endswith(SCALE_SUFFIX) or key.endswith("e_score_correction_bias"):
         # FP8 scales and the routing bias stay float32 (a bf16 bias would move near-ties).
         return tensor.float()
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def _fp8_layout(model, scaled: set[str], block: tuple[int, int], num_layers: int) -> None:
-    """Give every Linear/ExpertLinear whose checkpoint weight has a scale FP8 storage (on meta)."""
+def _fp8_layout(model, scaled: set[str], block: tuple[int, int], num_layers: int) -> set[str]:
+    """FP8 storage (on meta) for each Linear/ExpertLinear whose weight has a scale on disk; returns the weight names.
+
+    A scaled weight of any other module (none in the official release) is dequantized on load instead.
+    """
     from ..model.linear import ExpertLinear, Linear
 
     scaled_names = {disk_to_memory(k + SCALE_SUFFIX, num_layers)[0][: -len(SCALE_SUFFIX)] for k in scaled}
+    kept = set()
     for mname, module in model.named_modules():
         if isinstance(module, (Linear, ExpertLinear)) and f"{mname}.weight" in scaled_names:
             module.to_fp8_layout(block)
+            kept.add(f"{mname}.weight")
+    return kept
 
 
 def _materialize_meta_buffers(model, device) -> None:

@@ -5,8 +5,8 @@
 (`async for token in handle`). The loop, each step:
 
 1. drops cancelled requests and frees their cache slots;
-2. admits waiting requests while `LatentCache` slots are free: each is prefilled on its own slot and
-   samples its first token (prefill is per request, so a bad request fails alone);
+2. admits waiting requests while `LatentCache` slots are free, prefills them (a burst of prompts of
+   similar length in one pass) and samples each one's first token;
 3. runs ONE `decode_step` for every running request (the new ones included) and samples each row;
    a request that hits a stop id or its budget leaves the batch and frees its slot at once.
 
@@ -15,6 +15,10 @@ and rows never share cache slots, so a request's tokens do not depend on what el
 temperature 0 they equal `generate()` on the same prompt. The engine is tokenizer-free: ids in, ids
 out; a caller that cannot decode some ids passes `valid_ids` to mask them.
 
+A failure is contained to its request: a batched prefill or decode step that raises is replayed
+row by row (a decode step commits cache lengths only after its pass; a prefill's slots are emptied
+before the replay), so only the row that fails again is ended with an error; the loop keeps serving.
+
 Admission is bounded: at most `max_batch` requests run and `max_queue` wait; beyond that `submit()`
 raises `QueueFullError` at once (an HTTP server answers 429).
 """
@@ -22,10 +26,12 @@ raises `QueueFullError` at once (an HTTP server answers 429).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -182,11 +188,21 @@ class Engine:
         self.cache = LatentCache(cfg, num_slots=max_batch, max_len=max_len,
                                  dtype=model_dtype(model), device=model_device(model))
         self.default_stop_ids = frozenset(cfg.eos_token_ids)
-        self._mask: torch.Tensor | None = None  # additive (V,): 0 where valid, -inf where not
+        # Ids a request may not sample. When they are a suffix of the vocabulary (the padded rows past
+        # the tokenizer's ids, the usual case) the logits are cut there, exactly as `stream(vocab_limit=)`
+        # does, so seeded sampling draws what offline generation draws; holes get an additive -inf mask.
+        self._vocab_limit: int | None = None
+        self._mask: torch.Tensor | None = None  # (V,): 0 where valid, -inf where not
         if valid_ids is not None:
             if valid_ids.shape != (cfg.vocab_size,):
                 raise RequestError(f"valid_ids must have shape ({cfg.vocab_size},), got {tuple(valid_ids.shape)}")
-            if not bool(valid_ids.all()):
+            valid_ids = valid_ids.bool().cpu()
+            n_valid = int(valid_ids.sum())
+            if n_valid == 0:
+                raise RequestError("valid_ids allows no token at all")
+            if n_valid < cfg.vocab_size and bool(valid_ids[:n_valid].all()):
+                self._vocab_limit = n_valid
+            elif n_valid < cfg.vocab_size:
                 self._mask = torch.zeros(cfg.vocab_size, device=model_device(model)).masked_fill(
                     ~valid_ids.to(model_device(model)), float("-inf"))
 
@@ -200,6 +216,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
         if start:
             self._thread.start()
+            # Stop the loop before the interpreter tears torch down under it (an abort otherwise).
+            atexit.register(_close_at_exit, weakref.ref(self))
 
     # --- public API --------------------------------------------------------------------------------------------------
 
@@ -290,6 +308,7 @@ class Engine:
         while True:
             with self._lock:
                 while not self._closed and not self._waiting and not self._running:
+                    self._stats["batch"] = 0  # idle: the gauge must not keep showing the last busy step
                     self._lock.wait()
                 if self._closed:
                     return
@@ -298,8 +317,7 @@ class Engine:
                 while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
             try:
-                for h in admitted:
-                    self._start(h)
+                self._start(admitted)
                 self._decode()
             except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
                 with self._lock:
@@ -314,15 +332,39 @@ class Engine:
         for h in [h for h in self._running if h.cancelled]:
             self._end(h, CANCELLED)
 
-    def _start(self, h: RequestHandle) -> None:
-        """Prefill one request on a fresh slot and sample its first token."""
-        if h.cancelled:
-            with self._lock:
-                self._end(h, CANCELLED)
-            return
+    def _start(self, admitted: list[RequestHandle]) -> None:
+        """Prefill newly admitted requests on fresh slots and sample each one's first token.
+
+        Prompts of similar length are prefilled together (one forward pass for a burst of short
+        prompts); a group whose padding would more than double its work is split. If a group's
+        prefill fails, each of its requests is retried alone, so only the culprit fails.
+        """
         with self._lock:
-            h.slot = self.cache.allocate()
-            self._running.append(h)
+            live = []
+            for h in admitted:
+                if h.cancelled:
+                    self._end(h, CANCELLED)
+                else:
+                    h.slot = self.cache.allocate()
+                    self._running.append(h)
+                    live.append(h)
+        for group in _length_groups(live):
+            if len(group) == 1:
+                self._start_alone(group[0])
+                continue
+            try:
+                logits = prefill(self.model, self.cache, [h.slot for h in group], [h.prompt for h in group])
+            except Exception:
+                for h in group:
+                    self._start_alone(h)
+                continue
+            done = self._sample_rows(logits, group)
+            with self._lock:
+                self._stats["prompt_tokens"] += sum(len(h.prompt) for h in group)
+                self._record([h for h, _ in done], [t for _, t in done])
+
+    def _start_alone(self, h: RequestHandle) -> None:
+        self.cache.truncate(h.slot, 0)  # a failed group prefill may have committed some chunks
         try:
             logits = prefill(self.model, self.cache, [h.slot], [h.prompt])
         except Exception as e:
@@ -338,8 +380,8 @@ class Engine:
         """One decode step for every running request; if the batched step fails, each row is retried alone."""
         with self._lock:
             batch = [h for h in self._running if not h.cancelled]
-        if not batch:
-            return
+            if not batch:
+                return
         try:
             logits = decode_step(self.model, self.cache, [h.slot for h in batch], [h.tokens[-1] for h in batch])
             done = self._sample_rows(logits, batch)
@@ -362,7 +404,9 @@ class Engine:
 
     def _sample_rows(self, logits: torch.Tensor, batch: list[RequestHandle]) -> list[tuple[RequestHandle, int]]:
         """(request, token) for each row that could sample; a row whose sampling fails is ended with ERROR."""
-        if self._mask is not None:
+        if self._vocab_limit is not None:
+            logits = logits[:, : self._vocab_limit]
+        elif self._mask is not None:
             logits = logits + self._mask
         states = [h.generator.get_state() for h in batch]
         try:
@@ -412,3 +456,24 @@ class Engine:
     def _trim_recent(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - _THROUGHPUT_WINDOW_S:
             self._recent.popleft()
+
+
+def _length_groups(handles: list[RequestHandle]) -> list[list[RequestHandle]]:
+    """Split requests into prefill batches, shortest prompts first, each padded to at most twice its tokens."""
+    groups: list[list[RequestHandle]] = []
+    tokens = 0
+    for h in sorted(handles, key=lambda h: len(h.prompt)):
+        n = len(h.prompt)
+        if groups and (len(groups[-1]) + 1) * n <= 2 * (tokens + n):
+            groups[-1].append(h)
+            tokens += n
+        else:
+            groups.append([h])
+            tokens = n
+    return groups
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Engine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close(timeout=5.0)

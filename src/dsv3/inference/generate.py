@@ -108,6 +108,7 @@ def stream(
         p.validate()
     if max_new_tokens == 0:
         return
+    model.fuse_projections_()
     gens = []
     for b in range(len(prompts)):
         g = torch.Generator(device="cpu")

@@ -77,6 +77,7 @@ def speculative_stream(
     stats = stats if stats is not None else SpeculativeStats()
     if max_new_tokens == 0:
         return
+    model.fuse_projections_()
     cfg, dev, dtype = model.config, model_device(model), model_dtype(model)
     gens = []
     for b in range(len(prompts)):

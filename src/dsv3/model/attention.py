@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import CacheBatch
-from .linear import Linear
+from .linear import Linear, fuse_weights, fused_weight
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -50,19 +50,44 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
         self._absorbed_cache: tuple | None = None  # (key, W_UK, W_UV) prepared once per weight version
+        self._x_proj: torch.Tensor | None = None  # q_a_proj (or q_proj) + kv_a_proj_with_mqa, see fuse_()
+
+    def _input_projections(self) -> tuple[Linear, Linear]:
+        return (self.q_proj if self.q_lora_rank is None else self.q_a_proj), self.kv_a_proj_with_mqa
+
+    def fuse_(self) -> None:
+        """Back the two projections of x (queries, latent) by one tensor: one matmul reads x once."""
+        if fused_weight(self._x_proj, *self._input_projections()) is None:
+            self._x_proj = fuse_weights(*self._input_projections())
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)), fused into one matmul when possible."""
+        q_layer, kv_layer = self._input_projections()
+        fused = fused_weight(self._x_proj, q_layer, kv_layer)
+        if fused is None:
+            return q_layer(x), kv_layer(x)
+        return F.linear(x, fused).split([q_layer.out_features, kv_layer.out_features], dim=-1)
 
     # ------------------------------------------------------------------ pieces
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_nope (B,T,H,Dn), rotated q_rope (B,T,H,Dr)). Head count comes from the tensor (TP shards it)."""
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_proj(x) or q_a_proj(x) -> (q_nope (B,T,H,Dn), rotated q_rope (B,T,H,Dr)).
+
+        The head count comes from the tensor, so tensor parallelism can shard q_b_proj by heads.
+        """
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (-1, self.qk_head_dim))
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """What the cache stores for x: [normed latent (R), rotated shared rope key (Dr)], (B, T, R+Dr)."""
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _latent(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """kv_a_proj_with_mqa(x) -> what the cache stores: [normed latent (R), rotated rope key (Dr)]."""
+        c, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos, sin)], dim=-1)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the cache stores for x (B, T, D): (B, T, R+Dr)."""
+        return self._latent(self.kv_a_proj_with_mqa(x), cos, sin)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK (H, Dn, R), W_UV^T (H, R, Dv)) from kv_b_proj, contiguous, prepared once per weight version.
@@ -95,8 +120,9 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). With a cache, the new latents are appended and all cached keys used."""
         B, T, _ = x.shape
-        q_nope, q_rope = self._queries(x, cos, sin)
-        kv_new = self.latent(x, cos, sin)  # (B, T, R+Dr)
+        q, kv_a = self._project_input(x)
+        q_nope, q_rope = self._queries(q, cos, sin)
+        kv_new = self._latent(kv_a, cos, sin)  # (B, T, R+Dr)
         if cache is None:
             kv, mask = kv_new, None  # causal over the T tokens
         else:

@@ -86,3 +86,37 @@ class ExpertLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+def fuse_weights(*layers: Linear | ExpertLinear) -> torch.Tensor | None:
+    """Re-home the layers' weights as consecutive row blocks (dim -2) of ONE new tensor and return it.
+
+    Each layer keeps its own `weight` Parameter (state_dict names and training are unchanged), now a
+    view into the fused tensor, so inference can run the projections that read the same input as one
+    matmul: fewer launches and one pass over the input. FP8 or mixed layers are left alone (None).
+    """
+    weights = [layer.weight for layer in layers]
+    if any(layer.is_fp8 or w.is_meta for layer, w in zip(layers, weights)):
+        return None
+    if len({(w.dtype, w.device, w.shape[:-2], w.shape[-1]) for w in weights}) != 1:
+        return None
+    fused = torch.cat([w.detach() for w in weights], dim=-2)
+    start = 0
+    for layer, w in zip(layers, weights):
+        rows = w.shape[-2]
+        layer.weight.data = fused.narrow(-2, start, rows)
+        start += rows
+    return fused
+
+
+def fused_weight(fused: torch.Tensor | None, *layers: Linear | ExpertLinear) -> torch.Tensor | None:
+    """`fused` if it still backs the layers' weights (nothing re-assigned them) and no graph is being built."""
+    if fused is None or torch.is_grad_enabled():
+        return None
+    offset = 0
+    for layer in layers:
+        w = layer.weight
+        if w.data_ptr() != fused.data_ptr() + offset * fused.element_size() or w.dtype != fused.dtype:
+            return None
+        offset += w.shape[-2] * w.shape[-1]
+    return fused

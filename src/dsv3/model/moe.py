@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import ExpertLinear, Linear
+from .linear import ExpertLinear, Linear, fuse_weights, fused_weight
 
 
 class MLP(nn.Module):
@@ -29,8 +29,18 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, hidden)
         self.up_proj = Linear(dim, hidden)
         self.down_proj = Linear(hidden, dim)
+        self._gate_up: torch.Tensor | None = None  # see fuse_()
+
+    def fuse_(self) -> None:
+        """Back gate_proj and up_proj by one [2F, D] tensor so inference reads x once (linear.fuse_weights)."""
+        if fused_weight(self._gate_up, self.gate_proj, self.up_proj) is None:
+            self._gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
+        if gate_up is not None:
+            g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -108,6 +118,12 @@ class Experts(nn.Module):
         self.gate_proj = ExpertLinear(E, D, F_)
         self.up_proj = ExpertLinear(E, D, F_)
         self.down_proj = ExpertLinear(E, F_, D)
+        self._gate_up: torch.Tensor | None = None  # [E, 2F, D] once fuse_() ran
+
+    def fuse_(self) -> None:
+        """Back the stacked gate/up weights by one [E, 2F, D] tensor: one matmul per active expert."""
+        if fused_weight(self._gate_up, self.gate_proj, self.up_proj) is None:
+            self._gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
     @property
     def num_experts(self) -> int:
@@ -130,14 +146,18 @@ class Experts(nn.Module):
         return y_TKD.sum(dim=1).to(x_TD.dtype)
 
     def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         # One grouped GEMM pays off once experts see several rows each; for a few rows (decode),
         # a loop over just the active experts reads only their weights and launches less.
         if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * self.num_experts and _use_grouped_mm(
             x_ND, self.gate_proj
         ):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            g = torch._grouped_mm(x_ND, self.gate_proj.weight.transpose(-2, -1), offs=offs)
-            u = torch._grouped_mm(x_ND, self.up_proj.weight.transpose(-2, -1), offs=offs)
+            if gate_up is not None:
+                g, u = torch._grouped_mm(x_ND, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            else:
+                g = torch._grouped_mm(x_ND, self.gate_proj.weight.transpose(-2, -1), offs=offs)
+                u = torch._grouped_mm(x_ND, self.up_proj.weight.transpose(-2, -1), offs=offs)
             return torch._grouped_mm(F.silu(g) * u, self.down_proj.weight.transpose(-2, -1), offs=offs)
         # Loop over the active experts only (one host sync for the counts, none per expert).
         out = torch.empty_like(x_ND)
@@ -147,10 +167,12 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             rows = x_ND[begin : begin + n]
-            h = F.silu(F.linear(rows, self.gate_proj.expert_weight(e, dtype))) * F.linear(
-                rows, self.up_proj.expert_weight(e, dtype)
-            )
-            out[begin : begin + n] = F.linear(h, self.down_proj.expert_weight(e, dtype))
+            if gate_up is not None:
+                g, u = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+            else:
+                g = F.linear(rows, self.gate_proj.expert_weight(e, dtype))
+                u = F.linear(rows, self.up_proj.expert_weight(e, dtype))
+            out[begin : begin + n] = F.linear(F.silu(g) * u, self.down_proj.expert_weight(e, dtype))
             begin += n
         return out
 

@@ -132,6 +132,19 @@ class DeepSeekV3(nn.Module):
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
 
+    @torch.no_grad()
+    def fuse_projections_(self) -> DeepSeekV3:
+        """Fuse the projections that read the same input (q_a+kv_a, gate+up) for inference; idempotent.
+
+        Parameters and state_dict names are unchanged (each weight becomes a view of the fused
+        tensor); anything that re-assigns a weight later simply falls back to the unfused path.
+        """
+        for module in self.modules():
+            fuse = getattr(module, "fuse_", None)
+            if fuse is not None and module is not self:
+                fuse()
+        return self
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
