@@ -247,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their own code (heavy imports stay inside their functions).
     from . import bench
+    from .server.commands import add_commands as add_serve_commands
 
     bench.add_commands(sub)
+    add_serve_commands(sub)
     return p
 
 

@@ -1,0 +1,166 @@
+"""`dsv3 serve`: the OpenAI-compatible server on a checkpoint, or on a random-weight model by default.
+
+Without `--model` the server builds the `small` preset (SPEC section 5) with random weights in memory:
+every endpoint works, but the text it writes is random. fastapi and uvicorn are imported only when
+the command runs (the `serve` extra), so the rest of the CLI works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from ..errors import DsV3Error
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve` on the CLI's subparsers."""
+    s = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI format, streaming), "
+                    "/health and /metrics. Without --model, a random-weight model of the --random preset "
+                    "(default: small) is built in memory: it works end to end but writes random text.")
+    s.add_argument("--model", metavar="DIR", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    s.add_argument("--random", metavar="CONFIG", default="small",
+                   help="preset or config.json of the random-weight model served without --model (default small)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", metavar="KEY", default=os.environ.get("DSV3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $DSV3_API_KEY, else none)")
+    s.add_argument("--model-name", metavar="NAME", help="the model id clients send (default: the checkpoint's "
+                   "directory name, or dsv3-PRESET-random)")
+    s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    s.add_argument("--max-len", type=int, default=4096,
+                   help="tokens per sequence, prompt + completion (capped by the model's context)")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, bind the socket, serve until interrupted; user mistakes raise DsV3Error."""
+    for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise DsV3Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise DsV3Error(f"--max-queue must be at least 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise DsV3Error(f"--port must be in [0, 65535], got {args.port}")
+    if args.api_key == "":
+        raise DsV3Error("--api-key must not be empty")
+    try:
+        import uvicorn
+
+        from .app import ServerLimits, create_app
+    except ImportError as e:
+        raise DsV3Error(f"dsv3 serve needs fastapi and uvicorn ({e.name} is missing): "
+                        "pip install 'dsv3[serve]'") from None
+    import torch
+
+    from ..config import ModelConfig
+    from ..inference.engine import Engine
+    from ..model.transformer import DeepSeekV3
+    from ..tokenizer import Tokenizer
+
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if args.dtype not in table:
+        raise DsV3Error(f"--dtype must be bf16 or fp32, got {args.dtype!r}")
+    # Bind before loading the model: a busy port is reported in a second, not after minutes of loading.
+    sock = _listen(args.host, args.port)
+    try:
+        if args.model:
+            model = DeepSeekV3.from_pretrained(args.model, dtype=table[args.dtype])
+            tokenizer = Tokenizer.from_dir(args.model)
+            name = args.model_name or os.path.basename(os.path.normpath(args.model))
+        else:
+            cfg = ModelConfig.from_pretrained(args.random)
+            torch.manual_seed(args.seed)
+            model = DeepSeekV3(cfg, dtype=table[args.dtype])
+            tokenizer = Tokenizer.from_dir(None)
+            preset = args.random if "/" not in args.random and not args.random.endswith(".json") else "config"
+            name = args.model_name or f"dsv3-{preset}-random"
+            _note(f"serving a random-weight {args.random!r} model: it writes random text")
+        model.eval()
+        cfg = model.config
+        if cfg.vocab_size < tokenizer.vocab_size:
+            _note(f"the model has {cfg.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}: "
+                  "prompts using the ids above are refused")
+        engine = Engine(model, max_batch=args.max_batch, max_len=min(args.max_len, cfg.max_position_embeddings),
+                        max_queue=args.max_queue, valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size))
+        try:
+            limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
+            app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
+            host, port = sock.getsockname()[:2]
+            if not _is_loopback(args.host) and args.api_key is None:
+                _note(f"listening on {args.host} without --api-key: anyone who can reach it can use it")
+            _note(f"serving {name!r} at http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
+            config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except KeyboardInterrupt:
+                pass  # uvicorn re-raises the Ctrl-C it shut down on; stopping the server that way is no error
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise DsV3Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise DsV3Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _note(message: str) -> None:
+    print(f"dsv3 serve: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsv3.server.commands serve ...`: this command alone, with the CLI's error handling."""
+    parser = argparse.ArgumentParser(prog="dsv3")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except DsV3Error as e:
+        print(f"dsv3 serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
