@@ -248,9 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands that live with their own code (heavy imports stay inside their functions).
     from . import bench
     from .server.commands import add_commands as add_serve_commands
+    from .training.commands import add_commands as add_training_commands
 
     bench.add_commands(sub)
     add_serve_commands(sub)
+    add_training_commands(sub)
     return p
 
 

@@ -68,7 +68,9 @@ class Router(nn.Module):
         return out
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        # float32 even under autocast: bf16 affinities flip near-ties between experts.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_TE = self.scores(x_TD)

@@ -49,7 +49,8 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor) -> torch
     """sum_i f_i P_i for each sequence (eq. 17-19, without alpha): scores (B, T, E), topk_idx (B, T, K) -> (B,)."""
     B, T, E = scores.shape
     K = topk_idx.shape[-1]
-    chosen = torch.zeros(B, T, E, device=scores.device).scatter_(-1, topk_idx, 1.0)  # 1[i in topk of t]
+    chosen = torch.zeros(B, T, E, dtype=scores.dtype, device=scores.device)
+    chosen.scatter_(-1, topk_idx, 1.0)  # 1[expert i in the top-k of token t]
     f = chosen.sum(dim=1) * (E / (K * T))  # (B, E)
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
     return (f * p).sum(dim=-1)

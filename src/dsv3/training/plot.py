@@ -144,5 +144,5 @@ def _load_heatmaps(figure_cls: Any, run: str, rows: list[dict[str, Any]], label:
 
 def _save(fig: Any, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     return path

@@ -36,6 +36,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -377,11 +378,18 @@ class Trainer:
         max_norm = opts.clip if opts.clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        if opts.bias_update_speed:
-            for router, layer_load in zip(self.routers, load):
-                update_bias(router, layer_load, opts.bias_update_speed)
+        # A non-finite gradient (a loss spike past fp range) would poison every weight: skip that update.
+        # The norm is the same on every rank, so all of them skip together.
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            if opts.bias_update_speed:
+                for router, layer_load in zip(self.routers, load):
+                    update_bias(router, layer_load, opts.bias_update_speed)
+        with warnings.catch_warnings():
+            # The schedule follows the step count even when the update was skipped; torch warns about that.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.step_done = step
 
         lm, mtp, bal = sums.tolist()
@@ -400,6 +408,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens": step * B * self.windows.seq_len,
             "tokens_per_s": round(B * self.windows.seq_len / seconds, 1),
+            **({} if finite else {"skipped": True}),
         }
 
     def _num_experts(self) -> int:
