@@ -103,19 +103,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- text generation
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _load_for_text(args: argparse.Namespace):
-    """(model, tokenizer) for generate/chat: the checkpoint's tokenizer files, else the packaged ones."""
+    """(model, parallel context or None, tokenizer); under torchrun each rank loads its own shard."""
     import torch
 
     from .model.transformer import DeepSeekV3
     from .tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = DeepSeekV3.from_pretrained(args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8)
-    return model, Tokenizer.from_dir(args.model)
+    if _world_size() > 1:
+        from .distributed.launch import parallel_model_from_args
+
+        model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, _torch_dtype(args.dtype), fp8=args.fp8)
+    else:
+        model, ctx = DeepSeekV3.from_pretrained(args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8), None
+    return model, ctx, Tokenizer.from_dir(args.model)
 
 
-def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace):
+def _run_text_command(args: argparse.Namespace, lead_fn, prog: str) -> int:
+    """Load, then run `lead_fn(model, ctx, tok)`; under torchrun rank 0 leads and the other ranks follow."""
+
+    def run() -> int:
+        model, ctx, tok = _load_for_text(args)
+        if ctx is None or not ctx.distributed:
+            return lead_fn(model, ctx, tok)
+        from .distributed.launch import lead_or_follow
+
+        return lead_or_follow(model, ctx, lambda: lead_fn(model, ctx, tok))
+
+    if _world_size() > 1:
+        from .distributed.mesh import run_or_exit
+
+        return run_or_exit(run, prog)
+    return run()
+
+
+def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, ctx=None):
     """Yield printable text pieces for one prompt, honouring stop strings; returns (n_tokens, seconds)."""
     from .errors import RequestError
     from .inference.generate import stream
@@ -131,7 +158,14 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace):
         )
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     limit = min(vocab, tok.vocab_size)  # never sample the padded ids the tokenizer cannot decode
-    if args.speculative == "mtp":
+    if ctx is not None and ctx.distributed:
+        if args.speculative:
+            raise RequestError("--speculative is not supported under torchrun yet")
+        from .distributed.launch import parallel_stream
+
+        steps = parallel_stream(model, ctx, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        tokens = (step[0] for step in steps if 0 in step)
+    elif args.speculative == "mtp":
         from .inference.speculative import speculative_stream
 
         steps = speculative_stream(model, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
@@ -151,11 +185,13 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model, tok = _load_for_text(args)
+    return _run_text_command(args, lambda model, ctx, tok: _generate_lead(model, ctx, tok, args), "dsv3 generate")
+
+
+def _generate_lead(model, ctx, tok, args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt, add_bos=True)
-    t0, n_chars = time.perf_counter(), 0
-    for piece in stream_text(model, tok, ids, args):
-        n_chars += len(piece)
+    t0 = time.perf_counter()
+    for piece in stream_text(model, tok, ids, args, ctx):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -166,7 +202,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat with the chat template; history kept; /reset clears it, /exit or EOF quits."""
-    model, tok = _load_for_text(args)
+    return _run_text_command(args, lambda model, ctx, tok: _chat_lead(model, ctx, tok, args), "dsv3 chat")
+
+
+def _chat_lead(model, ctx, tok, args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -186,7 +225,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("assistant> ")
         reply = []
-        for piece in stream_text(model, tok, ids, args):
+        for piece in stream_text(model, tok, ids, args, ctx):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -206,6 +245,8 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
     s.add_argument("--fp8", action="store_true", help="keep FP8 checkpoint weights in FP8 in memory")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
+    s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
     s.add_argument("--verbose", action="store_true")
 
 
@@ -247,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their own code (heavy imports stay inside their functions).
     from . import bench
+    from .distributed.commands import add_commands as add_distributed_commands
     from .server.commands import add_commands as add_serve_commands
     from .training.commands import add_commands as add_training_commands
 
     bench.add_commands(sub)
     add_serve_commands(sub)
     add_training_commands(sub)
+    add_distributed_commands(sub)
     return p
 
 

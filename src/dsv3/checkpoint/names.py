@@ -54,9 +54,14 @@ def iter_disk_tensors(state: dict[str, torch.Tensor], num_layers: int) -> Iterat
                 yield key, t[e]
 
 
+# `kv_a_proj_with_mqa` is FP8 in the official release too (its scale is [ceil(576/128), 56] in V3).
+_FP8_WEIGHT = re.compile(r"_proj(_with_mqa)?\.weight$")
+
+
 def is_fp8_quantizable(key: str) -> bool:
     """The tensors the official FP8 checkpoint stores in FP8: attention, MLP, expert and eh `*_proj.weight`.
 
-    Never embeddings, lm_head / shared_head.head, norms, or the router weight and bias.
+    That includes `kv_a_proj_with_mqa.weight`; never embeddings, lm_head / shared_head.head, norms, or
+    the router weight and bias.
     """
-    return key.endswith("_proj.weight")
+    return _FP8_WEIGHT.search(key) is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch.distributed import ProcessGroup
 from ..errors import ConfigError, DsV3Error
 
 DEFAULT_TIMEOUT_S = 1800.0  # long enough for a rank to read its shards of a large checkpoint
+_CONFIG_ERROR_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -137,21 +139,28 @@ def _is_peer_failure(e: BaseException) -> bool:
 def run_or_exit(fn: Callable[[], int], prog: str) -> int:
     """Run one rank's command; in a multi-process run, any error ends this process at once with a message.
 
-    Single process (no process group): just `fn()`, errors propagate to the CLI as usual.
-    Otherwise a DsV3Error is one line (printed by rank 0 only for a ConfigError, which every rank
-    hits identically), a failed collective is one line naming the likely cause, anything else a
-    traceback; then `os._exit` (exit code 2 for user errors, 1 otherwise) without the interpreter's
-    shutdown, which could wait on a process group whose peers are gone. Success tears the group down.
+    Single process (WORLD_SIZE unset or 1): just `fn()`, errors propagate to the CLI as usual.
+    Otherwise a DsV3Error is one line (for a ConfigError, which every rank hits identically, ranks
+    other than 0 wait a moment first, so under torchrun it is said once), a failed collective is one
+    line naming the likely cause, anything else a traceback; then `os._exit` (exit code 2 for user
+    errors, 1 otherwise) without the interpreter's shutdown, which could wait on a process group
+    whose peers are gone. Success waits for every rank (a barrier) and ends the same way: in a
+    multi-process run this function does not return.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    # Before init_process_group the environment says whether this is one rank of many.
+    world = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    if world == 1:
         return fn()
-    rank = dist.get_rank()
+    rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
     try:
         code = fn()
     except BaseException as e:  # noqa: BLE001 - every failure must end the rank, KeyboardInterrupt included
         if isinstance(e, DsV3Error):
-            if rank == 0 or not isinstance(e, ConfigError):
-                print(f"{prog}: error: {'' if rank == 0 else f'[rank {rank}] '}{e}", file=sys.stderr)
+            if rank != 0 and isinstance(e, ConfigError):
+                # Every rank hits a config error the same way: give rank 0 a moment to say it once
+                # (torchrun ends the others when it exits); say it anyway if still here.
+                time.sleep(_CONFIG_ERROR_GRACE_S)
+            print(f"{prog}: error: {'' if rank == 0 else f'[rank {rank}] '}{e}", file=sys.stderr)
             code = 2
         elif _is_peer_failure(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -168,6 +177,11 @@ def run_or_exit(fn: Callable[[], int], prog: str) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    # Success: wait for every rank, then leave the same way. Tearing the group down in the
+    # interpreter's shutdown can abort ("terminate called without an active exception") when the
+    # rank hosting the store has already gone.
+    if dist.is_initialized():
+        dist.barrier()
     sys.stdout.flush()
-    dist.destroy_process_group()
-    return code
+    sys.stderr.flush()
+    os._exit(code)

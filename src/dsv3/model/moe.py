@@ -144,7 +144,7 @@ class Experts(nn.Module):
         # Undo the sort (every token has exactly K rows), then weight and sum over k: no scatter-add.
         y_TKD = torch.empty_like(h_ND)
         y_TKD[order_N] = h_ND
-        y_TKD = y_TKD.view(T, K, -1) * topk_weight_TK[..., None].to(h_ND.dtype)
+        y_TKD = y_TKD.view(T, K, h_ND.shape[-1]) * topk_weight_TK[..., None].to(h_ND.dtype)
         return y_TKD.sum(dim=1).to(x_TD.dtype)
 
     def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
