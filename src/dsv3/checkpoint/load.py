@@ -131,12 +131,14 @@ def load_model(
                 raise CheckpointError(f"unexpected tensor {key} in {os.path.basename(file)}")
             target = expected[name]
             want_shape = tuple(target.shape[1:] if row is not None else target.shape)
-            tensor = read(key)
-            if tuple(tensor.shape) != want_shape:
-                raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {want_shape}")
-            tensor = _convert(key, tensor, keep, dtype, block, read, files)
+            raw = read(key)
+            if tuple(raw.shape) != want_shape:
+                raise CheckpointError(f"tensor {key} has shape {tuple(raw.shape)}, the model expects {want_shape}")
+            tensor = _convert(key, raw, keep, dtype, block, read, files)
             if row is None:
-                state[name] = tensor.to(device)
+                # get_tensor is zero-copy: a tensor kept as stored still lives in the shard's mmap, and would
+                # keep the whole file mapped (and the pages read for other tensors resident) for the model's life.
+                state[name] = tensor.to(device, copy=tensor.data_ptr() == raw.data_ptr())
             else:
                 if not 0 <= row < target.shape[0]:
                     raise CheckpointError(f"unexpected tensor {key}: expert {row} of {target.shape[0]}")
@@ -185,8 +187,8 @@ def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:
         raise CheckpointError(f"{key} has a weight_scale_inv but is stored as {tensor.dtype}, not float8_e4m3fn")
     if keep_fp8 and not key.endswith(SCALE_SUFFIX):  # an expert row in bf16 where its siblings are FP8
         raise CheckpointError(f"{key} is stored as {tensor.dtype} but other experts of its projection are FP8")
-    if key.endswith(SCALE_SUFFIX) or key.endswith("e_score_correction_bias"):
-        # FP8 scales and the routing bias stay float32 (a bf16 bias would move near-ties).
+    if key.endswith((SCALE_SUFFIX, "e_score_correction_bias", ".mlp.gate.weight")):
+        # FP8 scales and the router (weight and bias) stay float32: the router computes in float32.
         return tensor.float()
     return tensor if dtype is None else tensor.to(dtype)
 

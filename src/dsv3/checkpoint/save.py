@@ -36,8 +36,10 @@ def save_model(
     block = cfg.fp8_block_size or DEFAULT_BLOCK
     config = cfg.to_dict()
     if fp8:
+        # Keep what an FP8 model's own quantization_config says beyond these (e.g. V3.1's `scale_fmt`).
         config["quantization_config"] = {
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block),
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            **(cfg.quantization_config or {}), "weight_block_size": list(block),
         }
     else:
         config.pop("quantization_config", None)
@@ -45,6 +47,9 @@ def save_model(
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    # The router weight is float32 in memory; on disk it has the model's dtype, as in the official files.
+    dtype = model.model.embed_tokens.weight.dtype
+    state = {k: (t.to(dtype) if k.endswith(".mlp.gate.weight") else t) for k, t in state.items()}
     tensors = disk_tensors(state, cfg.num_hidden_layers, fp8, block)
     write_checkpoint(out_dir, config, tensors, max_shard_bytes)
 

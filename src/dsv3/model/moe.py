@@ -52,7 +52,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # Per-expert token counts, accumulated only in training mode; the trainer reads and resets them.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -60,11 +60,15 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the routing bias: it decides near-ties between experts.
-        bias = self.e_score_correction_bias
+        # The router weight stays float32 too (as transformers keeps it): the router computes in
+        # float32 anyway, and a float32 copy avoids a conversion every step.
+        bias, weight = self.e_score_correction_bias, self.weight
         out = super()._apply(fn, recurse)
         moved = self.e_score_correction_bias
         if moved.dtype != torch.float32 and not moved.is_meta:
             self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
+        if self.weight.dtype != torch.float32 and not self.weight.is_meta and weight.dtype == torch.float32:
+            self.weight.data = weight.data.to(device=self.weight.device)
         return out
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """RMSNorm, computed in float32 whatever the activation dtype (as the official and HF code do)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,8 +12,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Cast back before the weight multiply, like HF: the weight is applied in the weight's dtype.
-        return self.weight * x32.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in float32 (one fused kernel), cast back BEFORE the weight
+        # multiply, like HF: the weight is applied in the activation dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)

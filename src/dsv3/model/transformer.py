@@ -127,6 +127,10 @@ class DeepSeekV3(nn.Module):
                 if w.dtype == torch.float8_e4m3fn:
                     continue
                 w.normal_(0.0, std, generator=gen)
+                if isinstance(module, Router):
+                    # The router is kept in float32 but saved in the model's dtype: draw values that
+                    # survive that round trip exactly.
+                    w.copy_(w.to(self.model.embed_tokens.weight.dtype))
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
             if isinstance(module, Router):
