@@ -5,6 +5,12 @@ prompt, decode batch 1 after a 4096-token prompt, MTP speculative decode, and de
 fraction of the memory-bandwidth bound = (measured bandwidth of a large bf16 matrix-vector product)
 / (bytes of weights touched per decoded token). Figures are ratios measured side by side; absolute
 times drift on shared machines.
+
+Under `torchrun --nproc-per-node N -m dsv3 bench --tp T --ep E` every rank builds the same random
+model (same seed), shards it (`dsv3.distributed.parallelize`) and runs the dsv3 rows in lockstep
+(the inputs are fixed, nothing is sampled, so the collectives pair up); rank 0 prints. The
+transformers side runs in one process only, so it is skipped there, and so is the bandwidth row
+(its bytes-per-token bound is a one-process figure).
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ def decode_weight_bytes(cfg: ModelConfig) -> int:
     return accounting.activated_parameters(cfg) * 2
 
 
+def _prompt(n: int, vocab: int, b: int = 0) -> list[int]:
+    """n fixed prompt ids for row b: (7i + b) % 1000 + 2, folded into a vocabulary smaller than that (tiny)."""
+    return [(7 * i + b) % 1000 % (vocab - 2) + 2 for i in range(n)]
+
+
 def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -62,7 +73,7 @@ def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
 # ---------------------------------------------------------------------------------------------- dsv3 side
 def ours_prefill(model: DeepSeekV3, n: int) -> float:
     cache = LatentCache(model.config, 1, n + 1, dtype=torch.bfloat16)
-    prompt = [list(range(2, 2 + n))]
+    prompt = [[2 + i % (model.config.vocab_size - 2) for i in range(n)]]
 
     def run():
         cache.lengths.zero_()
@@ -75,7 +86,7 @@ def ours_prefill(model: DeepSeekV3, n: int) -> float:
 def ours_decode(model: DeepSeekV3, batch: int, context: int, steps: int) -> float:
     cache = LatentCache(model.config, batch, context + steps + 8, dtype=torch.bfloat16)
     slots = [cache.allocate() for _ in range(batch)]
-    prefill(model, cache, slots, [[(7 * i + b) % 1000 + 2 for i in range(context)] for b in range(batch)])
+    prefill(model, cache, slots, [_prompt(context, model.config.vocab_size, b) for b in range(batch)])
     tokens = [5] * batch
     for _ in range(3):
         decode_step(model, cache, slots, tokens)
@@ -86,7 +97,7 @@ def ours_decode(model: DeepSeekV3, batch: int, context: int, steps: int) -> floa
 
 
 def ours_mtp(model: DeepSeekV3, context: int, steps: int) -> tuple[float, SpeculativeStats]:
-    prompt = [[(7 * i) % 1000 + 2 for i in range(context)]]
+    prompt = [_prompt(context, model.config.vocab_size)]
     stats = SpeculativeStats()
     list(speculative_stream(model, prompt, 4, stop_token_ids=[]))  # warm-up
     t0 = time.perf_counter()
@@ -98,7 +109,7 @@ def ours_mtp(model: DeepSeekV3, context: int, steps: int) -> tuple[float, Specul
 
 # ---------------------------------------------------------------------------------------------- transformers side
 def hf_prefill(hf, n: int) -> float:
-    ids = torch.arange(2, 2 + n)[None]
+    ids = torch.tensor([[2 + i % (hf.config.vocab_size - 2) for i in range(n)]])
     with torch.inference_mode():
         hf(ids, use_cache=True)
         return n / _timed(lambda: hf(ids, use_cache=True), repeats=2)
@@ -106,7 +117,7 @@ def hf_prefill(hf, n: int) -> float:
 
 def hf_decode(hf, batch: int, context: int, steps: int) -> tuple[float, int]:
     """(tokens/s, KV cache bytes at the end) for transformers' own cached decoding."""
-    ids = torch.tensor([[(7 * i + b) % 1000 + 2 for i in range(context)] for b in range(batch)])
+    ids = torch.tensor([_prompt(context, hf.config.vocab_size, b) for b in range(batch)])
     with torch.inference_mode():
         out = hf(ids, use_cache=True)
         cache = out.cache
@@ -127,11 +138,19 @@ def hf_decode(hf, batch: int, context: int, steps: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def run_bench(
     config: str = "small", rows: tuple[str, ...] = ROWS, steps: int = 16, threads: int | None = None,
-    with_hf: bool = True, log: Callable[[str], None] = print,
+    with_hf: bool = True, log: Callable[[str], None] = print, tp: int | None = None, ep: int | None = None,
 ) -> dict:
-    """Run the rows and return {"rows": [...], "meta": {...}}; `log` gets one line per finished row."""
+    """Run the rows and return {"rows": [...], "meta": {...}}; `log` gets one line per finished row.
+
+    Under torchrun (WORLD_SIZE > 1) every rank must call this with the same arguments: the model is
+    sharded over tp / ep (each 1 or N, default N) and the rows run in lockstep; only rank 0 logs.
+    """
     if threads:
         torch.set_num_threads(threads)
     cfg = ModelConfig.from_pretrained(config)
@@ -141,6 +160,18 @@ def run_bench(
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)
+    layout = None
+    if _world_size() > 1:
+        from .distributed.launch import parallelize
+
+        ctx = parallelize(model, tp, ep)  # same seed on every rank: the same weights, then each keeps its part
+        layout = {"world": ctx.mesh.world_size, "tp": ctx.mesh.tp, "ep": ctx.mesh.ep}
+        if not ctx.is_main:
+            log = _silent
+        log(f"torchrun: {layout['world']} ranks, tp={layout['tp']} ep={layout['ep']}; dsv3 rows only "
+            "(the transformers comparison and the bandwidth row run in one process)")
+        with_hf = False
+        rows = tuple(r for r in rows if r != "bandwidth")
     hf = None
     if with_hf:
         from transformers import DeepseekV3ForCausalLM
@@ -194,8 +225,14 @@ def run_bench(
                             "fraction": ours / bound, "bandwidth_GBps": bw / 1e9, "bytes_per_token": need})
             log(f"{'decode b=1 / bandwidth bound':34s} {ours:.1f} of {bound:.1f} tokens/s = {ours / bound:.0%} "
                 f"({need / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s bf16 matvec)")
-    return {"rows": results, "meta": {"config": config, "threads": torch.get_num_threads(),
-                                      "torch": torch.__version__, "steps": steps}}
+    meta = {"config": config, "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps}
+    if layout is not None:
+        meta["parallel"] = layout
+    return {"rows": results, "meta": meta}
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -205,7 +242,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .errors import RequestError
 
         raise RequestError(f"unknown bench rows {sorted(unknown)} (rows: {', '.join(ROWS)})")
-    result = run_bench(args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers)
+    if _world_size() > 1:
+        from .distributed.mesh import run_or_exit
+
+        return run_or_exit(lambda: _bench(args, rows), "dsv3 bench")
+    return _bench(args, rows)
+
+
+def _bench(args: argparse.Namespace, rows: tuple[str, ...]) -> int:
+    result = run_bench(args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers,
+                       tp=args.tp, ep=args.ep)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 alone writes the results
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -221,4 +269,6 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--json", default=None, help="also write the results here")
     s.add_argument("--no-transformers", action="store_true", help="dsv3 rows only")
+    s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
+    s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
     s.set_defaults(fn=cmd_bench)

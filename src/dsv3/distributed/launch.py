@@ -28,8 +28,10 @@ from ..inference.sampling import SamplingParams, sample_tokens
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
 from .comm import CommStats
+from .expert_parallel import apply_ep
 from .load import load_sharded
 from .mesh import Mesh, init_mesh
+from .tensor_parallel import apply_tp
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -94,6 +96,18 @@ def parallel_model_from_args(
             ep_combine=ep_combine, stats=stats,
         )
     return model, ParallelContext(mesh, stats)
+
+
+def parallelize(model: DeepSeekV3, tp: int | None, ep: int | None, ep_combine: str | None = None) -> ParallelContext:
+    """Join torchrun's process group and shard, in place, a model that every rank built identically.
+
+    For a model made in memory (same config, same seed on every rank: `dsv3 bench`); a checkpoint is
+    better read with `parallel_model_from_args`, which never holds the full weights. Returns the context.
+    """
+    mesh = init_mesh(tp, ep, model_device(model))
+    stats = apply_tp(model, mesh.tp_group)
+    stats = apply_ep(model, mesh.ep_group, combine=ep_combine, stats=stats)
+    return ParallelContext(mesh, stats)
 
 
 def parallel_stream(

@@ -21,6 +21,11 @@ before the replay), so only the row that fails again is ended with an error; the
 
 Admission is bounded: at most `max_batch` requests run and `max_queue` wait; beyond that `submit()`
 raises `QueueFullError` at once (an HTTP server answers 429).
+
+The loop touches the model and the contents of its cache only through a `ModelRunner` (prefill,
+decode_step, truncate, free; the slot bookkeeping stays here): the default runs the plain functions
+in this process; `Engine(runner=...)` swaps in one that also replays each call elsewhere (`dsv3 serve`
+under torchrun: rank 0's runner broadcasts every call and the other ranks repeat it on their shard).
 """
 
 from __future__ import annotations
@@ -171,12 +176,41 @@ class RequestHandle:
         return list(self.tokens)
 
 
+class ModelRunner:
+    """The engine's forward passes and cache edits on `model` and `cache`: here, the plain functions.
+
+    A replacement keeps these four methods and may mirror each call (same slots, same ids) on other
+    processes; `Engine(runner=factory)` builds it with `factory(model, cache)`.
+    """
+
+    def __init__(self, model: DeepSeekV3, cache: LatentCache) -> None:
+        self.model, self.cache = model, cache
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Append each prompt to its slot; (B, V) logits after each prompt's last token."""
+        return prefill(self.model, self.cache, slots, prompts)
+
+    def decode_step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Append one token per slot; (B, V) next-token logits."""
+        return decode_step(self.model, self.cache, slots, tokens)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` cached tokens of `slot`."""
+        self.cache.truncate(slot, length)
+
+    def free(self, slot: int) -> None:
+        """Give `slot` back to the cache's pool (emptied)."""
+        self.cache.free(slot)
+
+
 class Engine:
     """Owns `model` in one background thread and batches every submitted request into its decode steps."""
 
     def __init__(self, model: DeepSeekV3, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 valid_ids: torch.Tensor | None = None, start: bool = True) -> None:
-        """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits."""
+                 valid_ids: torch.Tensor | None = None, start: bool = True,
+                 runner: Callable[[DeepSeekV3, LatentCache], ModelRunner] = ModelRunner) -> None:
+        """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits;
+        `runner(model, cache)` builds what runs the forward passes (default: this process, plainly)."""
         cfg = model.config
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_position_embeddings:
@@ -206,6 +240,7 @@ class Engine:
                 self._mask = torch.zeros(cfg.vocab_size, device=model_device(model)).masked_fill(
                     ~valid_ids.to(model_device(model)), float("-inf"))
 
+        self.runner = runner(model, self.cache)
         self._lock = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()  # submitted, no slot yet
         self._running: list[RequestHandle] = []  # hold a slot; their last token is to be fed next step
@@ -353,7 +388,7 @@ class Engine:
                 self._start_alone(group[0])
                 continue
             try:
-                logits = prefill(self.model, self.cache, [h.slot for h in group], [h.prompt for h in group])
+                logits = self.runner.prefill([h.slot for h in group], [h.prompt for h in group])
             except Exception:
                 for h in group:
                     self._start_alone(h)
@@ -364,9 +399,9 @@ class Engine:
                 self._record([h for h, _ in done], [t for _, t in done])
 
     def _start_alone(self, h: RequestHandle) -> None:
-        self.cache.truncate(h.slot, 0)  # a failed group prefill may have committed some chunks
+        self.runner.truncate(h.slot, 0)  # a failed group prefill may have committed some chunks
         try:
-            logits = prefill(self.model, self.cache, [h.slot], [h.prompt])
+            logits = self.runner.prefill([h.slot], [h.prompt])
         except Exception as e:
             with self._lock:
                 self._end(h, ERROR, e)
@@ -383,7 +418,7 @@ class Engine:
             if not batch:
                 return
         try:
-            logits = decode_step(self.model, self.cache, [h.slot for h in batch], [h.tokens[-1] for h in batch])
+            logits = self.runner.decode_step([h.slot for h in batch], [h.tokens[-1] for h in batch])
             done = self._sample_rows(logits, batch)
         except Exception:
             # Some row broke the batched forward pass: redo each row alone so only the culprit fails. A
@@ -391,7 +426,7 @@ class Engine:
             done = []
             for h in batch:
                 try:
-                    logits = decode_step(self.model, self.cache, [h.slot], [h.tokens[-1]])
+                    logits = self.runner.decode_step([h.slot], [h.tokens[-1]])
                 except Exception as e:
                     with self._lock:
                         self._end(h, ERROR, e)
@@ -447,7 +482,7 @@ class Engine:
         if h in self._running:
             self._running.remove(h)
         if h.slot is not None:
-            self.cache.free(h.slot)
+            self.runner.free(h.slot)
             h.slot = None
         if not h.done:
             self._finished[reason] += 1

@@ -3,17 +3,25 @@
 Without `--model` the server builds the `small` preset (SPEC section 5) with random weights in memory:
 every endpoint works, but the text it writes is random. fastapi and uvicorn are imported only when
 the command runs (the `serve` extra), so the rest of the CLI works without them.
+
+Under `torchrun --nproc-per-node N -m dsv3 serve --model DIR --tp T --ep E`, rank 0 listens and runs
+the engine; every prefill and decode step is replayed on the other ranks' shards
+(`dsv3.distributed.serving`), so continuous batching works as in one process and the tokens at
+temperature 0 are one process's. Ctrl-C (or SIGTERM to torchrun) stops rank 0's server, which then
+releases the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
-from ..errors import DsV3Error
+from ..errors import ConfigError, DsV3Error
 
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -43,11 +51,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
+    s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
     s.set_defaults(fn=cmd_serve)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, bind the socket, serve until interrupted; user mistakes raise DsV3Error."""
+    if _world_size() > 1:
+        from ..distributed.mesh import run_or_exit
+
+        return run_or_exit(lambda: _serve(args), "dsv3 serve")
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise DsV3Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -67,17 +89,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import ModelConfig
-    from ..inference.engine import Engine
+    from ..inference.engine import Engine, ModelRunner
     from ..model.transformer import DeepSeekV3
     from ..tokenizer import Tokenizer
 
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
     if args.dtype not in table:
         raise DsV3Error(f"--dtype must be bf16 or fp32, got {args.dtype!r}")
+    parallel = _world_size() > 1
+    if parallel and not args.model:
+        # A ConfigError: every rank hits it, and run_or_exit lets rank 0 alone say it.
+        raise ConfigError("under torchrun, dsv3 serve needs --model (each rank loads its part of a checkpoint)")
     # Bind before loading the model: a busy port is reported in a second, not after minutes of loading.
-    sock = _listen(args.host, args.port)
+    # Under torchrun rank 0 alone listens (RANK is set before the process group is joined).
+    sock = _listen(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None
+    runner, ctx = ModelRunner, None
     try:
-        if args.model:
+        if parallel:
+            from ..distributed.launch import parallel_model_from_args
+            from ..distributed.serving import ReplicatedRunner, follow_engine
+
+            model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, table[args.dtype])
+            if not ctx.is_main:
+                follow_engine(model.eval(), ctx)  # until rank 0 releases the group
+                return 0
+            runner = functools.partial(ReplicatedRunner, ctx=ctx)
+            tokenizer = Tokenizer.from_dir(args.model)
+            name = args.model_name or os.path.basename(os.path.normpath(args.model))
+        elif args.model:
             model = DeepSeekV3.from_pretrained(args.model, dtype=table[args.dtype])
             tokenizer = Tokenizer.from_dir(args.model)
             name = args.model_name or os.path.basename(os.path.normpath(args.model))
@@ -95,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _note(f"the model has {cfg.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}: "
                   "prompts using the ids above are refused")
         engine = Engine(model, max_batch=args.max_batch, max_len=min(args.max_len, cfg.max_position_embeddings),
-                        max_queue=args.max_queue, valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size))
+                        max_queue=args.max_queue, valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size), runner=runner)
         try:
             limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
             app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
@@ -103,15 +142,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if not _is_loopback(args.host) and args.api_key is None:
                 _note(f"listening on {args.host} without --api-key: anyone who can reach it can use it")
             _note(f"serving {name!r} at http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
-            config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+            if parallel:
+                # A failed collective stops the server; release() below then raises it for run_or_exit.
+                engine.runner.on_failure(lambda e: setattr(server, "should_exit", True))
+                # uvicorn re-raises the signal it shut down on: SIGTERM must not kill this rank before
+                # it releases the others, so it is taken like Ctrl-C.
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
             try:
-                uvicorn.Server(config).run(sockets=[sock])
+                server.run(sockets=[sock])
             except KeyboardInterrupt:
                 pass  # uvicorn re-raises the Ctrl-C it shut down on; stopping the server that way is no error
         finally:
             engine.close()
+        if parallel:
+            engine.runner.release()  # the other ranks leave follow_engine (or the failure is raised here)
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     return 0
 
 
