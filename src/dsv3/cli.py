@@ -288,11 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their own code (heavy imports stay inside their functions).
     from . import bench
+    from .checkpoint import convert
     from .distributed.commands import add_commands as add_distributed_commands
     from .server.commands import add_commands as add_serve_commands
     from .training.commands import add_commands as add_training_commands
 
     bench.add_commands(sub)
+    convert.add_commands(sub)
     add_serve_commands(sub)
     add_training_commands(sub)
     add_distributed_commands(sub)

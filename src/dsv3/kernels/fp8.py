@@ -19,6 +19,12 @@ Why each choice:
   `weight_dequant` does. Quantizing divides by it, which rounds each value once, correctly.
 - fp8 -> fp32 goes through fp16 bits (`_fp8_to_float32`): torch's CPU cast is a scalar loop that
   costs more than the whole rest of a dequantization; the bit move is exact and ~8x faster.
+  `dequantize_blocks` goes further (decode dequantizes every FP8 weight it touches, every step):
+  3 integer ops give fp16 bits reading value * 2**-8, the scale (times 2**8) is applied in place in
+  fp32 and rounded once to the output dtype, with no padded copy for partial blocks: 6 passes over the
+  weight instead of 9, bit-identical to `dequantize_blocks_reference` (tested on every code). (A
+  mixed-dtype `torch.mul(fp16, fp32, out=bf16)` would save two more passes, but torch runs it as a
+  scalar loop, ~15x slower than the three vectorized ones.)
 - Shapes need not be multiples of the block: edge blocks are partial and the scale grid is
   `ceil(out/b0) x ceil(in/b1)`. Internally tensors are zero-padded to whole blocks; zeros change
   no amax and are cropped away again.
@@ -107,16 +113,51 @@ def quantize_blocks(weight: Tensor, block: Block = (128, 128)) -> tuple[Tensor, 
     return _from_blocks(quantized, weight.shape).contiguous(), scale_inv
 
 
-def dequantize_blocks(
+def _fp8_to_float16_scaled(t: Tensor) -> Tensor:
+    """fp16 holding exactly value * 2**-8 for an e4m3fn tensor (NaN codes aside): 3 integer ops, no float pass."""
+    # As in _fp8_to_float32, the code shifted left by 7 puts e4m3's exponent and mantissa where fp16's are.
+    # Read as int8 and widened, the code's sign is copied into bits 8-15, so after the shift it sits on
+    # bit 15 (right) and bit 14 (an exponent bit, wrong): clearing bit 14 (mask 0xBFFF) leaves fp16 bits.
+    bits = t.view(torch.int8).to(torch.int16)
+    bits <<= 7
+    bits &= -16385  # 0xBFFF as int16
+    return bits.view(torch.float16)
+
+
+def dequantize_blocks_reference(
     weight_fp8: Tensor, scale_inv: Tensor, block: Block = (128, 128), dtype: torch.dtype = torch.bfloat16
 ) -> Tensor:
-    """fp8 [..., out, in] times its per-block scale_inv [..., ceil(out/b0), ceil(in/b1)], in `dtype`."""
+    """The readable spec of dequantize_blocks: fp8 -> fp32, times each block's scale_inv in fp32, rounded once."""
     if weight_fp8.dtype != FP8_DTYPE:
         raise ValueError(f"expected a {FP8_DTYPE} weight, got {weight_fp8.dtype}")
     _check_scale_shape(scale_inv, weight_fp8.shape, block)
     blocks = _to_blocks(_fp8_to_float32(weight_fp8), block)
     blocks = blocks * scale_inv.float()[..., :, None, :, None]  # multiply in fp32, round once to dtype
     return _from_blocks(blocks, weight_fp8.shape).to(dtype)
+
+
+def dequantize_blocks(
+    weight_fp8: Tensor, scale_inv: Tensor, block: Block = (128, 128), dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """fp8 [..., out, in] times its per-block scale_inv [..., ceil(out/b0), ceil(in/b1)], in `dtype`.
+
+    Bit-identical to dequantize_blocks_reference, in 6 passes over the weight instead of 9 (module doc).
+    """
+    if weight_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"expected a {FP8_DTYPE} weight, got {weight_fp8.dtype}")
+    _check_scale_shape(scale_inv, weight_fp8.shape, block)
+    *lead, rows, cols = weight_fp8.shape
+    (b0, b1), n_full = block, cols // block[1]
+    w = _fp8_to_float16_scaled(weight_fp8).float()  # value * 2**-8, exactly, (..., rows, cols)
+    # One scale per (row, column block): (..., rows, ceil(cols/b1)), small. Times 2**8 (exact) undoes w's 2**-8.
+    row_scale = (scale_inv.float() * 256.0).repeat_interleave(b0, dim=-2)[..., :rows, :]
+    # In place, whole column blocks in one broadcast multiply and the partial last block (if any) in a
+    # second: no padded copy. The fp32 product is then rounded once to dtype, as in the reference.
+    if n_full:
+        w[..., : n_full * b1].unflatten(-1, (n_full, b1)).mul_(row_scale[..., :n_full, None])
+    if cols % b1:
+        w[..., n_full * b1 :].mul_(row_scale[..., -1:])
+    return w.to(dtype)
 
 
 def act_quant(x: Tensor, block: int = 128, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
