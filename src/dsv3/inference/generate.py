@@ -8,7 +8,6 @@ simply leaves the decode batch.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -29,7 +28,7 @@ def model_device(model: DeepSeekV3) -> torch.device:
 
 @torch.inference_mode()
 def prefill(
-    model: DeepSeekV3, cache: LatentCache, slots: list[int], prompts: Sequence[Sequence[int]], chunk: int = 2048
+    model: DeepSeekV3, cache: LatentCache, slots: list[int], prompts: Sequence[Sequence[int]], chunk: int = 4096
 ) -> torch.Tensor:
     """Append each prompt to its (empty or not) slot; return the logits (B, V) after each prompt's last token.
 
@@ -58,37 +57,12 @@ def prefill(
     return last
 
 
-def single_token_matmuls(model: DeepSeekV3, num_tokens: int):
-    """Context for a pass over ONE token in all (batch-1 decode): every matmul is then a matrix-vector product.
-
-    Those are bound by reading the weights. On CPU, torch's oneDNN bf16 path streams them at about
-    half the speed of its MKL path (9.3 vs 18.6 GB/s measured on the 2-core benchmark machine),
-    while MKL's bf16 path is far slower as soon as there are 2 rows or more; so the oneDNN switch is
-    turned off for single-token passes only. A no-op elsewhere.
-    """
-    if num_tokens == 1 and model_device(model).type == "cpu" and model_dtype(model) == torch.bfloat16:
-        return _onednn_disabled()
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _onednn_disabled() -> Iterator[None]:
-    # Only the oneDNN switch (torch.backends.mkldnn.flags() would also reset its TF32 setting).
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
 @torch.inference_mode()
 def decode_step(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens: list[int]) -> torch.Tensor:
     """Append one token per slot; return the next-token logits (B, V)."""
     ids = torch.tensor(tokens, dtype=torch.long, device=model_device(model))[:, None]
     batch = cache.bind(slots, [1] * len(slots))
-    with single_token_matmuls(model, len(tokens)):
-        logits = model(ids, cache=batch)
+    logits = model(ids, cache=batch)
     batch.commit()
     return logits[:, -1]
 

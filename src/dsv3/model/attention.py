@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import CacheBatch
-from .linear import Linear, fuse_weights, fused_weight
+from .linear import Linear, fuse_weights, fused_weight, matmul_wt
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -66,7 +66,7 @@ class MLA(nn.Module):
         fused = fused_weight(self._x_proj, q_layer, kv_layer)
         if fused is None:
             return q_layer(x), kv_layer(x)
-        return F.linear(x, fused).split([q_layer.out_features, kv_layer.out_features], dim=-1)
+        return matmul_wt(x, fused).split([q_layer.out_features, kv_layer.out_features], dim=-1)
 
     # ------------------------------------------------------------------ pieces
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +127,8 @@ class MLA(nn.Module):
             kv, mask = kv_new, None  # causal over the T tokens
         else:
             kv = cache.update(self.layer_idx, kv_new)  # (B, S, R+Dr)
-            mask = cache.attention_mask(T, x.device)  # (B, T, S)
+            # An empty cache and right-padded rows need only the plain causal mask (fused kernel).
+            mask = None if cache.is_fresh(T) else cache.attention_mask(T, x.device)  # (B, T, S)
         if absorb is None:
             absorb = cache is not None and self._absorbed_is_cheaper(T)
         out = (self._attend_absorbed if absorb else self._attend_expanded)(q_nope, q_rope, kv.to(x.dtype), mask)
@@ -143,11 +144,15 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        if self.v_dim < self.qk_head_dim:
+            # Zero-pad v to the q/k head dim: torch's fused (flash) CPU kernel needs equal head dims,
+            # and without it a 4096-token prefill materialises every (T, S) score matrix: 5x slower.
+            v = F.pad(v, (0, self.qk_head_dim - self.v_dim))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
-        return out.transpose(1, 2)  # (B, T, H, Dv)
+        return out[..., : self.v_dim].transpose(1, 2)  # (B, T, H, Dv)
 
     def _attend_absorbed(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
@@ -157,14 +162,16 @@ class MLA(nn.Module):
         q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)
         # One query row per (t, h) against the cache as stored, [latent, rope key]: (B, T*H, R+Dr).
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, T, H, R), q_rope], dim=-1).reshape(B, T * H, -1)
-        # kv @ q^T reads the cache rows in place (no transposed copy of the cache): (B, S, T*H).
-        scores = torch.matmul(kv, q.transpose(1, 2)).float() * self.softmax_scale
+        # kv @ q^T reads the cache rows in place (no transposed copy of the cache); the small
+        # (S, T*H) result is then laid out (T*H, S) so the softmax runs over contiguous rows.
+        scores = torch.matmul(kv, q.transpose(1, 2)).transpose(1, 2)
+        scores = scores.to(torch.float32, memory_format=torch.contiguous_format) * self.softmax_scale
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
-        scores = scores.view(B, S, T, H).masked_fill(~mask.transpose(1, 2)[..., None], float("-inf"))
-        probs = scores.softmax(dim=1).to(kv.dtype).view(B, S, T * H)
-        # probs^T @ kv keeps the cache contiguous; the rope columns of the result are dropped.
-        o_latent = torch.matmul(probs.transpose(1, 2), kv)[..., :R]  # (B, T*H, R)
+        scores = scores.view(B, T, H, S).masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.dtype).view(B, T * H, S)
+        # probs @ kv reads the cache as stored; the rope columns of the result are dropped.
+        o_latent = torch.matmul(probs, kv)[..., :R]  # (B, T*H, R)
         o_latent = o_latent.reshape(B * T, H, R).transpose(0, 1)  # (H, B*T, R)
         out = torch.bmm(o_latent, w_uv_t)  # (H, B*T, Dv)
         return out.transpose(0, 1).reshape(B, T, H, -1)

@@ -95,6 +95,7 @@ class CacheBatch:
         # Rows on consecutive slots (the usual generate() case) read a view instead of a gather.
         self._slot_range = (s[0], s[-1] + 1) if s and s == list(range(s[0], s[0] + len(s))) else None
         self._mask_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._starts_empty = not bool(start.any())
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """(B, T) absolute positions of the new tokens."""
@@ -116,6 +117,14 @@ class CacheBatch:
             lo, hi = self._slot_range
             return store[lo:hi, : self.read_len]
         return store[self.slots, : self.read_len]
+
+    def is_fresh(self, num_tokens: int) -> bool:
+        """True when every row starts at position 0 and the pass reads exactly its T new tokens.
+
+        Then causal attention over the T tokens is exact: a real query t of a right-padded row sees
+        keys <= t, all real, and padded queries are never read.
+        """
+        return self._starts_empty and self.read_len == num_tokens
 
     def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(B, T, S) bool: query t of row b sees cached key j iff j <= start_b + t and j < start_b + n_new_b."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import ExpertLinear, Linear, fuse_weights, fused_weight
+from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
 
 
 class MLP(nn.Module):
@@ -39,7 +39,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         if gate_up is not None:
-            g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+            g, u = matmul_wt(x, gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -174,11 +174,11 @@ class Experts(nn.Module):
                 continue
             rows = x_ND[begin : begin + n]
             if gate_up is not None:
-                g, u = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+                g, u = matmul_wt(rows, gate_up[e]).chunk(2, dim=-1)
             else:
-                g = F.linear(rows, self.gate_proj.expert_weight(e, dtype))
-                u = F.linear(rows, self.up_proj.expert_weight(e, dtype))
-            out[begin : begin + n] = F.linear(F.silu(g) * u, self.down_proj.expert_weight(e, dtype))
+                g = matmul_wt(rows, self.gate_proj.expert_weight(e, dtype))
+                u = matmul_wt(rows, self.up_proj.expert_weight(e, dtype))
+            out[begin : begin + n] = matmul_wt(F.silu(g) * u, self.down_proj.expert_weight(e, dtype))
             begin += n
         return out
 
