@@ -204,3 +204,6 @@ def test_grouped_mm_and_expert_loop_agree(tiny_cfg):
             h = torch.nn.functional.silu(experts.gate_proj.weight[e] @ x[t]) * (experts.up_proj.weight[e] @ x[t])
             ref[t] += w[t, k] * (experts.down_proj.weight[e] @ h)
     assert torch.allclose(grouped, ref, atol=1e-4) and torch.allclose(looped, ref, atol=1e-4)
+    with torch.no_grad():
+        one = torch.cat([experts(x[t : t + 1], idx[t : t + 1], w[t : t + 1]) for t in range(40)])
+    assert torch.allclose(one, ref, atol=1e-4)  # the batch-1 decode path

@@ -138,6 +138,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """sum_k weight[t,k] * expert_{idx[t,k]}(x[t]) for each token, computed expert by expert."""
         T, K = topk_idx_TK.shape
+        if T == 1:
+            return self._one_token(x_TD, topk_idx_TK, topk_weight_TK)
         # Sort the N = T*K assignments by expert so each expert sees one contiguous block of rows.
         idx_N = topk_idx_TK.flatten()
         order_N = torch.argsort(idx_N, stable=True)
@@ -150,6 +152,22 @@ class Experts(nn.Module):
         y_TKD[order_N] = h_ND
         y_TKD = y_TKD.view(T, K, h_ND.shape[-1]) * topk_weight_TK[..., None].to(h_ND.dtype)
         return y_TKD.sum(dim=1).to(x_TD.dtype)
+
+    def _one_token(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: the K chosen experts applied in turn, no sorting or gathering (fewer ops)."""
+        gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
+        dtype = x_TD.dtype
+        out = None
+        for e, w in zip(topk_idx_TK[0].tolist(), topk_weight_TK[0].to(dtype).unbind()):
+            if gate_up is not None:
+                g, u = matmul_wt(x_TD, gate_up[e]).chunk(2, dim=-1)
+            else:
+                g = matmul_wt(x_TD, self.gate_proj.expert_weight(e, dtype))
+                u = matmul_wt(x_TD, self.up_proj.expert_weight(e, dtype))
+            # Weighted in the activation dtype, summed in float32: the rounding of the batched path.
+            y = (matmul_wt(F.silu(g) * u, self.down_proj.expert_weight(e, dtype)) * w).float()
+            out = y if out is None else out + y
+        return out.to(dtype)
 
     def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
