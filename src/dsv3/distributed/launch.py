@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DsV3Error, RequestError
-from ..inference.generate import check_prompts, decode_step, model_device, model_dtype, prefill, stream
+from ..inference.generate import (
+    check_prompts,
+    decode_step,
+    model_device,
+    model_dtype,
+    per_row_sampling,
+    prefill,
+    row_generators,
+    stream,
+)
 from ..inference.sampling import SamplingParams, sample_tokens
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
@@ -184,11 +193,7 @@ def lead_or_follow(model: DeepSeekV3, ctx: ParallelContext, lead: Callable[[], i
 def _validated(model, prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit) -> dict:
     prompts = [list(p) for p in (prompts or [])]
     check_prompts(model, prompts, max_new_tokens)
-    params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-    if len(params) != len(prompts):
-        raise RequestError("one SamplingParams per prompt is needed")
-    for p in params:
-        p.validate()
+    params = per_row_sampling(len(prompts), sampling)
     stops = list(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     seed = seed if seed is not None else torch.seed() % (2**62)
     return {"prompts": prompts, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
@@ -211,11 +216,7 @@ def _lead(model: DeepSeekV3, ctx: ParallelContext, request: dict) -> Iterator[di
         ctx.broadcast_object([])
         return
     cache, slots = _new_cache(model, request)
-    gens = []
-    for b in range(len(prompts)):
-        g = torch.Generator(device="cpu")
-        g.manual_seed(request["seed"] + b)
-        gens.append(g)
+    gens = row_generators(len(prompts), request["seed"])
     logits = prefill(model, cache, slots, prompts)
     active, produced = list(range(len(prompts))), [0] * len(prompts)
     owe_broadcast = False  # True between sampling and telling the followers what comes next

@@ -86,6 +86,27 @@ def check_prompts(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_t
             )
 
 
+def per_row_sampling(
+    num_rows: int, sampling: SamplingParams | Sequence[SamplingParams]
+) -> list[SamplingParams]:
+    """One validated SamplingParams per row (a single one is shared by all rows)."""
+    params = [sampling] * num_rows if isinstance(sampling, SamplingParams) else list(sampling)
+    if len(params) != num_rows:
+        raise RequestError("one SamplingParams per prompt is needed")
+    return [p.validate() for p in params]
+
+
+def row_generators(num_rows: int, seed: int | None) -> list[torch.Generator]:
+    """A CPU generator per row, row b seeded with seed + b (a random seed when None)."""
+    base = seed if seed is not None else torch.seed() % (2**62)
+    gens = []
+    for b in range(num_rows):
+        g = torch.Generator(device="cpu")
+        g.manual_seed(base + b)
+        gens.append(g)
+    return gens
+
+
 def stream(
     model: DeepSeekV3,
     prompts: Sequence[Sequence[int]],
@@ -101,19 +122,11 @@ def stream(
     """
     prompts = [list(p) for p in prompts]
     check_prompts(model, prompts, max_new_tokens)
-    params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-    if len(params) != len(prompts):
-        raise RequestError("one SamplingParams per prompt is needed")
-    for p in params:
-        p.validate()
+    params = per_row_sampling(len(prompts), sampling)
     if max_new_tokens == 0:
         return
     model.fuse_projections_()
-    gens = []
-    for b in range(len(prompts)):
-        g = torch.Generator(device="cpu")
-        g.manual_seed((seed if seed is not None else torch.seed() % (2**62)) + b)
-        gens.append(g)
+    gens = row_generators(len(prompts), seed)
     stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     cache = LatentCache(
         model.config, len(prompts), max(len(p) for p in prompts) + max_new_tokens,

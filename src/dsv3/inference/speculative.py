@@ -23,7 +23,7 @@ import torch
 from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
-from .generate import check_prompts, model_device, model_dtype
+from .generate import check_prompts, model_device, model_dtype, per_row_sampling, row_generators
 from .sampling import SamplingParams, filtered_probs
 
 
@@ -71,19 +71,13 @@ def speculative_stream(
         raise RequestError("speculative decoding needs the MTP module (num_nextn_predict_layers > 0, loaded)")
     prompts = [list(p) for p in prompts]
     check_prompts(model, prompts, max_new_tokens + 1)
-    params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-    for p in params:
-        p.validate()
+    params = per_row_sampling(len(prompts), sampling)
     stats = stats if stats is not None else SpeculativeStats()
     if max_new_tokens == 0:
         return
     model.fuse_projections_()
     cfg, dev, dtype = model.config, model_device(model), model_dtype(model)
-    gens = []
-    for b in range(len(prompts)):
-        g = torch.Generator(device="cpu")
-        g.manual_seed((seed if seed is not None else torch.seed() % (2**62)) + b)
-        gens.append(g)
+    gens = row_generators(len(prompts), seed)
     stops = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 2
     main_cache = LatentCache(cfg, len(prompts), max_len, dtype=dtype, device=dev)
