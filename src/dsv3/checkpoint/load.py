@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,15 +60,22 @@ def _open(file: str):
         raise CheckpointError(f"{os.path.basename(file)}: cannot read safetensors file ({e})") from None
 
 
-def load_model(
-    cls: type[DeepSeekV3],
-    path: str | os.PathLike,
-    dtype: torch.dtype | None = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    fp8: bool = False,
-    mtp: bool | None = None,
-) -> DeepSeekV3:
-    """Build `cls` on meta from `path/config.json` and fill it from the shards (see module doc)."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a checkpoint directory holds and which model to build for it (shared by every loader)."""
+
+    path: str
+    cfg: ModelConfig  # as in config.json
+    files: dict[str, str]  # official key -> shard file
+    scaled: set[str]  # keys of the weights stored in FP8 (they have a weight_scale_inv)
+    block: tuple[int, int]  # FP8 block size, from weight_block_size
+    want_mtp: bool
+    keep_fp8: bool
+    model_cfg: ModelConfig  # the config the in-memory model is built with
+
+
+def plan_load(path: str | os.PathLike, fp8: bool = False, mtp: bool | None = None) -> LoadPlan:
+    """Read config.json and the index, check they agree, and decide the model to build."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
@@ -94,6 +102,21 @@ def load_model(
     keep_fp8 = fp8 and bool(scaled)
     if not keep_fp8:
         model_cfg = model_cfg.replace(quantization_config=None)
+    return LoadPlan(path, cfg, files, scaled, block, want_mtp, keep_fp8, model_cfg)
+
+
+def load_model(
+    cls: type[DeepSeekV3],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    fp8: bool = False,
+    mtp: bool | None = None,
+) -> DeepSeekV3:
+    """Build `cls` on meta from `path/config.json` and fill it from the shards (see module doc)."""
+    plan = plan_load(path, fp8, mtp)
+    path, cfg, files, scaled, block = plan.path, plan.cfg, plan.files, plan.scaled, plan.block
+    want_mtp, keep_fp8, model_cfg = plan.want_mtp, plan.keep_fp8, plan.model_cfg
 
     with torch.device("meta"):
         model = cls(model_cfg)

@@ -26,10 +26,9 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..checkpoint.load import SCALE_SUFFIX, _fp8_layout, _materialize_meta_buffers, checkpoint_files
+from ..checkpoint.load import SCALE_SUFFIX, _fp8_layout, _materialize_meta_buffers, plan_load
 from ..checkpoint.names import disk_to_memory
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..kernels.fp8 import dequantize_blocks
 from ..model.transformer import DeepSeekV3
 from .comm import CommStats
@@ -68,27 +67,10 @@ def load_sharded(
     Arguments as `DeepSeekV3.from_pretrained` (dtype, fp8 kept or dequantized, mtp), plus the groups
     (None = not split that way) and the expert combine (`apply_ep`). Returns (model, byte ledger).
     """
-    path = os.fspath(path)
-    files = checkpoint_files(path)  # first: a missing directory is named as such
-    try:
-        cfg = ModelConfig.from_pretrained(os.path.join(path, "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    scaled = {k[: -len(SCALE_SUFFIX)] for k in files if k.endswith(SCALE_SUFFIX)}
-    if scaled and cfg.fp8_block_size is None:
-        raise CheckpointError(
-            f"{sorted(scaled)[0]} has a weight_scale_inv but config.json has no fp8 quantization_config"
-        )
-    block = cfg.fp8_block_size or (128, 128)
+    plan = plan_load(path, fp8, mtp)
+    path, cfg, files, scaled, block = plan.path, plan.cfg, plan.files, plan.scaled, plan.block
+    want_mtp, keep_fp8, model_cfg = plan.want_mtp, plan.keep_fp8, plan.model_cfg
     L = cfg.num_hidden_layers
-    has_mtp = any(disk_to_memory(k, L)[0].startswith("mtp.") for k in files)
-    want_mtp = cfg.num_nextn_predict_layers > 0 and has_mtp if mtp is None else mtp
-    if want_mtp and cfg.num_nextn_predict_layers == 0:
-        raise CheckpointError(f"{path}: mtp=True but config.json has num_nextn_predict_layers = 0")
-    model_cfg = cfg if want_mtp else cfg.replace(num_nextn_predict_layers=0)
-    keep_fp8 = fp8 and bool(scaled)
-    if not keep_fp8:
-        model_cfg = model_cfg.replace(quantization_config=None)
 
     with torch.device("meta"):
         model = DeepSeekV3(model_cfg)
