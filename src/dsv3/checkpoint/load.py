@@ -19,7 +19,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..kernels.fp8 import dequantize_blocks
-from .names import disk_to_memory
+from .names import disk_to_memory, memory_to_disk
 
 if TYPE_CHECKING:
     from ..model.transformer import DeepSeekV3
@@ -171,27 +171,42 @@ def load_model(
                 filled_rows.setdefault(name, set()).add(row)
         handles.clear()  # this shard, and any other one opened only to read a scale
 
-    missing = []
-    for name, target in expected.items():
-        if name in tied:
-            continue
-        if name not in state:
-            missing.append(name)
-        elif name in filled_rows and len(filled_rows[name]) != target.shape[0]:
-            absent = sorted(set(range(target.shape[0])) - filled_rows[name])
-            missing.append(f"{name} (experts {absent[:5]}{'...' if len(absent) > 5 else ''})")
-    if missing:
-        from .names import memory_to_disk
-
-        shown = [memory_to_disk(m, cfg.num_hidden_layers, 1)[0] if "(" not in m else m for m in missing[:5]]
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(shown)}{more}")
+    check_complete(path, expected, state, filled_rows, tied, cfg.num_hidden_layers)
 
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_meta_buffers(model, device)
     return model.fuse_projections_().eval()
+
+
+def check_complete(
+    path: str,
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    filled_rows: dict[str, set[int]],
+    skip: set[str],
+    num_layers: int,
+    first_row: dict[str, int] | None = None,
+) -> None:
+    """Raise a CheckpointError naming (official names) what the checkpoint did not provide.
+
+    `filled_rows` are the expert rows read per stacked tensor; `first_row` gives the global expert id
+    of local row 0 where a rank holds only a slice of the experts.
+    """
+    missing = []
+    for name, target in expected.items():
+        if name in skip:
+            continue
+        if name not in state:
+            missing.append(memory_to_disk(name, num_layers, 1)[0])
+        elif name in filled_rows and len(filled_rows[name]) != target.shape[0]:
+            offset = (first_row or {}).get(name, 0)
+            absent = sorted(offset + i for i in set(range(target.shape[0])) - filled_rows[name])
+            missing.append(f"{name} (experts {absent[:5]}{'...' if len(absent) > 5 else ''})")
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
 
 
 def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:

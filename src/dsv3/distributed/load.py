@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..checkpoint.load import SCALE_SUFFIX, _fp8_layout, _materialize_meta_buffers, plan_load
+from ..checkpoint.load import SCALE_SUFFIX, _fp8_layout, _materialize_meta_buffers, check_complete, plan_load
 from ..checkpoint.names import disk_to_memory
 from ..errors import CheckpointError
 from ..kernels.fp8 import dequantize_blocks
@@ -124,18 +124,8 @@ def load_sharded(
             state[name] = _read(handle, key, shard, tuple(want), keep_fp8, dtype, block, files).to(device)
         del handle
 
-    missing = []
-    for name, target in expected.items():
-        if name in tied:
-            continue
-        if name not in state:
-            missing.append(name)
-        elif name in filled_rows and len(filled_rows[name]) != target.shape[0]:
-            absent = sorted(shards[name].start + i for i in set(range(target.shape[0])) - filled_rows[name])
-            missing.append(f"{name} (experts {absent[:5]}{'...' if len(absent) > 5 else ''})")
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
+    first_row = {name: shard.start for name, shard in shards.items() if shard is not None}
+    check_complete(path, expected, state, filled_rows, tied, L, first_row)
 
     model.load_state_dict(state, strict=False, assign=True)
     state.clear()  # the model holds them now; a reference here would keep unfused copies alive below
