@@ -54,8 +54,14 @@ def percentile(values: list[float], q: float) -> float:
 
 def one_request(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed greedy completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first, tokens = None, 0
     with http.stream("POST", "/v1/completions", json=body) as r:
@@ -75,12 +81,12 @@ def one_request(http: httpx.Client, model: str, prompt: str, max_tokens: int) ->
     return latency, first if first is not None else latency, tokens
 
 
-def run_level(url: str, model: str, api_key: str | None, clients: int, requests: int, duration: float,
-              max_tokens: int) -> dict:
+def run_level(
+    url: str, model: str, api_key: str | None, clients: int, requests: int, duration: float, max_tokens: int
+) -> dict:
     """`requests` requests from `clients` threads, none started after `duration` seconds."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    http = httpx.Client(base_url=url, headers=headers, timeout=600,
-                        limits=httpx.Limits(max_connections=clients + 4))
+    http = httpx.Client(base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=clients + 4))
     lock = threading.Lock()
     next_id, results, errors = [0], [], []
     deadline = time.perf_counter() + duration
@@ -109,18 +115,44 @@ def run_level(url: str, model: str, api_key: str | None, clients: int, requests:
     lat = [r[0] for r in results] or [float("nan")]
     ttft = [r[1] for r in results] or [float("nan")]
     tokens = sum(r[2] for r in results)
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": wall,
-            "tokens": tokens, "tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall,
-            "p50_s": statistics.median(lat), "p99_s": percentile(lat, 99),
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 99),
-            "first_error": errors[0] if errors else None}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(errors),
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(results) / wall,
+        "p50_s": statistics.median(lat),
+        "p99_s": percentile(lat, 99),
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": percentile(ttft, 99),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     """`dsv3 serve` on 127.0.0.1:<free port>; returns (process, base URL, model name)."""
-    cmd = [sys.executable, "-m", "dsv3.server.commands", "serve", "--random", args.random, "--port", "0",
-           "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", str(4 * MAX_REQUESTS),
-           "--max-len", str(args.max_len), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv3.server.commands",
+        "serve",
+        "--random",
+        args.random,
+        "--port",
+        "0",
+        "--dtype",
+        args.dtype,
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(4 * MAX_REQUESTS),
+        "--max-len",
+        str(args.max_len),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -157,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", help="model id to request (with --url)")
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"))
     p.add_argument("--random", default="small", help="preset or config.json of the server this script starts")
-    p.add_argument("--vocab-size", type=int, help="override the --random config's vocab_size (e.g. tiny at 129280, "
-                   "so the real tokenizer's ids fit)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="override the --random config's vocab_size (e.g. tiny at 129280, so the real tokenizer's ids fit)",
+    )
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
@@ -188,19 +223,30 @@ def main(argv: list[str] | None = None) -> int:
             args.random = tmp_config = write_config(args.random, args.vocab_size)
         proc, url, model = start_server(args)
     try:
-        one_request(httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {args.api_key}"}
-                                 if args.api_key else {}), model, PROMPTS[0], 2)  # warm-up, not measured
+        one_request(
+            httpx.Client(
+                base_url=url, timeout=600, headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            ),
+            model,
+            PROMPTS[0],
+            2,
+        )  # warm-up, not measured
         if not args.json:
-            print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'req/s':>7} {'p50 s':>7} "
-                  f"{'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}")
+            print(
+                f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'req/s':>7} {'p50 s':>7} "
+                f"{'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}"
+            )
         for clients in levels:
             r = run_level(url, model, args.api_key, clients, requests, duration, args.max_tokens)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:
-                print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tokens_per_s']:>9.1f} "
-                      f"{r['requests_per_s']:>7.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['ttft_p50_s']:>9.2f} "
-                      f"{r['ttft_p99_s']:>9.2f}", flush=True)
+                print(
+                    f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tokens_per_s']:>9.1f} "
+                    f"{r['requests_per_s']:>7.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['ttft_p50_s']:>9.2f} "
+                    f"{r['ttft_p99_s']:>9.2f}",
+                    flush=True,
+                )
             if r["first_error"]:
                 print(f"  first error: {r['first_error']}", file=sys.stderr)
     finally:

@@ -2,6 +2,7 @@
 
 Usage: python scripts/peak_memory.py dsv3|transformers CKPT   (docs/benchmarks.md quotes the figures)
 """
+
 import resource
 import sys
 import warnings
@@ -15,6 +16,7 @@ if which == "dsv3":
     import dsv3
     from dsv3.inference.generate import decode_step, prefill
     from dsv3.model.cache import LatentCache
+
     m = dsv3.DeepSeekV3.from_pretrained(ckpt, dtype=torch.bfloat16)
     cache = LatentCache(m.config, 1, 4096 + 17, dtype=torch.bfloat16)
     slots = [cache.allocate()]
@@ -24,6 +26,7 @@ if which == "dsv3":
 else:
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging
+
     logging.set_verbosity_error()
     m = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     with torch.inference_mode():

@@ -21,10 +21,20 @@ VARIANTS = {
     "two_shared": {"n_shared_experts": 2},
     # Sizes that are not multiples of anything nice, more experts per token, odd head count.
     "odd_sizes": {
-        "hidden_size": 72, "num_attention_heads": 3, "num_key_value_heads": 3, "q_lora_rank": 40,
-        "kv_lora_rank": 24, "qk_nope_head_dim": 12, "qk_rope_head_dim": 6, "v_head_dim": 10,
-        "moe_intermediate_size": 20, "intermediate_size": 100, "n_routed_experts": 12, "n_group": 3,
-        "topk_group": 2, "num_experts_per_tok": 3,
+        "hidden_size": 72,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+        "q_lora_rank": 40,
+        "kv_lora_rank": 24,
+        "qk_nope_head_dim": 12,
+        "qk_rope_head_dim": 6,
+        "v_head_dim": 10,
+        "moe_intermediate_size": 20,
+        "intermediate_size": 100,
+        "n_routed_experts": 12,
+        "n_group": 3,
+        "topk_group": 2,
+        "num_experts_per_tok": 3,
     },
 }
 

@@ -33,9 +33,7 @@ def test_params_mtp_and_json(capsys):
     cfg = dsv3.ModelConfig.from_pretrained("tiny")
     with torch.device("meta"):
         expected = dsv3.DeepSeekV3(cfg).num_parameters()
-    assert expected in data.values() or any(
-        isinstance(v, dict) and expected in v.values() for v in data.values()
-    )
+    assert expected in data.values() or any(isinstance(v, dict) and expected in v.values() for v in data.values())
 
 
 def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
@@ -108,8 +106,22 @@ def test_generate_streams_the_greedy_text(text_ckpt, capsys):
     assert main(["generate", "--model", str(text_ckpt), "--prompt", prompt, "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == want + "\n"
     # MTP speculative decoding prints the same greedy text.
-    assert main(["generate", "--model", str(text_ckpt), "--prompt", prompt, "--max-new-tokens", "10",
-                 "--speculative", "mtp"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(text_ckpt),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "10",
+                "--speculative",
+                "mtp",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == want + "\n"
 
 

@@ -66,7 +66,7 @@ def test_greedy_generation_matches_transformers(pair):
     prompt = torch.randint(2, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref_new = ref[0, prompt.shape[1]:].tolist()
+    ref_new = ref[0, prompt.shape[1] :].tolist()
     got = dsv3.generate(ours, [prompt[0].tolist()], max_new_tokens=12, stop_token_ids=[])[0]
     assert got == ref_new, variant
 

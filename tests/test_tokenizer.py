@@ -101,8 +101,9 @@ TWO_TURNS = [
 ]
 # Derived by reading the V3 template: BOS, the system prompt(s), then <｜User｜>X and <｜Assistant｜>Y<｜eos｜>
 # per turn, and a final <｜Assistant｜> as the generation prompt.
-TWO_TURNS_TEXT = (f"{BOS}You are a helpful assistant.{USER}Who are you?{ASSISTANT}I am DeepSeek-V3.{EOS}"
-                  f"{USER}2+2?{ASSISTANT}")
+TWO_TURNS_TEXT = (
+    f"{BOS}You are a helpful assistant.{USER}Who are you?{ASSISTANT}I am DeepSeek-V3.{EOS}{USER}2+2?{ASSISTANT}"
+)
 
 
 def test_chat_template_two_turns(tok: Tokenizer):
@@ -118,11 +119,15 @@ def test_chat_template_two_turns(tok: Tokenizer):
 def test_chat_template_matches_transformers(tok: Tokenizer, packaged: Path):
     transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(packaged / TOKENIZER_FILE), bos_token=BOS, eos_token=EOS, chat_template=tok.chat_template)
+        tokenizer_file=str(packaged / TOKENIZER_FILE), bos_token=BOS, eos_token=EOS, chat_template=tok.chat_template
+    )
     tool_turn = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        },
         {"role": "tool", "content": "sunny"},
         {"role": "assistant", "content": "It is sunny."},
     ]
@@ -133,13 +138,30 @@ def test_chat_template_matches_transformers(tok: Tokenizer, packaged: Path):
 
 
 def test_chat_template_tools_and_tool_outputs(tok: Tokenizer):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather.",
-                                               "parameters": {"type": "object", "properties": {"city": {}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather.",
+                "parameters": {"type": "object", "properties": {"city": {}}},
+            },
+        }
+    ]
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     text = tok.apply_chat_template(messages, tools=tools)
@@ -149,20 +171,25 @@ def test_chat_template_tools_and_tool_outputs(tok: Tokenizer):
     assert text.endswith(
         f"{USER}Weather in Paris?{ASSISTANT}<｜tool▁calls▁begin｜>"
         "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"
-        '\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>' + EOS
-        + "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+        '\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+        + EOS
+        + "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+    )
     assert messages[2]["content"] is None and isinstance(messages[2]["tool_calls"][0]["function"]["arguments"], dict)
     assert tok.apply_chat_template(messages[:2], tools=None) == f"{BOS}Be brief.{USER}Weather in Paris?{ASSISTANT}"
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "robot", "content": "hi"}],
-    [{"content": "hi"}],
-    ["hi"],
-    "hi",
-    [{"role": "user", "content": 3}],
-    [{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "robot", "content": "hi"}],
+        [{"content": "hi"}],
+        ["hi"],
+        "hi",
+        [{"role": "user", "content": 3}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}],
+    ],
+)
 def test_bad_messages_are_request_errors(tok: Tokenizer, messages):
     with pytest.raises(RequestError):
         tok.apply_chat_template(messages)
@@ -234,10 +261,16 @@ def _assistant_turn(rendered: str) -> str:
 
 @pytest.mark.parametrize("content", [None, "Let me check. "])
 def test_tool_calls_round_trip_through_the_template(tok: Tokenizer, content):
-    calls = [("get_weather", '{"city": "Paris", "unit": "°C"}'), ("search", '{"q": "日本 😀", "n": [1, 2]}'),
-             ("now", "{}")]
-    message = {"role": "assistant", "content": content, "tool_calls": [
-        {"type": "function", "function": {"name": name, "arguments": args}} for name, args in calls]}
+    calls = [
+        ("get_weather", '{"city": "Paris", "unit": "°C"}'),
+        ("search", '{"q": "日本 😀", "n": [1, 2]}'),
+        ("now", "{}"),
+    ]
+    message = {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}} for name, args in calls],
+    }
     rendered = tok.apply_chat_template([{"role": "user", "content": "q"}, message], add_generation_prompt=False)
     generated = tok.decode(tok.encode(_assistant_turn(rendered) + EOS, add_bos=False))  # as the model emits it
     text, parsed = parse_tool_calls(generated)
@@ -249,23 +282,27 @@ def test_tool_calls_round_trip_through_the_template(tok: Tokenizer, content):
 
 def test_parse_tool_calls_without_calls_or_final_marker():
     assert parse_tool_calls("just text") == ("just text", [])
-    cut = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f'
-           '\n```json\n{"a": 1}\n```<｜tool▁call▁end｜>')
+    cut = (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{"a": 1}\n```<｜tool▁call▁end｜>'
+    )
     text, calls = parse_tool_calls("hi" + cut)
     assert text == "hi" and calls[0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
 
 
-@pytest.mark.parametrize("markup", [
-    "<｜tool▁calls▁begin｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁calls▁end｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": 1",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{bad}\n```<｜tool▁call▁end｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function f\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>\n```json\n{}\n```<｜tool▁call▁end｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n[1]\n```<｜tool▁call▁end｜>",
-    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```<｜tool▁call▁end｜>junk",
-    "<｜tool▁calls▁begin｜>junk<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-])
+@pytest.mark.parametrize(
+    "markup",
+    [
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁calls▁end｜>",
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{"a": 1',
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{bad}\n```<｜tool▁call▁end｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function f\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>\n```json\n{}\n```<｜tool▁call▁end｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n[1]\n```<｜tool▁call▁end｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```<｜tool▁call▁end｜>junk",
+        "<｜tool▁calls▁begin｜>junk<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    ],
+)
 def test_malformed_tool_calls_return_text_unchanged(markup: str):
     assert parse_tool_calls("pre " + markup) == ("pre " + markup, [])
 
@@ -356,8 +393,11 @@ def test_stop_strings_on_real_tokens(tok: Tokenizer):
 
 
 @FAST
-@given(st.text(alphabet="abc", max_size=20), st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3),
-       st.lists(st.integers(min_value=0, max_value=20), max_size=6))
+@given(
+    st.text(alphabet="abc", max_size=20),
+    st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=20), max_size=6),
+)
 def test_stop_matcher_equals_batch_truncation(text: str, stops: list[str], cuts: list[int]):
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     pieces = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -153,8 +153,14 @@ def _world_size() -> int:
 
 
 def run_bench(
-    config: str = "small", rows: tuple[str, ...] = ROWS, steps: int = 16, threads: int | None = None,
-    with_hf: bool = True, log: Callable[[str], None] = print, tp: int | None = None, ep: int | None = None,
+    config: str = "small",
+    rows: tuple[str, ...] = ROWS,
+    steps: int = 16,
+    threads: int | None = None,
+    with_hf: bool = True,
+    log: Callable[[str], None] = print,
+    tp: int | None = None,
+    ep: int | None = None,
 ) -> dict:
     """Run the rows and return {"rows": [...], "meta": {...}}; `log` gets one line per finished row.
 
@@ -178,8 +184,10 @@ def run_bench(
         layout = {"world": ctx.mesh.world_size, "tp": ctx.mesh.tp, "ep": ctx.mesh.ep}
         if not ctx.is_main:
             log = _silent
-        log(f"torchrun: {layout['world']} ranks, tp={layout['tp']} ep={layout['ep']}; dsv3 rows only "
-            "(the transformers comparison and the bandwidth row run in one process)")
+        log(
+            f"torchrun: {layout['world']} ranks, tp={layout['tp']} ep={layout['ep']}; dsv3 rows only "
+            "(the transformers comparison and the bandwidth row run in one process)"
+        )
         with_hf = False
         rows = tuple(r for r in rows if r != "bandwidth")
     hf = None
@@ -194,8 +202,14 @@ def run_bench(
     results = []
 
     def add(name: str, ours: float, ref: float | None, unit: str = "tokens/s", **extra) -> None:
-        row = {"row": name, "dsv3": ours, "transformers": ref, "ratio": (ours / ref) if ref else None,
-               "unit": unit, **extra}
+        row = {
+            "row": name,
+            "dsv3": ours,
+            "transformers": ref,
+            "ratio": (ours / ref) if ref else None,
+            "unit": unit,
+            **extra,
+        }
         results.append(row)
         ref_s = f"{ref:9.1f}" if ref else "        -"
         ratio_s = f"{ours / ref:6.2f}x" if ref else "     -"
@@ -220,10 +234,17 @@ def run_bench(
             gc.collect()
         if "mtp" in rows and cfg.num_nextn_predict_layers:
             tps, st = ours_mtp(model, 128, steps * 2)
-            add("MTP speculative b=1 after 128", tps, None, acceptance=st.acceptance_rate,
-                tokens_per_step=st.tokens_per_step)
-            log(f"{'':34s} acceptance {st.acceptance_rate:.2f}, {st.tokens_per_step:.2f} tokens/step "
-                "(random weights: the MTP head has not learnt the main model)")
+            add(
+                "MTP speculative b=1 after 128",
+                tps,
+                None,
+                acceptance=st.acceptance_rate,
+                tokens_per_step=st.tokens_per_step,
+            )
+            log(
+                f"{'':34s} acceptance {st.acceptance_rate:.2f}, {st.tokens_per_step:.2f} tokens/step "
+                "(random weights: the MTP head has not learnt the main model)"
+            )
         if "bandwidth" in rows:
             bw = measure_bandwidth()
             need = decode_weight_bytes(cfg)
@@ -231,10 +252,20 @@ def run_bench(
             ours = next((r["dsv3"] for r in results if r["row"] == "decode b=1 after 128"), None)
             if ours is None:
                 ours = ours_decode(model, 1, 128, steps)
-            results.append({"row": "decode b=1 vs bandwidth bound", "dsv3": ours, "bound": bound,
-                            "fraction": ours / bound, "bandwidth_GBps": bw / 1e9, "bytes_per_token": need})
-            log(f"{'decode b=1 / bandwidth bound':34s} {ours:.1f} of {bound:.1f} tokens/s = {ours / bound:.0%} "
-                f"({need / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s bf16 matvec)")
+            results.append(
+                {
+                    "row": "decode b=1 vs bandwidth bound",
+                    "dsv3": ours,
+                    "bound": bound,
+                    "fraction": ours / bound,
+                    "bandwidth_GBps": bw / 1e9,
+                    "bytes_per_token": need,
+                }
+            )
+            log(
+                f"{'decode b=1 / bandwidth bound':34s} {ours:.1f} of {bound:.1f} tokens/s = {ours / bound:.0%} "
+                f"({need / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s bf16 matvec)"
+            )
     meta = {"config": config, "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps}
     if layout is not None:
         meta["parallel"] = layout
@@ -260,8 +291,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rows: tuple[str, ...]) -> int:
-    result = run_bench(args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers,
-                       tp=args.tp, ep=args.ep)
+    result = run_bench(
+        args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers, tp=args.tp, ep=args.ep
+    )
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 alone writes the results
     if args.json:

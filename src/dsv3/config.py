@@ -106,9 +106,7 @@ class ModelConfig:
         else:
             path = os.path.join(src, "config.json") if os.path.isdir(src) else src
             if not os.path.isfile(path):
-                raise ConfigError(
-                    f"no preset or config file named {src!r} (presets: {', '.join(sorted(PRESETS))})"
-                )
+                raise ConfigError(f"no preset or config file named {src!r} (presets: {', '.join(sorted(PRESETS))})")
             try:
                 with open(path, encoding="utf-8") as f:
                     d = json.load(f)
@@ -207,8 +205,16 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and why."""
         positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "moe_layer_freq",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+            "moe_layer_freq",
         ]
         for name in positive:
             _require_int(name, getattr(self, name), minimum=1)

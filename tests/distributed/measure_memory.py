@@ -50,8 +50,10 @@ def write_small(ckpt: str, layers: int) -> None:
     dsv3.DeepSeekV3(cfg, dtype=torch.bfloat16).save_pretrained(ckpt, max_shard_bytes=64 << 20)
     files = [f for f in os.listdir(ckpt) if f.endswith(".safetensors")]
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in files) / 2**20
-    print(f"checkpoint: small with {layers} layers, no MTP, bf16 ({size:,.0f} MiB in {len(files)} shards, "
-          f"written in {time.perf_counter() - t0:.0f}s)")
+    print(
+        f"checkpoint: small with {layers} layers, no MTP, bf16 ({size:,.0f} MiB in {len(files)} shards, "
+        f"written in {time.perf_counter() - t0:.0f}s)"
+    )
 
 
 def main() -> None:
@@ -64,18 +66,24 @@ def main() -> None:
         write_small(ckpt, args.layers)
         one = spawn.run(1, "measure_memory:single", ckpt, timeout=600)[0]
         mib = lambda n: f"{n / 2**20:8.1f} MiB"  # noqa: E731
-        print(f"{'layout':<22} {'rank':>4} {'tensor bytes':>14} {'peak RSS growth':>16} {'x (single / N)':>15} "
-              f"{'x own tensors':>14}")
-        print(f"{'1 process':<22} {0:>4} {mib(one['tensor_bytes'])} {mib(one['peak_growth']):>16} {1.0:>15.2f} "
-              f"{one['peak_growth'] / one['tensor_bytes']:>14.2f}")
+        print(
+            f"{'layout':<22} {'rank':>4} {'tensor bytes':>14} {'peak RSS growth':>16} {'x (single / N)':>15} "
+            f"{'x own tensors':>14}"
+        )
+        print(
+            f"{'1 process':<22} {0:>4} {mib(one['tensor_bytes'])} {mib(one['peak_growth']):>16} {1.0:>15.2f} "
+            f"{one['peak_growth'] / one['tensor_bytes']:>14.2f}"
+        )
         for world in args.worlds:
             for tp, ep in ((world, world), (world, 1), (1, world)):
                 res = spawn.run(world, "workers:peak_memory", ckpt, tp, ep, timeout=600)
                 for rank, r in enumerate(res):
                     ratio = r["peak_growth"] / (one["peak_growth"] / world)
                     name = f"{world} ranks tp={tp} ep={ep}"
-                    print(f"{name:<22} {rank:>4} {mib(r['tensor_bytes'])} {mib(r['peak_growth']):>16} {ratio:>15.2f} "
-                          f"{r['peak_growth'] / r['tensor_bytes']:>14.2f}")
+                    print(
+                        f"{name:<22} {rank:>4} {mib(r['tensor_bytes'])} {mib(r['peak_growth']):>16} {ratio:>15.2f} "
+                        f"{r['peak_growth'] / r['tensor_bytes']:>14.2f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, target: str, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     sys.path.insert(0, HERE)
     import torch
     import torch.distributed as dist

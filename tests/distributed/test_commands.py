@@ -31,8 +31,18 @@ def _env(**extra: str) -> dict:
 
 
 def _torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", "dsv3.distributed.commands", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "dsv3.distributed.commands",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
@@ -44,8 +54,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_dist_generate_under_torchrun_matches_one_process(ckpt):
-    args = ["dist-generate", "--model", ckpt, *PROMPTS, "--max-new-tokens", "5", "--dtype", "fp32",
-            "--stop-ids", ""]
+    args = ["dist-generate", "--model", ckpt, *PROMPTS, "--max-new-tokens", "5", "--dtype", "fp32", "--stop-ids", ""]
     single = subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=120, env=_env())
     assert single.returncode == 0, single.stderr
     lines = single.stdout.split()
@@ -84,8 +93,9 @@ def test_a_failing_rank_ends_the_run_with_its_message(ckpt, tmp_path):
     for rank, model in ((0, ckpt), (1, str(tmp_path / "missing"))):
         env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         args = ["dist-generate", "--model", model, "--prompt-ids", "1,2,3", "--tp", "2", "--ep", "2"]
-        procs.append(subprocess.Popen([*CMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=env))
+        procs.append(
+            subprocess.Popen([*CMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        )
     t0 = time.monotonic()
     outs = [p.communicate(timeout=90) for p in procs]
     elapsed = time.monotonic() - t0
@@ -97,20 +107,57 @@ def test_a_failing_rank_ends_the_run_with_its_message(ckpt, tmp_path):
 
 
 def test_plan_command(capsys):
-    assert main(["plan", "deepseek-v3", "--devices", "8", "--device-memory", "141", "--context", "32768",
-                 "--batch", "16", "--dtype", "fp8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "deepseek-v3",
+                "--devices",
+                "8",
+                "--device-memory",
+                "141",
+                "--context",
+                "32768",
+                "--batch",
+                "16",
+                "--dtype",
+                "fp8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     cfg = ModelConfig.from_pretrained("deepseek-v3")
     assert plan == accounting.plan_deployment(cfg, 8, 141, 32768, 16, dtype="fp8")
-    assert main(["plan", "deepseek-v3", "--devices", "8", "--device-memory", "80", "--context", "4096",
-                 "--batch", "1", "--tp", "1"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "deepseek-v3",
+                "--devices",
+                "8",
+                "--device-memory",
+                "80",
+                "--context",
+                "4096",
+                "--batch",
+                "1",
+                "--tp",
+                "1",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "tp=1 ep=8" in text and "Verdict:" in text and "does not fit" in text
 
 
 def test_plan_rejects_a_bad_layout(capsys):
-    assert main(["plan", "tiny", "--devices", "4", "--device-memory", "8", "--context", "64", "--batch", "1",
-                 "--tp", "3"]) == 2
+    assert (
+        main(["plan", "tiny", "--devices", "4", "--device-memory", "8", "--context", "64", "--batch", "1", "--tp", "3"])
+        == 2
+    )
     assert "tp (3) must divide the number of devices (4)" in capsys.readouterr().err
 
 
@@ -125,11 +172,26 @@ def test_torchrun_dsv3_generate_prints_the_single_process_text(tmp_path):
     path = str(tmp_path / "text")
     dsv3.DeepSeekV3(cfg).save_pretrained(path)
     args = ["generate", "--model", path, "--prompt", "Hello, world", "--max-new-tokens", "8", "--dtype", "fp32"]
-    single = subprocess.run([sys.executable, "-m", "dsv3", *args], capture_output=True, text=True, timeout=120,
-                            env=_env())
+    single = subprocess.run(
+        [sys.executable, "-m", "dsv3", *args], capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert single.returncode == 0, single.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), "-m", "dsv3", *args, "--tp", "2", "--ep", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "dsv3",
+        *args,
+        "--tp",
+        "2",
+        "--ep",
+        "2",
+    ]
     parallel = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
     assert parallel.returncode == 0, parallel.stderr
     assert parallel.stdout == single.stdout and single.stdout.strip()

@@ -127,8 +127,15 @@ def checkpoints(tmp_path_factory):
     model.save_pretrained(root / "tiny")
     model.save_pretrained(root / "tiny_fp8", fp8=True)
     # Shards of whole 128-blocks at tp = 2: 2 heads x 128 q rows, 2 x 128 kv_b rows, 2 x 64 o_proj columns.
-    aligned = workers.build({"qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64,
-                             "intermediate_size": 256, "moe_intermediate_size": 256})
+    aligned = workers.build(
+        {
+            "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 64,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 256,
+        }
+    )
     aligned.save_pretrained(root / "aligned_fp8", fp8=True)
     return root
 
@@ -138,8 +145,9 @@ def test_sharded_loading(checkpoints, world):
     # Every layout at 2 ranks; at 4, the official one only (process start-up dominates on 2 cores).
     aligned = str(checkpoints / "aligned_fp8") if world == 2 else None
     layouts = [(world, 1), (1, world), (world, world)] if world == 2 else [(world, world)]
-    results = spawn.run(world, "workers:sharded_load", str(checkpoints / "tiny"), str(checkpoints / "tiny_fp8"),
-                        aligned, layouts)
+    results = spawn.run(
+        world, "workers:sharded_load", str(checkpoints / "tiny"), str(checkpoints / "tiny_fp8"), aligned, layouts
+    )
     for rank, res in enumerate(results):
         for layout in (f"tp{tp}_ep{ep}" for tp, ep in layouts):
             assert res[layout]["err"] < REL_TOL, (rank, layout)

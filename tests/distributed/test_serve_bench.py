@@ -36,8 +36,18 @@ def _env() -> dict:
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-            str(free_port()), "-m", "dsv3", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "dsv3",
+        *args,
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -74,7 +84,7 @@ def ckpt(tmp_path_factory) -> str:
     cfg = dsv3.ModelConfig.from_pretrained("tiny", vocab_size=129280)
     model = dsv3.DeepSeekV3(cfg, dtype=torch.float32)
     with torch.no_grad():
-        model.lm_head.weight[Tokenizer.from_dir().vocab_size:] = 0
+        model.lm_head.weight[Tokenizer.from_dir().vocab_size :] = 0
     path = str(tmp_path_factory.mktemp("serve") / "tiny")
     model.save_pretrained(path)
     return path
@@ -93,9 +103,30 @@ def test_torchrun_serve_matches_one_process_and_stops_on_ctrl_c(ckpt):
     del model
 
     proc = subprocess.Popen(
-        _torchrun("serve", "--model", ckpt, "--tp", "2", "--ep", "2", "--port", "0", "--dtype", "fp32",
-                  "--max-batch", "2", "--max-len", "128", "--log-level", "warning"),
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env())
+        _torchrun(
+            "serve",
+            "--model",
+            ckpt,
+            "--tp",
+            "2",
+            "--ep",
+            "2",
+            "--port",
+            "0",
+            "--dtype",
+            "fp32",
+            "--max-batch",
+            "2",
+            "--max-len",
+            "128",
+            "--log-level",
+            "warning",
+        ),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
     log: list[str] = []
 
@@ -150,9 +181,26 @@ def test_torchrun_bench_prints_dsv3_rows_on_rank_0(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(dsv3.ModelConfig.from_pretrained("tiny").to_dict()))
     out = subprocess.run(
-        _torchrun("bench", "--config", str(config), "--rows", "decode1", "--steps", "2", "--tp", "2", "--ep", "2",
-                  "--json", str(tmp_path / "bench.json")),
-        capture_output=True, text=True, timeout=120, env=_env())
+        _torchrun(
+            "bench",
+            "--config",
+            str(config),
+            "--rows",
+            "decode1",
+            "--steps",
+            "2",
+            "--tp",
+            "2",
+            "--ep",
+            "2",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("decode b=1 after 128") == 1, out.stdout  # rank 0 alone prints
     assert "dsv3 rows only" in out.stdout

@@ -163,8 +163,10 @@ def _ep_local_tokens(ref: dsv3.DeepSeekV3, rank: int, world: int) -> dict:
         stats = apply_ep(model, dist.group.WORLD, combine="all_to_all", tokens="local")
         mine = ids[rank : rank + 1, : 10 - 3 * (rank > 0)]
         logits = model(mine)
-    return {"logits_err": rel_err(logits, ref_logits[rank : rank + 1, : mine.shape[1]]),
-            "a2a_bytes": stats.bytes.get("ep.all_to_all", 0)}
+    return {
+        "logits_err": rel_err(logits, ref_logits[rank : rank + 1, : mine.shape[1]]),
+        "a2a_bytes": stats.bytes.get("ep.all_to_all", 0),
+    }
 
 
 def errors(rank: int, world: int) -> dict:

@@ -28,7 +28,7 @@ def greedy_by_recomputation(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 PROMPTS = [[5, 9, 13], [7] * 17, [100, 3, 250, 4, 8, 19, 40, 2, 77, 31, 64], [300]]
@@ -37,7 +37,8 @@ PROMPTS = [[5, 9, 13], [7] * 17, [100, 3, 250, 4, 8, 19, 40, 2, 77, 31, 64], [30
 def test_cached_greedy_equals_recomputation(model):
     for p in PROMPTS:
         assert dsv3.generate(model, [p], max_new_tokens=10, stop_token_ids=[])[0] == greedy_by_recomputation(
-            model, p, 10)
+            model, p, 10
+        )
 
 
 def test_ragged_batch_equals_one_by_one(model):
@@ -73,8 +74,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     c = dsv3.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=8, stop_token_ids=[])
     assert a == b and a != c
     greedy = dsv3.generate(model, PROMPTS, max_new_tokens=8, stop_token_ids=[])
-    assert dsv3.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=3,
-                         stop_token_ids=[]) == greedy
+    assert (
+        dsv3.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=3, stop_token_ids=[]) == greedy
+    )
 
 
 def test_top_p_keeps_smallest_prefix():

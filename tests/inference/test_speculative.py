@@ -85,8 +85,7 @@ def test_generate_api_and_stop_and_budget():
 def sampling_histograms(m, n_rows=600):
     prompts = [[5, 9, 13]] * n_rows
     plain = dsv3.generate(m, prompts, max_new_tokens=3, temperature=1.0, seed=1, stop_token_ids=[])
-    spec = dsv3.generate(m, prompts, max_new_tokens=3, temperature=1.0, seed=2, stop_token_ids=[],
-                         speculative="mtp")
+    spec = dsv3.generate(m, prompts, max_new_tokens=3, temperature=1.0, seed=2, stop_token_ids=[], speculative="mtp")
     tv = []
     for pos in (1, 2):
         h1 = torch.bincount(torch.tensor([o[pos] for o in plain]), minlength=320).float() / n_rows

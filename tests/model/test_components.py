@@ -16,8 +16,13 @@ def router_for(logits: list[float], n_group: int, topk_group: int, top_k: int, n
     """A Router whose affinities for the input e_0 are sigmoid(logits)."""
     E = len(logits)
     cfg = dsv3.ModelConfig.from_pretrained(
-        "tiny", n_routed_experts=E, n_group=n_group, topk_group=topk_group, num_experts_per_tok=top_k,
-        norm_topk_prob=norm, hidden_size=8,
+        "tiny",
+        n_routed_experts=E,
+        n_group=n_group,
+        topk_group=topk_group,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+        hidden_size=8,
     )
     r = Router(cfg)
     with torch.no_grad():

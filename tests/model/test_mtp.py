@@ -48,7 +48,7 @@ def test_mtp_logits_match_a_transformers_decoder_layer(tmp_path):
                 prefix = f"model.layers.{L}."
                 if not k.startswith(prefix):
                     continue
-                rest = k[len(prefix):]
+                rest = k[len(prefix) :]
                 t = f.get_tensor(k)
                 if rest in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight"):
                     glue[rest] = t

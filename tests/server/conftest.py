@@ -32,7 +32,7 @@ def model(tokenizer: Tokenizer) -> dsv3.DeepSeekV3:
     # does not. Zero lm_head rows give those ids logit 0, always below the largest of 128,815 random
     # logits, so greedy offline generation never picks them either and the two can be compared as is.
     with torch.no_grad():
-        m.lm_head.weight[tokenizer.vocab_size:] = 0
+        m.lm_head.weight[tokenizer.vocab_size :] = 0
     return m
 
 

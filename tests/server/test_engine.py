@@ -93,8 +93,11 @@ def test_valid_ids_suffix_samples_like_stream_with_vocab_limit(tiny_model):
     p, limit = prompt(5), 200
     params = SamplingParams(temperature=1.5)
     with torch.inference_mode():
-        want = [t for step in stream(tiny_model, [p], 16, params, seed=9, stop_token_ids=[], vocab_limit=limit)
-                for t in step.values()]
+        want = [
+            t
+            for step in stream(tiny_model, [p], 16, params, seed=9, stop_token_ids=[], vocab_limit=limit)
+            for t in step.values()
+        ]
     valid = torch.arange(tiny_model.config.vocab_size) < limit
     with Engine(tiny_model, max_batch=2, max_len=64, valid_ids=valid) as eng:
         got = eng.submit(p, params, max_new_tokens=16, stop_token_ids=[], seed=9).result()
@@ -104,6 +107,7 @@ def test_valid_ids_suffix_samples_like_stream_with_vocab_limit(tiny_model):
 def test_async_iteration_yields_the_same_tokens(tiny_model):
     p = prompt(4)
     with Engine(tiny_model, max_batch=2, max_len=64) as eng:
+
         async def collect() -> list[int]:
             return [t async for t in eng.submit(p, max_new_tokens=7, stop_token_ids=[])]
 

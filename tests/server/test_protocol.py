@@ -23,15 +23,19 @@ def call(name: str, args: dict) -> str:
     return f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{name}\n```json\n{json.dumps(args)}\n```{TOOL_CALL_END}"
 
 
-TWO_CALLS = (f"Let me check.{TOOL_CALLS_BEGIN}{call('get_weather', {'city': 'Paris'})}\n"
-             f"{call('get_time', {'tz': 'CET'})}{TOOL_CALLS_END}")
+TWO_CALLS = (
+    f"Let me check.{TOOL_CALLS_BEGIN}{call('get_weather', {'city': 'Paris'})}\n"
+    f"{call('get_time', {'tz': 'CET'})}{TOOL_CALLS_END}"
+)
 
 
 def test_tool_call_markup_becomes_tool_calls():
     message, has_calls = assistant_message(TWO_CALLS, parse_tools=True)
     assert has_calls and message.content == "Let me check."
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
-        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "CET"}),
+    ]
     assert all(c.type == "function" and c.id.startswith("call_") for c in message.tool_calls)
     assert len({c.id for c in message.tool_calls}) == 2
 
@@ -49,7 +53,7 @@ def test_malformed_or_unrequested_markup_stays_content():
 @pytest.mark.parametrize("piece_len", [1, 3, 1000])
 def test_tool_call_stream_holds_markup_back(piece_len):
     s = ToolCallStream()
-    pieces = [TWO_CALLS[i:i + piece_len] for i in range(0, len(TWO_CALLS), piece_len)]
+    pieces = [TWO_CALLS[i : i + piece_len] for i in range(0, len(TWO_CALLS), piece_len)]
     streamed = "".join(s.push(p) for p in pieces)
     rest, calls = s.finish()
     assert streamed == "Let me check." and rest == ""
@@ -71,13 +75,20 @@ def test_request_checks():
     assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).single_prompt() is None
     assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "n": 2}).unsupported()[0] == "n"
     assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "echo": True}).unsupported()[0] == "echo"
-    for bad in ({"prompt": "a"}, {"model": "m", "prompt": 3}, {"model": "m", "prompt": "a", "max_tokens": "5"},
-                {"model": "m", "prompt": "a", "max_tokens": -1}, {"model": "m", "prompt": "a", "temperature": 3},
-                {"model": "m", "prompt": "a", "top_p": 0}, {"model": "m", "prompt": [True]}):
+    for bad in (
+        {"prompt": "a"},
+        {"model": "m", "prompt": 3},
+        {"model": "m", "prompt": "a", "max_tokens": "5"},
+        {"model": "m", "prompt": "a", "max_tokens": -1},
+        {"model": "m", "prompt": "a", "temperature": 3},
+        {"model": "m", "prompt": "a", "top_p": 0},
+        {"model": "m", "prompt": [True]},
+    ):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate(bad)
     chat = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}
+    )
     assert chat.use_tools
     assert not chat.model_copy(update={"tool_choice": "none"}).use_tools
     with pytest.raises(ValidationError):
@@ -85,9 +96,20 @@ def test_request_checks():
 
 
 def test_metrics_are_prometheus_text():
-    stats = EngineStats(requests_total=5, requests_rejected=1, requests_finished={"stop": 2, "length": 2},
-                        requests_active=1, requests_queued=0, prompt_tokens=40, tokens_generated=77,
-                        tokens_per_second=12.5, batch_size=1, max_batch_size=3, cache_slots_in_use=1, cache_slots=4)
+    stats = EngineStats(
+        requests_total=5,
+        requests_rejected=1,
+        requests_finished={"stop": 2, "length": 2},
+        requests_active=1,
+        requests_queued=0,
+        prompt_tokens=40,
+        tokens_generated=77,
+        tokens_per_second=12.5,
+        batch_size=1,
+        max_batch_size=3,
+        cache_slots_in_use=1,
+        cache_slots=4,
+    )
     text = render_metrics(stats, {200: 4, 429: 1})
     samples = {}
     for line in text.splitlines():

@@ -31,8 +31,13 @@ def test_user_errors_are_one_line(capsys):
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     port = str(busy.getsockname()[1])
-    cases = [(["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"), (["--dtype", "fp16"], "--dtype"),
-             (["--port", port], "cannot listen"), (["--api-key", ""], "--api-key")]
+    cases = [
+        (["--port", "70000"], "--port"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--dtype", "fp16"], "--dtype"),
+        (["--port", port], "cannot listen"),
+        (["--api-key", ""], "--api-key"),
+    ]
     try:
         for argv, needle in cases:
             assert main(["serve", *argv]) == 2
@@ -46,9 +51,26 @@ def test_serve_process_answers_and_stops_on_ctrl_c(tmp_path):
     cfg = dsv3.ModelConfig.from_pretrained("tiny").replace(vocab_size=129280, max_position_embeddings=256)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dsv3.server.commands", "serve", "--random", str(tmp_path / "config.json"),
-         "--port", "0", "--dtype", "fp32", "--api-key", "sk-cli", "--log-level", "warning"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "dsv3.server.commands",
+            "serve",
+            "--random",
+            str(tmp_path / "config.json"),
+            "--port",
+            "0",
+            "--dtype",
+            "fp32",
+            "--api-key",
+            "sk-cli",
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         url, lines, deadline = None, [], time.monotonic() + 120
         while url is None and time.monotonic() < deadline:

@@ -32,8 +32,13 @@ MAX_TOKENS = 128  # the main server's max_tokens limit
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server(api_key=API_KEY, max_batch=16, max_queue=16, max_len=MAX_LEN,
-                        limits=ServerLimits(max_body_bytes=64 * 1024, max_tokens=MAX_TOKENS))
+    return start_server(
+        api_key=API_KEY,
+        max_batch=16,
+        max_queue=16,
+        max_len=MAX_LEN,
+        limits=ServerLimits(max_body_bytes=64 * 1024, max_tokens=MAX_TOKENS),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,13 @@ def offline(model, tokenizer):
         for out, budget in zip(outs, budgets):
             out = out[:budget]
             stopped = bool(out) and out[-1] in eos
-            answers.append((tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=True),
-                            "stop" if stopped else "length", len(out)))
+            answers.append(
+                (
+                    tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=True),
+                    "stop" if stopped else "length",
+                    len(out),
+                )
+            )
         return answers
 
     return run
@@ -93,7 +103,7 @@ def test_models_health_and_api_key(server, client):
 def test_completions_match_offline_generate(client, tokenizer, offline):
     prompt = "The quick brown fox jumps over"
     ids = tokenizer.encode(prompt)
-    (text, finish, n), = offline([ids], [12])
+    ((text, finish, n),) = offline([ids], [12])
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     assert r.object == "text_completion" and r.model == MODEL
     assert (r.choices[0].text, r.choices[0].finish_reason) == (text, finish)
@@ -101,8 +111,16 @@ def test_completions_match_offline_generate(client, tokenizer, offline):
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
     assert by_ids.choices[0].text == text
 
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n and len({c.id for c in chunks}) == 1
@@ -111,15 +129,18 @@ def test_completions_match_offline_generate(client, tokenizer, offline):
 def test_chat_matches_offline_generate(client, tokenizer, offline):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
     ids = tokenizer.encode_chat(messages)
-    (text, finish, n), = offline([ids], [10])
+    ((text, finish, n),) = offline([ids], [10])
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     choice = r.choices[0]
     assert r.object == "chat.completion"
     assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", text, finish)
     assert choice.message.tool_calls is None and r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_completion_tokens=10, temperature=0, stream=True
+        )
+    )
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == finish
@@ -132,8 +153,11 @@ def test_seeded_sampling_matches_offline_and_repeats(client, model, tokenizer):
     # Offline with the server's mask of the ids the tokenizer cannot decode (sampling could pick them).
     # inference_mode: the logits stream() gets are inference tensors (an in-place mask needs the mode).
     with torch.inference_mode():
-        want = [t for step in offline_stream(model, [ids], 10, params, seed=42, vocab_limit=tokenizer.vocab_size)
-                for t in step.values()]
+        want = [
+            t
+            for step in offline_stream(model, [ids], 10, params, seed=42, vocab_limit=tokenizer.vocab_size)
+            for t in step.values()
+        ]
     want_text = tokenizer.decode([t for t in want if t not in model.config.eos_token_ids], skip_special_tokens=True)
     args = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0.9, top_p=0.95, seed=42)
     assert client.completions.create(**args).choices[0].text == want_text
@@ -142,14 +166,15 @@ def test_seeded_sampling_matches_offline_and_repeats(client, model, tokenizer):
 
 def test_stop_strings_cut_the_text(server, client, tokenizer, offline):
     prompt = "Stop strings are matched on text"
-    (text, _, _), = offline([tokenizer.encode(prompt)], [16])
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    ((text, _, _),) = offline([tokenizer.encode(prompt)], [16])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     want = text[: text.find(stop)]
     for stops in (stop, ["never-seen-\u2603", stop]):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=stops)
         assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
-        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
-                                                stop=stops, stream=True))
+        chunks = list(
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=stops, stream=True)
+        )
         assert "".join(c.choices[0].text for c in chunks) == want
         assert chunks[-1].choices[0].finish_reason == "stop"
     wait_for_metric(server, "dsv3_cache_slots_in_use", 0)
@@ -164,8 +189,11 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server, client, to
     def ask(i: int) -> tuple[str, str]:
         start.wait()
         if i % 2:
-            chunks = list(client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=budgets[i],
-                                                    temperature=0, stream=True))
+            chunks = list(
+                client.completions.create(
+                    model=MODEL, prompt=prompts[i], max_tokens=budgets[i], temperature=0, stream=True
+                )
+            )
             return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
         r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=budgets[i], temperature=0)
         return r.choices[0].text, r.choices[0].finish_reason
@@ -181,8 +209,9 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server, client, to
 
 def test_client_disconnect_frees_the_slot(server, client):
     before = metrics(server)
-    stream = client.completions.create(model=MODEL, prompt="A very long story", max_tokens=MAX_TOKENS,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(
+        model=MODEL, prompt="A very long story", max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     chunks = iter(stream)
     next(chunks), next(chunks)
     assert metrics(server)["dsv3_cache_slots_in_use"] == 1
@@ -194,8 +223,9 @@ def test_client_disconnect_frees_the_slot(server, client):
 
     # A non-streamed request whose client times out is cancelled as well.
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.5).completions.create(model=MODEL, prompt="Another long story",
-                                                            max_tokens=MAX_TOKENS, temperature=0)
+        client.with_options(timeout=0.5).completions.create(
+            model=MODEL, prompt="Another long story", max_tokens=MAX_TOKENS, temperature=0
+        )
     m = wait_for_metric(server, "dsv3_cache_slots_in_use", 0)
     assert m[cancelled] == before[cancelled] + 2
     assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=2).usage.completion_tokens >= 1
@@ -227,7 +257,8 @@ def test_flood_past_the_queue_gets_429_while_admitted_requests_finish(start_serv
     assert max(rejected) < max(dt for _, _, dt in ok)  # refused at once, not after waiting
     m = wait_for_metric(small, "dsv3_cache_slots_in_use", 0)
     assert m["dsv3_requests_rejected_total"] == len(rejected) and m['dsv3_http_responses_total{code="429"}'] == len(
-        rejected)
+        rejected
+    )
     assert flood.completions.create(model=MODEL, prompt="after the flood", max_tokens=3).choices[0].text is not None
 
 
@@ -257,12 +288,19 @@ BAD_REQUESTS = [  # (path, body: bytes or JSON, status, param)
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}, 400,
-     "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "tool_choice": "required"}, 400, "tool_choice"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        400,
+        "messages",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "a" * 70_000}, 413, None),
 ]
 
@@ -295,8 +333,9 @@ def call_markup(name: str, args: dict) -> str:
 
 def test_tool_calls_reach_the_client(client, tokenizer, monkeypatch):
     # Random weights never write tool-call markup, so the sampler is scripted to write it.
-    script = tokenizer.encode(f"Checking.{TOOL_CALLS_BEGIN}{call_markup('get_weather', {'city': 'Paris'})}"
-                              f"{TOOL_CALLS_END}", add_bos=False) + [tokenizer.eos_id]
+    script = tokenizer.encode(
+        f"Checking.{TOOL_CALLS_BEGIN}{call_markup('get_weather', {'city': 'Paris'})}{TOOL_CALLS_END}", add_bos=False
+    ) + [tokenizer.eos_id]
     steps: dict[torch.Generator, int] = {}
 
     def scripted(logits, params, generators):
@@ -307,9 +346,16 @@ def test_tool_calls_reach_the_client(client, tokenizer, monkeypatch):
         return out
 
     monkeypatch.setattr(engine_mod, "sample_tokens", scripted)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64)
     choice = r.choices[0]
@@ -319,12 +365,14 @@ def test_tool_calls_reach_the_client(client, tokenizer, monkeypatch):
     assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
     assert r.usage.completion_tokens == len(script)
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Checking."
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-        (0, "get_weather", {"city": "Paris"})]
+        (0, "get_weather", {"city": "Paris"})
+    ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # Without tools in the request the markup is plain content.

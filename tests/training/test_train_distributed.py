@@ -21,8 +21,21 @@ def test_two_gloo_processes_match_one(corpus, tmp_path):
     common = (*FAST, "--data", corpus, "--steps", "3", "--bias-update-speed", "0.01", "--save-every", "0")
     run_cli("train", *common, "--out", one)
     # Each rank takes 2 of the 4 sequences, as 2 micro-batches of 1: accumulation and all-reduce together.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(HERE, "launch_cli.py"), "train", *common, "--grad-accum", "2", "--out", two]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(HERE, "launch_cli.py"),
+        "train",
+        *common,
+        "--grad-accum",
+        "2",
+        "--out",
+        two,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

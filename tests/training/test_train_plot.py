@@ -12,8 +12,9 @@ from dsv3.training.plot import moving_average, read_metrics
 def test_plot_writes_pngs_for_one_and_two_runs(corpus, tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run_cli("train", *FAST, "--data", corpus, "--out", a, "--steps", "3", "--save-every", "0")
-    run_cli("train", *FAST, "--data", corpus, "--out", b, "--steps", "3", "--save-every", "0",
-            "--bias-update-speed", "0")
+    run_cli(
+        "train", *FAST, "--data", corpus, "--out", b, "--steps", "3", "--save-every", "0", "--bias-update-speed", "0"
+    )
     assert run_cli("plot", a) == 0
     names = sorted(os.listdir(os.path.join(a, "plots")))
     assert names == ["expert_load.png", "loss.png", "maxvio.png"]

@@ -59,9 +59,26 @@ def test_a_short_run_learns_and_the_bias_update_balances(corpus, tmp_path):
         out = str(tmp_path / f"gamma{gamma}")
         # Strong random initial biases (std 0.3, against affinities spread by initializer_range 0.1) start
         # the routers imbalanced; only the bias update undoes that within a few dozen steps.
-        run_cli("train", *FAST, "--data", corpus, "--out", out, "--steps", "30", "--save-every", "0",
-                "--set", "num_hidden_layers=2", "--set", "initializer_range=0.1",
-                "--init-bias-std", "0.3", "--bias-update-speed", gamma)
+        run_cli(
+            "train",
+            *FAST,
+            "--data",
+            corpus,
+            "--out",
+            out,
+            "--steps",
+            "30",
+            "--save-every",
+            "0",
+            "--set",
+            "num_hidden_layers=2",
+            "--set",
+            "initializer_range=0.1",
+            "--init-bias-std",
+            "0.3",
+            "--bias-update-speed",
+            gamma,
+        )
         return read_metrics(out)
 
     with_update, without = run("0.03"), run("0")
@@ -96,11 +113,36 @@ def test_bf16_autocast_trains_close_to_fp32(corpus, tmp_path):
 
 def test_run_files(corpus, tmp_path):
     out = str(tmp_path / "run")
-    run_cli("train", *FAST, "--data", corpus, "--out", out, "--steps", "2", "--set", "num_hidden_layers=2",
-            "--mtp-weight", "0.5", "--balance-alpha", "0.001")
+    run_cli(
+        "train",
+        *FAST,
+        "--data",
+        corpus,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--set",
+        "num_hidden_layers=2",
+        "--mtp-weight",
+        "0.5",
+        "--balance-alpha",
+        "0.001",
+    )
     rows = read_metrics(out)
-    need = {"step", "loss", "lm_loss", "mtp_loss", "balance_loss", "maxvio", "maxvio_per_layer", "expert_load", "lr",
-            "tokens_per_s", "grad_norm"}
+    need = {
+        "step",
+        "loss",
+        "lm_loss",
+        "mtp_loss",
+        "balance_loss",
+        "maxvio",
+        "maxvio_per_layer",
+        "expert_load",
+        "lr",
+        "tokens_per_s",
+        "grad_norm",
+    }
     assert need <= rows[0].keys()
     for r in rows:
         assert r["loss"] == pytest.approx(r["lm_loss"] + 0.5 * r["mtp_loss"] + r["balance_loss"], rel=1e-6)

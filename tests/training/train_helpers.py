@@ -42,5 +42,19 @@ def read_metrics(run: str) -> list[dict]:
 
 
 # Small and fast: the tiny preset, byte tokenizer, 4 sequences of 32 tokens per step.
-FAST = ("--config", "tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
-        "--warmup", "2", "--log-every", "0")
+FAST = (
+    "--config",
+    "tiny",
+    "--tokenizer",
+    "byte",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "2",
+    "--log-every",
+    "0",
+)

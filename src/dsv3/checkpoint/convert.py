@@ -116,8 +116,12 @@ def convert_checkpoint(
     from tqdm import tqdm
 
     bar = tqdm(
-        total=sum(h.nbytes for h in headers.values()), unit="B", unit_scale=True, file=sys.stderr,
-        desc=f"convert to {to}", disable=None if progress is None else not progress,
+        total=sum(h.nbytes for h in headers.values()),
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        desc=f"convert to {to}",
+        disable=None if progress is None else not progress,
     )
     try:
         weight_map: dict[str, str] = {}
@@ -269,8 +273,11 @@ def _converted_config(config: dict, to: str, block: tuple[int, int] | None) -> d
     config = dict(config)
     if to == "fp8":
         config["quantization_config"] = {
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            **(config.get("quantization_config") or {}), "weight_block_size": list(block),
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            **(config.get("quantization_config") or {}),
+            "weight_block_size": list(block),
         }
     else:
         config.pop("quantization_config", None)
@@ -294,8 +301,13 @@ def _replace(tmp: str, dst: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- command line
 def cmd_convert(args: argparse.Namespace) -> int:
-    counts = convert_checkpoint(args.input, args.output, args.to, force=args.force,
-                                block_size=tuple(args.block_size) if args.block_size else None)
+    counts = convert_checkpoint(
+        args.input,
+        args.output,
+        args.to,
+        force=args.force,
+        block_size=tuple(args.block_size) if args.block_size else None,
+    )
     print(
         f"wrote {args.output} ({args.to}): {counts['tensors']} tensors in {counts['shards']} shards, "
         f"{counts['quantized']} quantized, {counts['dequantized']} dequantized, "
@@ -311,6 +323,12 @@ def add_commands(subparsers) -> None:
     s.add_argument("output", metavar="OUT", help="new checkpoint directory")
     s.add_argument("--to", required=True, choices=TARGETS, help="bf16: dequantize; fp8: 128x128 block-quantize")
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
-    s.add_argument("--block-size", type=int, nargs=2, metavar=("B0", "B1"), default=None,
-                   help="fp8 block size for a bf16 input (default 128 128; an FP8 input keeps its own)")
+    s.add_argument(
+        "--block-size",
+        type=int,
+        nargs=2,
+        metavar=("B0", "B1"),
+        default=None,
+        help="fp8 block size for a bf16 input (default 128 128; an FP8 input keeps its own)",
+    )
     s.set_defaults(fn=cmd_convert)

@@ -38,8 +38,11 @@ def save_model(
     if fp8:
         # Keep what an FP8 model's own quantization_config says beyond these (e.g. V3.1's `scale_fmt`).
         config["quantization_config"] = {
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            **(cfg.quantization_config or {}), "weight_block_size": list(block),
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            **(cfg.quantization_config or {}),
+            "weight_block_size": list(block),
         }
     else:
         config.pop("quantization_config", None)

@@ -20,6 +20,18 @@ from .mesh import Mesh, init_mesh, run_or_exit
 from .tensor_parallel import apply_tp
 
 __all__ = [
-    "CommStats", "ExpertParallel", "Mesh", "ParallelContext", "apply_ep", "apply_tp", "follow", "init_mesh",
-    "lead_or_follow", "load_sharded", "parallel_generate", "parallel_model_from_args", "parallel_stream", "run_or_exit",
+    "CommStats",
+    "ExpertParallel",
+    "Mesh",
+    "ParallelContext",
+    "apply_ep",
+    "apply_tp",
+    "follow",
+    "init_mesh",
+    "lead_or_follow",
+    "load_sharded",
+    "parallel_generate",
+    "parallel_model_from_args",
+    "parallel_stream",
+    "run_or_exit",
 ]

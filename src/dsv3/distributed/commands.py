@@ -24,8 +24,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = ModelConfig.from_pretrained(args.config)
     plan = accounting.plan_deployment(
-        cfg, args.devices, args.device_memory, args.context, args.batch,
-        dtype=args.dtype, tp=args.tp, ep=args.ep, mtp=args.mtp,
+        cfg,
+        args.devices,
+        args.device_memory,
+        args.context,
+        args.batch,
+        dtype=args.dtype,
+        tp=args.tp,
+        ep=args.ep,
+        mtp=args.mtp,
     )
     print(json.dumps(plan, indent=2) if args.json else accounting.format_plan(plan))
     return 0
@@ -103,13 +110,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "dist-generate", help="greedy/sampled token ids from token ids, under torchrun with --tp/--ep (or alone)"
     )
     s.add_argument("--model", required=True, help="checkpoint directory")
-    s.add_argument("--prompt-ids", action="append", required=True, metavar="IDS",
-                   help="comma-separated token ids; repeat for a batch")
+    s.add_argument(
+        "--prompt-ids",
+        action="append",
+        required=True,
+        metavar="IDS",
+        help="comma-separated token ids; repeat for a batch",
+    )
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--tp", type=int, default=None, help="1 or the number of processes (default: the number)")
     s.add_argument("--ep", type=int, default=None, help="1 or the number of processes (default: the number)")
-    s.add_argument("--ep-combine", choices=["all_to_all", "all_reduce"], default=None,
-                   help="expert combine (default: all_reduce with --tp, all_to_all without)")
+    s.add_argument(
+        "--ep-combine",
+        choices=["all_to_all", "all_reduce"],
+        default=None,
+        help="expert combine (default: all_reduce with --tp, all_to_all without)",
+    )
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
     s.add_argument("--fp8", action="store_true", help="keep FP8 weights in FP8 (shards must align to 128 blocks)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
@@ -117,8 +133,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stop-ids", type=lambda t: _prompt_ids(t) if t else [], default=None,
-                   help="comma-separated stop ids (default: the config's EOS; '' for none)")
+    s.add_argument(
+        "--stop-ids",
+        type=lambda t: _prompt_ids(t) if t else [],
+        default=None,
+        help="comma-separated stop ids (default: the config's EOS; '' for none)",
+    )
     s.add_argument("--comm-stats", action="store_true", help="print bytes sent per decode step (stderr)")
     s.set_defaults(fn=cmd_dist_generate)
 

@@ -101,8 +101,14 @@ def parallel_model_from_args(
         model = DeepSeekV3.from_pretrained(model_dir, dtype=dtype, device=mesh.device, fp8=fp8)
     else:
         model, stats = load_sharded(
-            model_dir, mesh.tp_group, mesh.ep_group, dtype=dtype, device=mesh.device, fp8=fp8,
-            ep_combine=ep_combine, stats=stats,
+            model_dir,
+            mesh.tp_group,
+            mesh.ep_group,
+            dtype=dtype,
+            device=mesh.device,
+            fp8=fp8,
+            ep_combine=ep_combine,
+            stats=stats,
         )
     return model, ParallelContext(mesh, stats)
 
@@ -136,8 +142,9 @@ def parallel_stream(
     and leaves the others ready for the next one.
     """
     if not ctx.distributed:
-        yield from stream(model, prompts, max_new_tokens, sampling, seed=seed, stop_token_ids=stop_token_ids,
-                          vocab_limit=vocab_limit)
+        yield from stream(
+            model, prompts, max_new_tokens, sampling, seed=seed, stop_token_ids=stop_token_ids, vocab_limit=vocab_limit
+        )
         return
     if not ctx.is_main:
         _follow_one(model, ctx)
@@ -196,15 +203,24 @@ def _validated(model, prompts, max_new_tokens, sampling, seed, stop_token_ids, v
     params = per_row_sampling(len(prompts), sampling)
     stops = list(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     seed = seed if seed is not None else torch.seed() % (2**62)
-    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
-            "stops": stops, "vocab_limit": vocab_limit}
+    return {
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "params": params,
+        "seed": seed,
+        "stops": stops,
+        "vocab_limit": vocab_limit,
+    }
 
 
 def _new_cache(model: DeepSeekV3, request: dict) -> tuple[LatentCache, list[int]]:
     prompts = request["prompts"]
     cache = LatentCache(
-        model.config, len(prompts), max(len(p) for p in prompts) + request["max_new_tokens"],
-        dtype=model_dtype(model), device=model_device(model),
+        model.config,
+        len(prompts),
+        max(len(p) for p in prompts) + request["max_new_tokens"],
+        dtype=model_dtype(model),
+        device=model_device(model),
     )
     return cache, [cache.allocate() for _ in prompts]
 

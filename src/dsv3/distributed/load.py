@@ -179,8 +179,10 @@ def _read(
     if key.endswith(SCALE_SUFFIX):
         # Kept FP8: the scale blocks of the weight's shard (apply_tp made sure it starts on a block).
         b = block[shard.dim] if shard is not None else 1
-        raw = handle.get_tensor(key) if shard is None else _slice(
-            handle, key, shard.dim, shard.start // b, -(-shard.stop // b)
+        raw = (
+            handle.get_tensor(key)
+            if shard is None
+            else _slice(handle, key, shard.dim, shard.start // b, -(-shard.stop // b))
         )
         return _owned(raw.float(), raw)
     if is_fp8 and scale_key not in files:

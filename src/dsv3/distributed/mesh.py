@@ -58,9 +58,7 @@ def check_layout(world_size: int, tp: int, ep: int) -> None:
     """Raise ConfigError unless tp and ep are each 1 or the world size."""
     for name, value in (("tp", tp), ("ep", ep)):
         if not isinstance(value, int) or isinstance(value, bool) or value not in (1, world_size):
-            raise ConfigError(
-                f"--{name} must be 1 or the number of processes ({world_size}), got {value!r}"
-            )
+            raise ConfigError(f"--{name} must be 1 or the number of processes ({world_size}), got {value!r}")
 
 
 def _env_int(name: str, default: int) -> int:

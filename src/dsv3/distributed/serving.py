@@ -57,8 +57,9 @@ class ReplicatedRunner(ModelRunner):
     passes, the keep-alive thread's pings, the final release), so the ranks see them in one order.
     """
 
-    def __init__(self, model: DeepSeekV3, cache: LatentCache, ctx: ParallelContext,
-                 keepalive_s: float | None = None) -> None:
+    def __init__(
+        self, model: DeepSeekV3, cache: LatentCache, ctx: ParallelContext, keepalive_s: float | None = None
+    ) -> None:
         super().__init__(model, cache)
         self.ctx = ctx
         self.error: BaseException | None = None
@@ -109,7 +110,8 @@ class ReplicatedRunner(ModelRunner):
         self._closed.set()
         if not self._lock.acquire(timeout=_RELEASE_WAIT_S):
             raise ParallelGroupFailed(
-                f"a forward pass was still running {_RELEASE_WAIT_S:.0f}s after the engine stopped")
+                f"a forward pass was still running {_RELEASE_WAIT_S:.0f}s after the engine stopped"
+            )
         try:
             if self.error is not None:
                 raise self.error
@@ -180,8 +182,9 @@ def follow_engine(model: DeepSeekV3, ctx: ParallelContext) -> None:
                 continue
             if op == _OPEN:
                 _, num_slots, max_len = message
-                cache = LatentCache(model.config, num_slots, max_len, dtype=model_dtype(model),
-                                    device=model_device(model))
+                cache = LatentCache(
+                    model.config, num_slots, max_len, dtype=model_dtype(model), device=model_device(model)
+                )
                 continue
             _, edits, slots, ids = message
             for slot, length in edits:

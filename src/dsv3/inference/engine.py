@@ -89,8 +89,15 @@ class RequestHandle:
 
     _ids = itertools.count()
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-                 stop_token_ids: frozenset[int], seed: int | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_token_ids: frozenset[int],
+        seed: int | None,
+    ) -> None:
         self.id = next(RequestHandle._ids)
         self.prompt, self.params, self.max_new_tokens = prompt, params, max_new_tokens
         self.stop_token_ids = stop_token_ids
@@ -206,9 +213,16 @@ class ModelRunner:
 class Engine:
     """Owns `model` in one background thread and batches every submitted request into its decode steps."""
 
-    def __init__(self, model: DeepSeekV3, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 valid_ids: torch.Tensor | None = None, start: bool = True,
-                 runner: Callable[[DeepSeekV3, LatentCache], ModelRunner] = ModelRunner) -> None:
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        max_queue: int = 64,
+        valid_ids: torch.Tensor | None = None,
+        start: bool = True,
+        runner: Callable[[DeepSeekV3, LatentCache], ModelRunner] = ModelRunner,
+    ) -> None:
         """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits;
         `runner(model, cache)` builds what runs the forward passes (default: this process, plainly)."""
         cfg = model.config
@@ -219,8 +233,9 @@ class Engine:
             raise RequestError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
-        self.cache = LatentCache(cfg, num_slots=max_batch, max_len=max_len,
-                                 dtype=model_dtype(model), device=model_device(model))
+        self.cache = LatentCache(
+            cfg, num_slots=max_batch, max_len=max_len, dtype=model_dtype(model), device=model_device(model)
+        )
         self.default_stop_ids = frozenset(cfg.eos_token_ids)
         # Ids a request may not sample. When they are a suffix of the vocabulary (the padded rows past
         # the tokenizer's ids, the usual case) the logits are cut there, exactly as `stream(vocab_limit=)`
@@ -238,7 +253,8 @@ class Engine:
                 self._vocab_limit = n_valid
             elif n_valid < cfg.vocab_size:
                 self._mask = torch.zeros(cfg.vocab_size, device=model_device(model)).masked_fill(
-                    ~valid_ids.to(model_device(model)), float("-inf"))
+                    ~valid_ids.to(model_device(model)), float("-inf")
+                )
 
         self.runner = runner(model, self.cache)
         self._lock = threading.Condition()
@@ -256,8 +272,14 @@ class Engine:
 
     # --- public API --------------------------------------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), max_new_tokens: int = 16,
-               stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> RequestHandle:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 16,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> RequestHandle:
         """Queue one request; raise RequestError if it is invalid, QueueFullError if the engine is full."""
         prompt = list(prompt)
         self._check(prompt, max_new_tokens)
@@ -272,7 +294,8 @@ class Engine:
             if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
                 self._stats["rejected"] += 1
                 raise QueueFullError(
-                    f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later")
+                    f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later"
+                )
             self._stats["total"] += 1
             if max_new_tokens == 0:  # nothing to generate: no slot, no forward pass
                 self._finished[LENGTH] += 1
@@ -295,11 +318,18 @@ class Engine:
             rate = sum(n for _, n in self._recent) / _THROUGHPUT_WINDOW_S
             s = self._stats
             return EngineStats(
-                requests_total=s["total"], requests_rejected=s["rejected"], requests_finished=dict(self._finished),
-                requests_active=len(self._running), requests_queued=len(self._waiting),
-                prompt_tokens=s["prompt_tokens"], tokens_generated=s["generated"], tokens_per_second=rate,
-                batch_size=s["batch"], max_batch_size=s["max_batch"],
-                cache_slots_in_use=self.cache.slots_in_use, cache_slots=self.cache.num_slots,
+                requests_total=s["total"],
+                requests_rejected=s["rejected"],
+                requests_finished=dict(self._finished),
+                requests_active=len(self._running),
+                requests_queued=len(self._waiting),
+                prompt_tokens=s["prompt_tokens"],
+                tokens_generated=s["generated"],
+                tokens_per_second=rate,
+                batch_size=s["batch"],
+                max_batch_size=s["max_batch"],
+                cache_slots_in_use=self.cache.slots_in_use,
+                cache_slots=self.cache.num_slots,
             )
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -332,8 +362,10 @@ class Engine:
         if bad:
             raise RequestError(f"prompt token id {bad[0]!r} is outside [0, {vocab})")
         if len(prompt) + max_new_tokens > self.max_len:
-            raise RequestError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
-                               f"length {self.max_len}")
+            raise RequestError(
+                f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
+                f"length {self.max_len}"
+            )
 
     def _poke(self) -> None:
         with self._lock:

@@ -86,9 +86,7 @@ def check_prompts(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_t
             )
 
 
-def per_row_sampling(
-    num_rows: int, sampling: SamplingParams | Sequence[SamplingParams]
-) -> list[SamplingParams]:
+def per_row_sampling(num_rows: int, sampling: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
     """One validated SamplingParams per row (a single one is shared by all rows)."""
     params = [sampling] * num_rows if isinstance(sampling, SamplingParams) else list(sampling)
     if len(params) != num_rows:
@@ -129,8 +127,11 @@ def stream(
     gens = row_generators(len(prompts), seed)
     stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     cache = LatentCache(
-        model.config, len(prompts), max(len(p) for p in prompts) + max_new_tokens,
-        dtype=model_dtype(model), device=model_device(model),
+        model.config,
+        len(prompts),
+        max(len(p) for p in prompts) + max_new_tokens,
+        dtype=model_dtype(model),
+        device=model_device(model),
     )
     slots = [cache.allocate() for _ in prompts]
     logits = prefill(model, cache, slots, prompts)

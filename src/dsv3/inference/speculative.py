@@ -81,8 +81,9 @@ def speculative_stream(
     stops = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 2
     main_cache = LatentCache(cfg, len(prompts), max_len, dtype=dtype, device=dev)
-    mtp_cache = LatentCache(cfg, len(prompts), max_len, dtype=dtype, device=dev, num_layers=1,
-                            first_layer=cfg.num_hidden_layers)
+    mtp_cache = LatentCache(
+        cfg, len(prompts), max_len, dtype=dtype, device=dev, num_layers=1, first_layer=cfg.num_hidden_layers
+    )
     slots = [main_cache.allocate() for _ in prompts]
     assert [mtp_cache.allocate() for _ in prompts] == slots  # row b uses slot b in both caches
 

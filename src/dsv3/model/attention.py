@@ -115,7 +115,11 @@ class MLA(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheBatch | None = None,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: CacheBatch | None = None,
         absorb: bool | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). With a cache, the new latents are appended and all cached keys used."""
@@ -138,8 +142,8 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         S = kv.shape[1]
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split(
-            [self.nope_dim, self.v_dim], dim=-1
+        k_nope, v = (
+            self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split([self.nope_dim, self.v_dim], dim=-1)
         )  # (B, S, H, Dn), (B, S, H, Dv)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)

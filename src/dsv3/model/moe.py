@@ -173,9 +173,7 @@ class Experts(nn.Module):
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         # One grouped GEMM pays off once experts see several rows each; for a few rows (decode),
         # a loop over just the active experts reads only their weights and launches less.
-        if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * self.num_experts and _use_grouped_mm(
-            x_ND, self.gate_proj
-        ):
+        if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * self.num_experts and _use_grouped_mm(x_ND, self.gate_proj):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             if gate_up is not None:
                 g, u = torch._grouped_mm(x_ND, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)

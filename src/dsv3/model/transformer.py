@@ -82,9 +82,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -231,4 +229,3 @@ class DeepSeekV3(nn.Module):
             (n, b) for n, b in self.named_buffers() if n.endswith("e_score_correction_bias")
         ]
         return sum(t.numel() for n, t in tensors if include_mtp or not n.startswith("mtp."))
-

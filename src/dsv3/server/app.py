@@ -74,8 +74,14 @@ class ServerLimits:
 class ApiError(Exception):
     """An error answered as OpenAI's JSON error object with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
@@ -85,8 +91,13 @@ class ApiError(Exception):
         return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits = ServerLimits(),
+) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`; the caller owns (and closes) the engine."""
     app = FastAPI(title="dsv3", description="OpenAI-compatible DeepSeek-V3 server", docs_url=None, redoc_url=None)
     responses: Counter[int] = Counter()
@@ -112,8 +123,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def parse(request: Request, kind: type[_R]) -> _R:
         body = await _read_body(request, limits.max_body_bytes)
@@ -130,42 +140,66 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             param = str(first["loc"][0]) if first["loc"] else None
             where = ".".join(str(x) for x in first["loc"])
             more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-            raise ApiError(400, f"invalid '{where}': {first['msg']}{more}", param=param,
-                           code="missing_field" if first["type"] == "missing" else "invalid_value") from None
+            raise ApiError(
+                400,
+                f"invalid '{where}': {first['msg']}{more}",
+                param=param,
+                code="missing_field" if first["type"] == "missing" else "invalid_value",
+            ) from None
 
     def check(req: SamplingRequest) -> None:
         if req.model != model_name:
-            raise ApiError(400, f"model {req.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                400,
+                f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         problem = req.unsupported()
         if problem is not None:
             raise ApiError(400, problem[1], param=problem[0], code="unsupported")
         stops = req.stop_strings()
         if len(stops) > limits.max_stop_strings or any(len(s) > limits.max_stop_chars for s in stops):
-            raise ApiError(400, f"at most {limits.max_stop_strings} stop strings of up to {limits.max_stop_chars} "
-                           "characters each", param="stop")
+            raise ApiError(
+                400,
+                f"at most {limits.max_stop_strings} stop strings of up to {limits.max_stop_chars} characters each",
+                param="stop",
+            )
 
-    def submit(req: SamplingRequest, ids: list[int], requested: int | None, default: int,
-               prompt_param: str) -> RequestHandle:
+    def submit(
+        req: SamplingRequest, ids: list[int], requested: int | None, default: int, prompt_param: str
+    ) -> RequestHandle:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=prompt_param)
         if len(ids) > max_prompt:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
-                           param=prompt_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         room = engine.max_len - len(ids)
         if requested is None:
             max_new = min(default, limits.max_tokens, room)
         elif requested > limits.max_tokens:
-            raise ApiError(400, f"max_tokens is {requested}; this server allows at most {limits.max_tokens}",
-                           param="max_tokens")
+            raise ApiError(
+                400, f"max_tokens is {requested}; this server allows at most {limits.max_tokens}", param="max_tokens"
+            )
         elif requested > room:
-            raise ApiError(400, f"this model's context is {engine.max_len} tokens, but {len(ids)} prompt tokens "
-                           f"+ max_tokens {requested} were requested", param="max_tokens",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context is {engine.max_len} tokens, but {len(ids)} prompt tokens "
+                f"+ max_tokens {requested} were requested",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         else:
             max_new = requested
-        params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                                top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p)
+        params = SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k or 0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+        )
         try:
             return engine.submit(ids, params, max_new_tokens=max_new, seed=req.seed)
         except QueueFullError as e:
@@ -196,8 +230,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     async def get_model(name: str, request: Request) -> JSONResponse:
         authorize(request)
         if name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist", param="model", code="model_not_found",
-                           type_="not_found_error")
+            raise ApiError(
+                404, f"model {name!r} does not exist", param="model", code="model_not_found", type_="not_found_error"
+            )
         return JSONResponse(ModelCard(id=model_name, created=created).model_dump())
 
     @app.post("/v1/completions")
@@ -217,9 +252,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_completion_chunks(rid, model_name, handle, text, usage))
         body = await _collect(request, handle, text)
-        return JSONResponse(Completion(
-            id=rid, model=model_name, choices=[CompletionChoice(text=body, finish_reason=text.finish_reason)],
-            usage=Usage.of(len(handle.prompt), len(handle.tokens))).model_dump())
+        return JSONResponse(
+            Completion(
+                id=rid,
+                model=model_name,
+                choices=[CompletionChoice(text=body, finish_reason=text.finish_reason)],
+                usage=Usage.of(len(handle.prompt), len(handle.tokens)),
+            ).model_dump()
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -239,10 +279,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             return _sse(_chat_chunks(rid, model_name, handle, text, req.use_tools, usage))
         body = await _collect(request, handle, text)
         message, has_calls = assistant_message(body, req.use_tools)
-        return JSONResponse(ChatCompletion(
-            id=rid, model=model_name,
-            choices=[ChatChoice(message=message, finish_reason="tool_calls" if has_calls else text.finish_reason)],
-            usage=Usage.of(len(handle.prompt), len(handle.tokens))).model_dump())
+        return JSONResponse(
+            ChatCompletion(
+                id=rid,
+                model=model_name,
+                choices=[ChatChoice(message=message, finish_reason="tool_calls" if has_calls else text.finish_reason)],
+                usage=Usage.of(len(handle.prompt), len(handle.tokens)),
+            ).model_dump()
+        )
 
     return app
 
@@ -293,6 +337,7 @@ class _TextOutput:
 
 async def _collect(request: Request, handle: RequestHandle, text: _TextOutput) -> str:
     """The whole text of a non-streamed answer; if the client disconnects first, cancel the request."""
+
     async def read_all() -> str:
         return "".join([piece async for piece in text.pieces()])
 
@@ -342,8 +387,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _event(data: dict[str, Any]) -> str:
@@ -353,19 +399,26 @@ def _event(data: dict[str, Any]) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
-async def _completion_chunks(rid: str, model: str, handle: RequestHandle, text: _TextOutput,
-                             usage: bool) -> AsyncIterator[str]:
+async def _completion_chunks(
+    rid: str, model: str, handle: RequestHandle, text: _TextOutput, usage: bool
+) -> AsyncIterator[str]:
     def chunk(piece: str, finish: str | None = None) -> str:
-        return _event(Completion(id=rid, model=model, choices=[CompletionChoice(text=piece, finish_reason=finish)])
-                      .model_dump(exclude={"usage"}))
+        return _event(
+            Completion(id=rid, model=model, choices=[CompletionChoice(text=piece, finish_reason=finish)]).model_dump(
+                exclude={"usage"}
+            )
+        )
 
     try:
         async for piece in text.pieces():
             yield chunk(piece)
         yield chunk("", text.finish_reason)
         if usage:
-            yield _event(Completion(id=rid, model=model, choices=[],
-                                    usage=Usage.of(len(handle.prompt), len(handle.tokens))).model_dump())
+            yield _event(
+                Completion(
+                    id=rid, model=model, choices=[], usage=Usage.of(len(handle.prompt), len(handle.tokens))
+                ).model_dump()
+            )
         yield _DONE
     except ApiError as e:
         yield _event(json.loads(e.response().body))
@@ -373,8 +426,9 @@ async def _completion_chunks(rid: str, model: str, handle: RequestHandle, text: 
         handle.cancel()  # no-op when finished; frees the slot when the client went away mid-stream
 
 
-async def _chat_chunks(rid: str, model: str, handle: RequestHandle, text: _TextOutput, use_tools: bool,
-                       usage: bool) -> AsyncIterator[str]:
+async def _chat_chunks(
+    rid: str, model: str, handle: RequestHandle, text: _TextOutput, use_tools: bool, usage: bool
+) -> AsyncIterator[str]:
     def chunk(delta: ChatDelta, finish: str | None = None) -> str:
         choice = ChatChunkChoice(delta=delta, finish_reason=finish)
         return _event(ChatCompletionChunk(id=rid, model=model, choices=[choice]).wire())
@@ -392,12 +446,18 @@ async def _chat_chunks(rid: str, model: str, handle: RequestHandle, text: _TextO
             if rest:
                 yield chunk(ChatDelta(content=rest))
             if calls:
-                yield chunk(ChatDelta(tool_calls=[ToolCallDelta(index=i, id=c.id, function=c.function)
-                                                  for i, c in enumerate(calls)]))
+                yield chunk(
+                    ChatDelta(
+                        tool_calls=[ToolCallDelta(index=i, id=c.id, function=c.function) for i, c in enumerate(calls)]
+                    )
+                )
         yield chunk(ChatDelta(), "tool_calls" if calls else text.finish_reason)
         if usage:
-            yield _event(ChatCompletionChunk(id=rid, model=model, choices=[],
-                                             usage=Usage.of(len(handle.prompt), len(handle.tokens))).wire())
+            yield _event(
+                ChatCompletionChunk(
+                    id=rid, model=model, choices=[], usage=Usage.of(len(handle.prompt), len(handle.tokens))
+                ).wire()
+            )
         yield _DONE
     except ApiError as e:
         yield _event(json.loads(e.response().body))

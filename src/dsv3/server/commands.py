@@ -29,25 +29,42 @@ _LOOPBACK_NAMES = ("localhost",)
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `serve` on the CLI's subparsers."""
     s = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server",
+        "serve",
+        help="OpenAI-compatible HTTP server",
         description="Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI format, streaming), "
-                    "/health and /metrics. Without --model, a random-weight model of the --random preset "
-                    "(default: small) is built in memory: it works end to end but writes random text.")
+        "/health and /metrics. Without --model, a random-weight model of the --random preset "
+        "(default: small) is built in memory: it works end to end but writes random text.",
+    )
     s.add_argument("--model", metavar="DIR", help="checkpoint directory (config.json, safetensors, tokenizer)")
-    s.add_argument("--random", metavar="CONFIG", default="small",
-                   help="preset or config.json of the random-weight model served without --model (default small)")
+    s.add_argument(
+        "--random",
+        metavar="CONFIG",
+        default="small",
+        help="preset or config.json of the random-weight model served without --model (default small)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", metavar="KEY", default=os.environ.get("DSV3_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $DSV3_API_KEY, else none)")
-    s.add_argument("--model-name", metavar="NAME", help="the model id clients send (default: the checkpoint's "
-                   "directory name, or dsv3-PRESET-random)")
+    s.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("DSV3_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $DSV3_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the model id clients send (default: the checkpoint's directory name, or dsv3-PRESET-random)",
+    )
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
-    s.add_argument("--max-len", type=int, default=4096,
-                   help="tokens per sequence, prompt + completion (capped by the model's context)")
+    s.add_argument(
+        "--max-len",
+        type=int,
+        default=4096,
+        help="tokens per sequence, prompt + completion (capped by the model's context)",
+    )
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -84,8 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
 
         from .app import ServerLimits, create_app
     except ImportError as e:
-        raise DsV3Error(f"dsv3 serve needs fastapi and uvicorn ({e.name} is missing): "
-                        "pip install 'dsv3[serve]'") from None
+        raise DsV3Error(
+            f"dsv3 serve needs fastapi and uvicorn ({e.name} is missing): pip install 'dsv3[serve]'"
+        ) from None
     import torch
 
     from ..config import ModelConfig
@@ -131,10 +149,18 @@ def _serve(args: argparse.Namespace) -> int:
         model.eval()
         cfg = model.config
         if cfg.vocab_size < tokenizer.vocab_size:
-            _note(f"the model has {cfg.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}: "
-                  "prompts using the ids above are refused")
-        engine = Engine(model, max_batch=args.max_batch, max_len=min(args.max_len, cfg.max_position_embeddings),
-                        max_queue=args.max_queue, valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size), runner=runner)
+            _note(
+                f"the model has {cfg.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}: "
+                "prompts using the ids above are refused"
+            )
+        engine = Engine(
+            model,
+            max_batch=args.max_batch,
+            max_len=min(args.max_len, cfg.max_position_embeddings),
+            max_queue=args.max_queue,
+            valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size),
+            runner=runner,
+        )
         try:
             limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
             app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)

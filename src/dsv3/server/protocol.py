@@ -119,8 +119,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class CompletionChoice(BaseModel):
@@ -274,10 +277,12 @@ class ToolCallStream:
         if at >= 0:
             self._pending, self._captured = "", text[at:]
             return text[:at]
-        hold = next((k for k in range(min(len(text), len(TOOL_CALLS_BEGIN) - 1), 0, -1)
-                     if text.endswith(TOOL_CALLS_BEGIN[:k])), 0)
-        self._pending = text[len(text) - hold:]
-        return text[:len(text) - hold]
+        hold = next(
+            (k for k in range(min(len(text), len(TOOL_CALLS_BEGIN) - 1), 0, -1) if text.endswith(TOOL_CALLS_BEGIN[:k])),
+            0,
+        )
+        self._pending = text[len(text) - hold :]
+        return text[: len(text) - hold]
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         if self._captured is None:

@@ -32,18 +32,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "over the processes. RUN gets config.json, train.json, metrics.jsonl and checkpoints/.",
     )
     s.add_argument("--config", help="preset name, config.json or checkpoint dir (a new run only)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (value parsed as JSON, else a string); repeatable")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (value parsed as JSON, else a string); repeatable",
+    )
     s.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files, folders or .jsonl files")
-    s.add_argument("--data-glob", default=None, help="only files whose name matches this pattern inside folders "
-                   "(e.g. '*.py')")
+    s.add_argument(
+        "--data-glob", default=None, help="only files whose name matches this pattern inside folders (e.g. '*.py')"
+    )
     s.add_argument("--out", required=True, metavar="RUN", help="run directory")
     s.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
-    s.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                   help="stop (with a checkpoint) after this step; continue later with --resume")
-    s.add_argument("--tokenizer", choices=("auto", "deepseek", "byte"), default=None,
-                   help="deepseek: the V3 tokenizer; byte: UTF-8 bytes + 2, BOS 0, EOS 1; auto: deepseek when "
-                   "the config's vocab_size holds it, else byte (default: auto)")
+    s.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop (with a checkpoint) after this step; continue later with --resume",
+    )
+    s.add_argument(
+        "--tokenizer",
+        choices=("auto", "deepseek", "byte"),
+        default=None,
+        help="deepseek: the V3 tokenizer; byte: UTF-8 bytes + 2, BOS 0, EOS 1; auto: deepseek when "
+        "the config's vocab_size holds it, else byte (default: auto)",
+    )
     opt(s, "--steps", int, "optimizer steps")
     opt(s, "--seed", int, "seed of the weights and the data order")
     opt(s, "--seq-len", int, "tokens per sequence")
@@ -55,16 +70,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     opt(s, "--weight-decay", float, "AdamW weight decay on matrices and embeddings")
     opt(s, "--clip", float, "max global gradient norm, 0 = off")
     opt(s, "--mtp-weight", float, "lambda of the MTP loss (V3: 0.3, later 0.1)")
-    opt(s, "--balance-alpha", float, "alpha of the sequence-wise balance loss (None: the config's aux_loss_alpha "
-        "when seq_aux; the V3 report used 0.0001)")
+    opt(
+        s,
+        "--balance-alpha",
+        float,
+        "alpha of the sequence-wise balance loss (None: the config's aux_loss_alpha "
+        "when seq_aux; the V3 report used 0.0001)",
+    )
     opt(s, "--bias-update-speed", float, "gamma of the aux-loss-free bias update, 0 = off")
     opt(s, "--init-bias-std", float, "start from routing biases ~ N(0, std): an imbalanced start")
     opt(s, "--save-every", int, "checkpoint every N steps (0: only at the end)")
     opt(s, "--keep-checkpoints", int, "checkpoints kept in RUN/checkpoints")
     opt(s, "--log-every", int, "a log line every N steps on stderr (0: none)")
     s.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (weights stay fp32)")
-    s.add_argument("--checkpoint-activations", action="store_true", default=None,
-                   help="recompute each layer in the backward pass to save memory")
+    s.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        default=None,
+        help="recompute each layer in the backward pass to save memory",
+    )
     s.set_defaults(fn=cmd_train)
 
     s = subparsers.add_parser("plot", help="PNG plots of training runs: losses, MaxVio, expert load per layer")

@@ -15,8 +15,12 @@ import torch
 
 from ..errors import DsV3Error, RequestError
 
-LOSS_KEYS = (("loss", "total loss"), ("lm_loss", "next-token loss"), ("mtp_loss", "MTP loss"),
-             ("balance_loss", "balance loss (alpha-weighted)"))
+LOSS_KEYS = (
+    ("loss", "total loss"),
+    ("lm_loss", "next-token loss"),
+    ("mtp_loss", "MTP loss"),
+    ("balance_loss", "balance loss (alpha-weighted)"),
+)
 
 
 def read_metrics(run: str) -> list[dict[str, Any]]:
@@ -132,8 +136,14 @@ def _load_heatmaps(figure_cls: Any, run: str, rows: list[dict[str, Any]], label:
     axes = fig.subplots(load.shape[1], 1, squeeze=False)[:, 0]
     for i, ax in enumerate(axes):
         image = ax.imshow(
-            rel[:, i].T.numpy(), aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=vmax,
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[2] - 0.5), interpolation="nearest",
+            rel[:, i].T.numpy(),
+            aspect="auto",
+            origin="lower",
+            cmap="magma",
+            vmin=0,
+            vmax=vmax,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[2] - 0.5),
+            interpolation="nearest",
         )
         ax.set_ylabel(f"{names[i]}\nexpert")
     axes[-1].set_xlabel("step")

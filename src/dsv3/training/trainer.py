@@ -99,8 +99,16 @@ class TrainOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise RequestError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ["warmup", "weight_decay", "clip", "mtp_weight", "bias_update_speed", "init_bias_std",
-                     "save_every", "log_every"]:
+        for name in [
+            "warmup",
+            "weight_decay",
+            "clip",
+            "mtp_weight",
+            "bias_update_speed",
+            "init_bias_std",
+            "save_every",
+            "log_every",
+        ]:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise RequestError(f"--{_flag(name)} must be >= 0, got {value}")
@@ -363,9 +371,7 @@ class Trainer:
         for a in range(opts.grad_accum):
             mb = mine.rows(a * micro, (a + 1) * micro).to(env.device)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-                shares = model_losses(
-                    model, mb, self.routers, num_targets, B, opts.mtp_weight, self.balance_alpha
-                )
+                shares = model_losses(model, mb, self.routers, num_targets, B, opts.mtp_weight, self.balance_alpha)
             # Read the forward's routing now: activation checkpointing re-runs the routers in backward.
             load += take_expert_counts(self.routers).to(env.device)
             shares.total.backward()
@@ -608,8 +614,14 @@ def _loop(trainer: Trainer, run: RunDir, stop_after: int | None, say: Callable[[
     metrics_file = open(run.metrics, "a", encoding="utf-8") if env.is_main else None
     t_start = time.perf_counter()
     try:
-        with tqdm(total=opts.steps, initial=trainer.step_done, disable=not show_bar, file=sys.stderr,
-                  dynamic_ncols=True, unit="step") as bar:
+        with tqdm(
+            total=opts.steps,
+            initial=trainer.step_done,
+            disable=not show_bar,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            unit="step",
+        ) as bar:
             while trainer.step_done < last:
                 m = trainer.step()
                 m["elapsed_s"] = round(time.perf_counter() - t_start, 3)
