@@ -143,3 +143,14 @@ def test_generate_with_a_small_vocab_model_is_a_clear_error(tmp_path):
     dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny")).save_pretrained(tmp_path / "c")
     out = run_cli("generate", "--model", str(tmp_path / "c"), "--prompt", "hello")
     assert out.returncode == 2 and "vocabulary" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_closed_stdout_exits_quietly():
+    """`dsv3 ... | head` closes the pipe early: exit 0 with nothing on stderr (it used to exit 2 with an error)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsv3", "params"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()  # before the child writes anything: its first write hits a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""

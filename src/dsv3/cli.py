@@ -309,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     except DsV3Error as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`dsv3 generate ... | head`): stop quietly. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again. Before OSError, of which it is a subclass.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # a path the user gave: missing, unwritable, a directory
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0

@@ -181,7 +181,7 @@ def test_corrupt_shard_and_missing_dir(saved, tmp_path):
 
 
 def test_crash_mid_save_leaves_previous_checkpoint(saved, tmp_path, monkeypatch):
-    model, path = saved
+    model, _path = saved
     out = tmp_path / "out"
     model.save_pretrained(out, max_shard_bytes=300_000)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}

@@ -238,7 +238,7 @@ def prompts(vocab: int, n: int, length: int, seed: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- (a) dequantize while loading
 def test_layout_on_disk(fp8_ckpt):
     """Exactly the official set is FP8 (kv_a_proj_with_mqa and the MTP eh_proj included), scales per block."""
-    name, model, path = fp8_ckpt
+    _name, model, path = fp8_ckpt
     disk = disk_state(path)
     block = model.config.fp8_block_size or (128, 128)
     fp8_keys = {k for k, t in disk.items() if t.dtype == FP8_DTYPE}
@@ -256,7 +256,7 @@ def test_layout_on_disk(fp8_ckpt):
 
 
 def test_dequantize_while_loading_matches_independent_dequant(fp8_ckpt):
-    name, model, path = fp8_ckpt
+    _name, model, path = fp8_ckpt
     cfg = model.config
     block = cfg.fp8_block_size or (128, 128)
     disk = disk_state(path)
@@ -294,7 +294,7 @@ def test_dequantize_while_loading_matches_independent_dequant(fp8_ckpt):
 
 # ---------------------------------------------------------------------------------------------- (b) FP8 in memory
 def test_fp8_in_memory_dequant_on_the_fly(fp8_ckpt, loaded):
-    name, model, path = fp8_ckpt
+    _name, model, path = fp8_ckpt
     cfg = model.config
     ref32, kept32 = loaded
     kept16 = dsv3.DeepSeekV3.from_pretrained(path, dtype=torch.bfloat16, fp8=True)
@@ -352,7 +352,7 @@ def test_loaded_model_keeps_no_shard_mapped(tiny_fp8):
 # ---------------------------------------------------------------------------------------------- (c) FP8 GEMM
 def test_fp8_gemm_layers_within_activation_rounding(fp8_ckpt, loaded, monkeypatch):
     """Each FP8 Linear in "gemm" mode, fed the reference model's own inputs, is within e4m3 rounding of them."""
-    name, model, path = fp8_ckpt
+    _name, model, _path = fp8_ckpt
     cfg = model.config
     ref, kept = loaded
     inputs: dict[str, torch.Tensor] = {}
@@ -397,7 +397,7 @@ def divide_instead(weight_fp8, scale_inv, block=(128, 128), dtype=torch.bfloat16
 
 
 def test_fp8_gemm_model_close_to_dequantized_and_greedy_agrees(fp8_ckpt, loaded, monkeypatch):
-    name, model, path = fp8_ckpt
+    _name, model, _path = fp8_ckpt
     cfg = model.config
     ref, kept = loaded
     ids = prompts(cfg.vocab_size, 4, 32, seed=6)
@@ -447,7 +447,7 @@ def test_parity_with_transformers_on_our_dequantized_checkpoint(fp8_ckpt, tmp_pa
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    name, model, path = fp8_ckpt
+    _name, model, path = fp8_ckpt
     convert_checkpoint(path, tmp_path / "bf16", "bf16", progress=False)
     hf_logging.set_verbosity_error()  # it does not know the MTP layer and says so at length
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()

@@ -65,7 +65,7 @@ def main() -> None:
         ckpt = os.path.join(tmp, "small")
         write_small(ckpt, args.layers)
         one = spawn.run(1, "measure_memory:single", ckpt, timeout=600)[0]
-        mib = lambda n: f"{n / 2**20:8.1f} MiB"  # noqa: E731
+        mib = lambda n: f"{n / 2**20:8.1f} MiB"
         print(
             f"{'layout':<22} {'rank':>4} {'tensor bytes':>14} {'peak RSS growth':>16} {'x (single / N)':>15} "
             f"{'x own tensors':>14}"

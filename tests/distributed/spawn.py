@@ -45,7 +45,7 @@ def _entry(rank: int, world: int, port: int, target: str, args: tuple, out_dir: 
         with open(out, "w") as f:
             json.dump({"ok": True, "result": result}, f)
         dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - report everything to the test, then end at once
+    except BaseException:  # report everything to the test, then end at once
         with open(out, "w") as f:
             json.dump({"ok": False, "error": traceback.format_exc()}, f)
         sys.stderr.flush()

@@ -45,7 +45,7 @@ def test_greedy_tokens_match_one_process(parity, layout):
 
 
 def test_rank_0_serves_requests_while_the_others_follow(parity):
-    world, results = parity
+    _world, results = parity
     ref = results[0]["ref_tokens"]
     assert results[0]["requests"] == [ref[:1], "rejected", ref[2:]]
     assert all(res["requests"] == [] for res in results[1:])
@@ -54,7 +54,7 @@ def test_rank_0_serves_requests_while_the_others_follow(parity):
 def test_fused_projections_are_rebuilt_from_the_shards(parity):
     """generate() fuses q_a+kv_a and gate+up of the reference; after the split, the fused tensors
     are rebuilt from the local shards (none left holding the full weights)."""
-    world, results = parity
+    _world, results = parity
     for res in results:
         assert res["ref_fused"] > 0
         for layout, *_ in workers.LAYOUTS:
@@ -76,7 +76,7 @@ def test_bytes_per_step_are_counted(parity):
     """One decode step of 3 tokens on tiny (D = 64, V = 320, fp32): the ledger's figures, worked out by hand."""
     world, results = parity
     R, step = world, results[0]
-    ring = lambda n: 2 * (R - 1) * n // R  # noqa: E731
+    ring = lambda n: 2 * (R - 1) * n // R
     tokens_D = 3 * 64 * 4
     # Embedding all-reduce, 3 layers x (o_proj + MLP/shared down_proj) all-reduces, logits gathered (V/R each).
     assert step["tp"]["bytes_per_step"] == {
@@ -101,7 +101,7 @@ def test_bytes_per_step_are_counted(parity):
 
 def test_ep_with_rank_local_tokens(parity):
     """Data-parallel attention: each rank its own sequence (different lengths), experts dispatched all-to-all."""
-    world, results = parity
+    _world, results = parity
     for rank, res in enumerate(results):
         assert res["ep_local_tokens"]["logits_err"] < REL_TOL, rank
         assert res["ep_local_tokens"]["a2a_bytes"] > 0

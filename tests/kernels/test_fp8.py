@@ -213,7 +213,7 @@ def _gemm_inputs(M: int, K: int = 200, N: int = 300, seed: int = 3):
 @pytest.mark.parametrize("M", [1, 5, 130])
 def test_fp8_gemm_scaled_mm_matches_reference(impl, M):
     K = 200
-    x, w, (xq, xs), (wq, ws) = _gemm_inputs(M, K)
+    _x, _w, (xq, xs), (wq, ws) = _gemm_inputs(M, K)
     ref = fp8_gemm_reference(xq, xs, wq, ws, out_dtype=torch.float32)
     impl("scaled_mm")
     fast = fp8_gemm(xq, xs, wq, ws, out_dtype=torch.float32)
@@ -244,7 +244,7 @@ def test_fp8_gemm_close_to_unquantized_matmul(impl, name):
 
 
 def test_fp8_gemm_flattens_and_restores_leading_dims(impl):
-    x, w, (xq, xs), (wq, ws) = _gemm_inputs(6)
+    _x, _w, (xq, xs), (wq, ws) = _gemm_inputs(6)
     for name in ("reference", "scaled_mm"):
         impl(name)
         y = fp8_gemm(xq.view(2, 3, -1), xs.view(2, 3, -1), wq, ws, out_dtype=torch.float32)

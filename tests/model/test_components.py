@@ -212,3 +212,17 @@ def test_grouped_mm_and_expert_loop_agree(tiny_cfg):
     with torch.no_grad():
         one = torch.cat([experts(x[t : t + 1], idx[t : t + 1], w[t : t + 1]) for t in range(40)])
     assert torch.allclose(one, ref, atol=1e-4)  # the batch-1 decode path
+
+
+def test_router_affinities_stay_float32_under_autocast():
+    """A bf16 router flips near-ties between experts (SPEC section 1): autocast must not reach it."""
+    torch.manual_seed(0)
+    router = Router(dsv3.ModelConfig.from_pretrained("tiny"))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(16, router.weight.shape[1])
+    expected = torch.sigmoid(x.double() @ router.weight.double().T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = router.scores(x)
+        bf16 = torch.sigmoid(torch.nn.functional.linear(x, router.weight))  # what autocast does to a plain linear
+    assert scores.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert (scores.double() - expected).abs().max() < 1e-6 < (bf16.double() - expected).abs().max()

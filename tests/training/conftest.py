@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_helpers import make_corpus  # noqa: E402
+from train_helpers import make_corpus
 
 
 @pytest.fixture(scope="session")

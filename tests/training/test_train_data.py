@@ -39,7 +39,7 @@ def test_mtp_targets_are_two_ahead_and_masked_at_document_ends():
 def test_packed_windows_from_a_corpus_cover_every_token_once():
     tok = ByteTokenizer()
     corpus = Corpus.from_documents(iter([("a", "abc"), ("b", "de"), ("c", "fghij")]), tok)
-    a, b, c, d, e, f = (ord(ch) + 2 for ch in "abcdef")
+    a, b, c, d, e, _f = (ord(ch) + 2 for ch in "abcdef")
     assert corpus.tokens[:9].tolist() == [0, a, b, c, 1, 0, d, e, 1]
     assert corpus.doc_ids.tolist() == [0] * 5 + [1] * 4 + [2] * 7
     windows = PackedWindows(corpus, seq_len=4, mtp_depths=2)

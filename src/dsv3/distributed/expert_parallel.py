@@ -121,7 +121,7 @@ class ExpertParallel(Experts):
     def _dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """All-to-all: send each assignment to its expert's rank, get the output back, weight and sum."""
         R, El = group_size(self.group), self.num_experts
-        T, K = topk_idx_TK.shape
+        _T, K = topk_idx_TK.shape
         idx_N = topk_idx_TK.flatten()
         # Sorting by global expert id groups the rows by destination rank (rank = id // El) and, within
         # a rank, by expert, so per-expert counts alone tell the receiver which rows go to which expert.

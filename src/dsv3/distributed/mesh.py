@@ -152,7 +152,7 @@ def run_or_exit(fn: Callable[[], int], prog: str) -> int:
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
     try:
         code = fn()
-    except BaseException as e:  # noqa: BLE001 - every failure must end the rank, KeyboardInterrupt included
+    except BaseException as e:  # every failure must end the rank, KeyboardInterrupt included
         if isinstance(e, DsV3Error):
             if rank != 0 and isinstance(e, ConfigError):
                 # Every rank hits a config error the same way: give rank 0 a moment to say it once

@@ -158,7 +158,7 @@ class ReplicatedRunner(ModelRunner):
                     return
                 try:
                     self._send((_KEEPALIVE,))
-                except BaseException:  # noqa: BLE001 - recorded in self.error, reported by release()
+                except BaseException:  # recorded in self.error, reported by release()
                     return
 
 

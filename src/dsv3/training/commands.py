@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def build_config(config: str, sets: list[str]) -> ModelConfig:
     """ModelConfig from a preset/path plus `KEY=VALUE` overrides naming real config keys."""
-    from ..config import ModelConfig  # noqa: F811 (the runtime import of the TYPE_CHECKING name)
+    from ..config import ModelConfig  # the runtime import of the TYPE_CHECKING name
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
     overrides: dict[str, Any] = {}

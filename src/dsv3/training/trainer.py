@@ -235,20 +235,6 @@ def checkpoint_activations(model: DeepSeekV3) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def keep_routers_fp32(model: DeepSeekV3, device_type: str) -> None:
-    """Compute router affinities outside autocast: a bf16 router flips near-ties (SPEC section 1)."""
-    for _, router in moe_routers(model):
-        router.scores = _without_autocast(router.scores, device_type)
-
-
-def _without_autocast(fn: Callable[..., torch.Tensor], device_type: str) -> Callable[..., torch.Tensor]:
-    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 def build_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only, not on norms."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -336,8 +322,6 @@ class Trainer:
         tie_mtp_to_main(self.model)
         if opts.checkpoint_activations:
             checkpoint_activations(self.model)
-        if opts.bf16:
-            keep_routers_fp32(self.model, self.env.device.type)
         named = moe_routers(self.model)
         self.router_names = [n for n, _ in named]
         self.routers = [r for _, r in named]
