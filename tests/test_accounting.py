@@ -1,10 +1,8 @@
 """dsv3.accounting: the seed's numbers exactly, agreement with a built model, bytes, FLOPs and plans."""
 
-import importlib.util
 import math
 import pathlib
 import re
-import time
 
 import pytest
 
@@ -12,7 +10,9 @@ from dsv3 import accounting as A
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 
-SEED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "seeds" / "000_ef9ea79f938a8477.txt"
+# A copy of ../shared/seeds/000_ef9ea79f938a8477.txt (config.json + parameter table), kept in the repository so
+# these tests run in any clone.
+SEED = pathlib.Path(__file__).resolve().parent / "data" / "deepseek_v3_seed.txt"
 GIB = 1 << 30
 
 
@@ -45,8 +45,6 @@ def test_seed_total(v3):
 
 def test_seed_rows_match_the_table(v3):
     """Every numbered row of the seed's table is a tensor of ours with the same count."""
-    if not SEED.is_file():
-        pytest.skip(f"seed file not found: {SEED}")
     rows = re.findall(r"^\|\s*([\w.]+)\s*\|\s*(\d+)\s*\|$", SEED.read_text(), re.M)
     assert len(rows) == 58
     names = dict(A.parameter_table(v3))
@@ -79,8 +77,6 @@ def test_activated_v3_is_deepseeks_figure(v3):
 
 
 def test_seed_table_is_reproduced_exactly(v3):
-    if not SEED.is_file():
-        pytest.skip(f"seed file not found: {SEED}")
     seed_lines = SEED.read_text().splitlines()
     borders = [i for i, line in enumerate(seed_lines) if line.startswith("+---")]
     expected = seed_lines[borders[0] : borders[-1] + 1]
@@ -142,8 +138,6 @@ MODEL_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
 def test_meta_model_matches(name):
-    if importlib.util.find_spec("dsv3.model.transformer") is None:
-        pytest.skip("dsv3.model.transformer not written yet")
     base = name if name in ("deepseek-v3", "small", "tiny") else "tiny"
     cfg = ModelConfig.from_pretrained(base, **MODEL_CONFIGS[name], quantization_config=None)
     assert _model_param_count(cfg, mtp=False) == A.total_parameters(cfg)
@@ -329,13 +323,17 @@ def test_plan_rejects_bad_arguments(v3, kwargs, match):
         A.plan_deployment(v3, **args)
 
 
-# --------------------------------------------------------------------------- speed
-def test_671b_accounting_is_fast(v3):
-    start = time.perf_counter()
-    A.parameter_table(v3, mtp=True)
-    A.format_param_table(v3, mtp=True)
+# --------------------------------------------------------------------------- arithmetic only
+def test_671b_accounting_builds_no_model(v3, monkeypatch):
+    """Accounting is pure arithmetic on the config (why it takes ~0.1 s for 671B): building a model fails here."""
+    import dsv3.model.transformer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("accounting built a model")
+
+    monkeypatch.setattr(dsv3.model.transformer.DeepSeekV3, "__init__", refuse)
+    assert "671,026,419,200" in A.format_param_table(v3, mtp=False)
     A.format_summary(v3, mtp=True)
-    A.activated_parameters(v3)
-    A.flops_per_token(v3, 4096)
+    assert A.activated_parameters(v3) == 36_625_618_432
+    assert A.flops_per_token(v3, 4096) > 0
     A.format_plan(A.plan_deployment(v3, devices=8, device_memory_gb=80, context=4096, batch=1, dtype="fp8"))
-    assert time.perf_counter() - start < 2.0

@@ -16,6 +16,7 @@ def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "dsv3", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a subprocess
 def test_params_default_prints_seed_total():
     out = run_cli("params")
     assert out.returncode == 0, out.stderr
@@ -47,6 +48,7 @@ def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -61,6 +63,7 @@ def test_user_errors_are_one_line(args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_config_field_is_one_line(tmp_path):
     cfg = dict(dsv3.presets.TINY, n_group=3)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -68,6 +71,7 @@ def test_bad_config_field_is_one_line(tmp_path):
     assert out.returncode == 2 and "n_group" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a subprocess
 def test_python_dash_m_and_console_script_agree():
     exe = os.path.join(os.path.dirname(sys.executable), "dsv3")
     if not os.path.exists(exe):
@@ -139,12 +143,14 @@ def test_chat_uses_the_template_and_keeps_history(text_ckpt, monkeypatch, capsys
     assert out == want + "\n"
 
 
+@pytest.mark.slow  # a subprocess
 def test_generate_with_a_small_vocab_model_is_a_clear_error(tmp_path):
     dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny")).save_pretrained(tmp_path / "c")
     out = run_cli("generate", "--model", str(tmp_path / "c"), "--prompt", "hello")
     assert out.returncode == 2 and "vocabulary" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_closed_stdout_exits_quietly():
     """`dsv3 ... | head` closes the pipe early: exit 0 with nothing on stderr (it used to exit 2 with an error)."""
     proc = subprocess.Popen(

@@ -20,6 +20,9 @@ from dsv3 import accounting
 from dsv3.config import ModelConfig
 from dsv3.distributed.commands import main
 
+# Spawns processes: part of the slow set (CI runs it; `pytest -m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
+
 CMD = [sys.executable, "-m", "dsv3.distributed.commands"]
 PROMPTS = ["--prompt-ids", "0,5,17,33,101,7", "--prompt-ids", "0,300,301,2"]
 

@@ -14,6 +14,9 @@ import workers
 
 import dsv3
 
+# Spawns processes: part of the slow set (CI runs it; `pytest -m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
+
 REL_TOL = 1e-5
 WORLDS = [2, 4]
 

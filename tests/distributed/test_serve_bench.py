@@ -26,6 +26,9 @@ from spawn import free_port
 import dsv3
 from dsv3.tokenizer import Tokenizer
 
+# Spawns processes: part of the slow set (CI runs it; `pytest -m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
+
 PROMPTS = [("Hello, world", 8), ("The capital of France is", 5), ("1 2 3 4 5 6 7 8 9", 12)]  # (text, max_tokens)
 
 

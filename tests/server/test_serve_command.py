@@ -11,9 +11,13 @@ import sys
 import time
 
 import openai
+import pytest
 
 import dsv3
 from dsv3.server.commands import add_commands, main
+
+# Spawns processes: part of the slow set (CI runs it; `pytest -m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
 
 
 def test_defaults_listen_on_loopback():

@@ -9,6 +9,9 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import FAST, read_metrics, run_cli
 
+# Spawns processes: part of the slow set (CI runs it; `pytest -m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5  # fp32 losses: the two runs sum the same terms in a different order (measured: <= 5e-7)
 # Weights: AdamW divides a gradient by sqrt of its running square, so rounding differences in near-zero

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..kernels.fp8 import dequantize_blocks
 from .names import disk_to_memory, memory_to_disk
-
-if TYPE_CHECKING:
-    from ..model.transformer import DeepSeekV3
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -106,13 +104,13 @@ def plan_load(path: str | os.PathLike, fp8: bool = False, mtp: bool | None = Non
 
 
 def load_model(
-    cls: type[DeepSeekV3],
+    cls: Callable[[ModelConfig], nn.Module],
     path: str | os.PathLike,
     dtype: torch.dtype | None = torch.bfloat16,
     device: torch.device | str = "cpu",
     fp8: bool = False,
     mtp: bool | None = None,
-) -> DeepSeekV3:
+) -> nn.Module:
     """Build `cls` on meta from `path/config.json` and fill it from the shards (see module doc)."""
     plan = plan_load(path, fp8, mtp)
     path, cfg, files, scaled, block = plan.path, plan.cfg, plan.files, plan.scaled, plan.block
@@ -231,17 +229,16 @@ def _convert(key, tensor, keep_fp8, dtype, block, read, files) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def _fp8_layout(model, scaled: set[str], block: tuple[int, int], num_layers: int) -> set[str]:
-    """FP8 storage (on meta) for each Linear/ExpertLinear whose weight has a scale on disk; returns the weight names.
+def _fp8_layout(model: nn.Module, scaled: set[str], block: tuple[int, int], num_layers: int) -> set[str]:
+    """FP8 storage (on meta) for each module whose weight has a scale on disk; returns the weight names.
 
-    A scaled weight of any other module (none in the official release) is dequantized on load instead.
+    A module takes FP8 storage through its `to_fp8_layout(block)` (the model's Linear and ExpertLinear
+    have one); a scaled weight of any other module (none in the official release) is dequantized on load.
     """
-    from ..model.linear import ExpertLinear, Linear
-
     scaled_names = {disk_to_memory(k + SCALE_SUFFIX, num_layers)[0][: -len(SCALE_SUFFIX)] for k in scaled}
     kept = set()
     for mname, module in model.named_modules():
-        if isinstance(module, (Linear, ExpertLinear)) and f"{mname}.weight" in scaled_names:
+        if hasattr(module, "to_fp8_layout") and f"{mname}.weight" in scaled_names:
             module.to_fp8_layout(block)
             kept.add(f"{mname}.weight")
     return kept

@@ -12,26 +12,21 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ..kernels.fp8 import dequantize_blocks, quantize_blocks
 from .load import INDEX_NAME, SCALE_SUFFIX
 from .names import is_fp8_quantizable, iter_disk_tensors
 
-if TYPE_CHECKING:
-    from ..model.transformer import DeepSeekV3
-
 MODEL_FILES = (".safetensors", INDEX_NAME, "config.json")
 DEFAULT_BLOCK = (128, 128)
 
 
-def save_model(
-    model: DeepSeekV3, out_dir: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30
-) -> None:
-    """Save `model` to `out_dir` (replaced atomically); see the module doc."""
+def save_model(model: nn.Module, out_dir: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+    """Save `model` (a DeepSeekV3: `.config`, `.model.embed_tokens`, official state_dict names) to `out_dir`, atomically."""
     cfg = model.config
     block = cfg.fp8_block_size or DEFAULT_BLOCK
     config = cfg.to_dict()

@@ -213,7 +213,8 @@ class DeepSeekV3(nn.Module):
         FP8 weights are dequantized to `dtype` while streaming, unless `fp8=True` keeps them in FP8.
         The MTP layers are loaded when `mtp` (default: the config's `num_nextn_predict_layers > 0`).
         """
-        from ..checkpoint.load import load_model  # the one upward call, kept inside the function
+        # The one upward call (STYLE): checkpoint/ never imports model/, so there is no cycle.
+        from ..checkpoint.load import load_model
 
         return load_model(cls, path, dtype=dtype, device=device, fp8=fp8, mtp=mtp)
 
