@@ -27,6 +27,7 @@ import torch
 
 from . import accounting
 from .config import ModelConfig
+from .distributed.mesh import launched_world_size
 from .inference.generate import decode_step, prefill
 from .inference.speculative import SpeculativeStats, speculative_stream
 from .model.cache import LatentCache
@@ -148,8 +149,6 @@ def hf_decode(hf, batch: int, context: int, steps: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def run_bench(
@@ -177,7 +176,7 @@ def run_bench(
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)
     layout = None
-    if _world_size() > 1:
+    if launched_world_size() > 1:
         from .distributed.launch import parallelize
 
         ctx = parallelize(model, tp, ep)  # same seed on every rank: the same weights, then each keeps its part
@@ -283,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .errors import RequestError
 
         raise RequestError(f"unknown bench rows {sorted(unknown)} (rows: {', '.join(ROWS)})")
-    if _world_size() > 1:
+    if launched_world_size() > 1:
         from .distributed.mesh import run_or_exit
 
         return run_or_exit(lambda: _bench(args, rows), "dsv3 bench")

@@ -103,19 +103,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- text generation
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _load_for_text(args: argparse.Namespace):
     """(model, parallel context or None, tokenizer); under torchrun each rank loads its own shard."""
     import torch
 
+    from .distributed.mesh import launched_world_size
     from .model.transformer import DeepSeekV3
     from .tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    if _world_size() > 1:
+    if launched_world_size() > 1:
         from .distributed.launch import parallel_model_from_args
 
         model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, _torch_dtype(args.dtype), fp8=args.fp8)
@@ -135,7 +134,9 @@ def _run_text_command(args: argparse.Namespace, lead_fn, prog: str) -> int:
 
         return lead_or_follow(model, ctx, lambda: lead_fn(model, ctx, tok))
 
-    if _world_size() > 1:
+    from .distributed.mesh import launched_world_size
+
+    if launched_world_size() > 1:
         from .distributed.mesh import run_or_exit
 
         return run_or_exit(run, prog)

@@ -180,8 +180,7 @@ class ModelConfig:
             mscale_all_dim = self.rope_scaling.get("mscale_all_dim") or 0
             factor = float(self.rope_scaling.get("factor", 1.0))
             if mscale_all_dim and factor > 1:
-                m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-                scale = scale * m * m
+                scale = scale * yarn_mscale(factor, mscale_all_dim) ** 2
         return scale
 
     @property
@@ -308,6 +307,11 @@ class ModelConfig:
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)
         ):
             raise ConfigError(f"quantization_config.weight_block_size must be two positive integers, got {bs!r}")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not stretched): the one formula."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

@@ -71,6 +71,11 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun launched (WORLD_SIZE); 1 without torchrun. Read before any group exists."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def timeout_from_env() -> float:
     value = os.environ.get("DSV3_DIST_TIMEOUT", "")
     try:

@@ -15,11 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+from ..config import ModelConfig, yarn_mscale
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -48,7 +44,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
         mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attn_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         elif rs.get("attention_factor") is not None:
             attn_factor = float(rs["attention_factor"])
     return inv_freq.float(), attn_factor

@@ -73,13 +73,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_serve)
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, bind the socket, serve until interrupted; user mistakes raise DsV3Error."""
-    if _world_size() > 1:
+    from ..distributed.mesh import launched_world_size
+
+    if launched_world_size() > 1:
         from ..distributed.mesh import run_or_exit
 
         return run_or_exit(lambda: _serve(args), "dsv3 serve")
@@ -114,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
     if args.dtype not in table:
         raise DsV3Error(f"--dtype must be bf16 or fp32, got {args.dtype!r}")
-    parallel = _world_size() > 1
+    from ..distributed.mesh import launched_world_size
+
+    parallel = launched_world_size() > 1
     if parallel and not args.model:
         # A ConfigError: every rank hits it, and run_or_exit lets rank 0 alone say it.
         raise ConfigError("under torchrun, dsv3 serve needs --model (each rank loads its part of a checkpoint)")
