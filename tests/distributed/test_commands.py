@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import workers
@@ -86,7 +85,8 @@ def test_sizes_that_do_not_divide_under_torchrun(tmp_path):
 
 
 def test_a_failing_rank_ends_the_run_with_its_message(ckpt, tmp_path):
-    """Rank 1 cannot read its checkpoint; rank 0 loads and waits in a collective: both must exit, fast.
+    """Rank 1 cannot read its checkpoint; rank 0 loads and waits in a collective: both must exit, and rank 0
+    because it saw the closed connection, not the collective timeout (set far beyond the test's own limit).
 
     Plain processes with torchrun's environment, no torchrun agent (which would kill the group
     itself): this is the ranks' own fail-fast, not the launcher's.
@@ -95,18 +95,17 @@ def test_a_failing_rank_ends_the_run_with_its_message(ckpt, tmp_path):
     procs = []
     for rank, model in ((0, ckpt), (1, str(tmp_path / "missing"))):
         env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env["DSV3_DIST_TIMEOUT"] = "3600"  # a timeout would outlast communicate() below: only the peer path ends it
         args = ["dist-generate", "--model", model, "--prompt-ids", "1,2,3", "--tp", "2", "--ep", "2"]
         procs.append(
             subprocess.Popen([*CMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         )
-    t0 = time.monotonic()
-    outs = [p.communicate(timeout=90) for p in procs]
-    elapsed = time.monotonic() - t0
+    outs = [p.communicate(timeout=600) for p in procs]
     assert procs[1].returncode == 2
     assert f"[rank 1] checkpoint directory '{tmp_path / 'missing'}' does not exist" in outs[1][1]
     assert procs[0].returncode == 1
     assert "a collective failed, another rank has probably failed" in outs[0][1]
-    assert elapsed < 60  # far below the 60 s collective timeout: the peer noticed the closed connection
+    assert "timed out" not in outs[0][1].lower()
 
 
 def test_plan_command(capsys):

@@ -21,7 +21,7 @@ Which tokens a rank sees (`tokens`):
 
 Under TP + EP over the same ranks with the all-reduce combine, the routed experts' partial sum and
 the TP-split shared experts' partial sum are added first and all-reduced ONCE per MoE layer
-(`ReducedMoE`), where the official code all-reduces each: one collective fewer per layer, same sum.
+(a forward hook on the MoE layer), where the official code all-reduces each: one collective fewer per layer, same sum.
 
 Legend: T tokens, D model dim, E experts (El local to this rank), K experts per token,
 N = T*K assignments, R ranks, M rows received for this rank's experts, C tokens per rank's share.
@@ -39,7 +39,7 @@ from ..model.linear import ExpertLinear
 from ..model.moe import Experts, MoE
 from ..model.transformer import DeepSeekV3
 from .comm import CommStats, all_gather_cat, all_reduce_, all_to_all_rows, group_rank, group_size
-from .tensor_parallel import Shard, _adopt, _take, forget_derived, refuse_if
+from .tensor_parallel import Shard, _take, adopt, fuse_again, reduce_output
 
 COMBINES = ("all_to_all", "all_reduce")
 TOKENS = ("replicated", "local")
@@ -64,21 +64,19 @@ class ExpertParallel(Experts):
     total: int
     combine: str
     tokens: str
-    reduce: bool = True  # all_reduce combine: False returns this rank's partial sum (ReducedMoE sums it)
+    reduce: bool = True  # all_reduce combine: False returns this rank's partial sum (a hook on the MoE layer sums it)
 
     @classmethod
     def adopt(
         cls, experts: Experts, group: ProcessGroup, combine: str, tokens: str, stats: CommStats | None
     ) -> ExpertParallel:
+        """Slice `experts` to this rank's share and swap in this class for it (parameters taken over)."""
         R, r = group_size(group), group_rank(group)
         E = experts.num_experts
         El = E // R
         for lin in (experts.gate_proj, experts.up_proj, experts.down_proj):
             _slice_experts(lin, r * El, (r + 1) * El)
-        new = _adopt(cls, experts)
-        new.group, new.stats, new.first, new.total = group, stats, r * El, E
-        new.combine, new.tokens = combine, tokens
-        return new
+        return adopt(cls, experts, group=group, stats=stats, first=r * El, total=E, combine=combine, tokens=tokens)
 
     def extra_repr(self) -> str:
         return f"experts [{self.first}, {self.first + self.num_experts}) of {self.total}, {self.combine}, {self.tokens}"
@@ -143,25 +141,6 @@ class ExpertParallel(Experts):
         return torch.zeros_like(x_TD).index_add_(0, token_N, h_ND.to(x_TD.dtype))
 
 
-class ReducedMoE(MoE):
-    """An MoE whose routed and shared experts both return partial sums: one all-reduce of their total."""
-
-    group: ProcessGroup
-    stats: CommStats | None
-
-    @classmethod
-    def adopt(cls, moe: MoE, group: ProcessGroup, stats: CommStats | None) -> ReducedMoE:
-        new = _adopt(cls, moe)
-        new.group, new.stats = group, stats
-        new.experts.reduce = False
-        if new.shared_experts is not None:
-            new.shared_experts.down_proj.reduce = False
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_(super().forward(x), self.group, self.stats, "ep.all_reduce")
-
-
 def apply_ep(
     model: DeepSeekV3,
     group: ProcessGroup | None,
@@ -195,12 +174,16 @@ def apply_ep(
         raise ConfigError(f"n_routed_experts ({E}) is not divisible by ep ({R}); use an ep that divides it")
     # Same ranks for TP and EP, all-reduce combine: shared (TP-split) and routed partials reduce together.
     fuse = combine == "all_reduce" and getattr(model, "tp_group", None) is group
-    fused = False
+    was_fused = model.invalidate_derived_()  # e.g. a fused [E, 2F, D] gate/up of ALL experts
     for layer in layers:
-        fused |= forget_derived(layer.mlp.experts)  # a fused [E, 2F, D] gate/up of ALL experts
-        layer.mlp.experts = ExpertParallel.adopt(layer.mlp.experts, group, combine, tokens, stats)
+        moe = layer.mlp
+        moe.experts = ExpertParallel.adopt(moe.experts, group, combine, tokens, stats)
         if fuse:
-            layer.mlp = ReducedMoE.adopt(layer.mlp, group, stats)
+            # Routed and (TP-split) shared experts both return partial sums: ONE all-reduce of their total.
+            moe.experts.reduce = False
+            if moe.shared_experts is not None:
+                moe.shared_experts.down_proj.tp_reduce_hook.remove()
+            reduce_output(moe, group, stats, "ep.all_reduce")
     model.ep_group = group
-    refuse_if(model, fused)
+    fuse_again(model, was_fused)
     return stats

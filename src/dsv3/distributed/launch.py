@@ -23,16 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DsV3Error, RequestError
-from ..inference.generate import (
-    check_prompts,
-    decode_step,
-    model_device,
-    model_dtype,
-    per_row_sampling,
-    prefill,
-    row_generators,
-    stream,
-)
+from ..inference.generate import decode_step, prefill, stream
+from ..inference.request import GenerationRequest
 from ..inference.sampling import SamplingParams, sample_tokens
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
@@ -119,7 +111,7 @@ def parallelize(model: DeepSeekV3, tp: int | None, ep: int | None, ep_combine: s
     For a model made in memory (same config, same seed on every rank: `dsv3 bench`); a checkpoint is
     better read with `parallel_model_from_args`, which never holds the full weights. Returns the context.
     """
-    mesh = init_mesh(tp, ep, model_device(model))
+    mesh = init_mesh(tp, ep, model.device)
     stats = apply_tp(model, mesh.tp_group)
     stats = apply_ep(model, mesh.ep_group, combine=ep_combine, stats=stats)
     return ParallelContext(mesh, stats)
@@ -150,7 +142,8 @@ def parallel_stream(
         _follow_one(model, ctx)
         return
     try:
-        request = _validated(model, prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit)
+        request = GenerationRequest(prompts or [], max_new_tokens, sampling, seed, stop_token_ids, vocab_limit)
+        request = request.validate(model.config)  # the seed is drawn here, once: the followers get it
     except DsV3Error:
         ctx.broadcast_object((_SKIP,))
         raise
@@ -197,56 +190,37 @@ def lead_or_follow(model: DeepSeekV3, ctx: ParallelContext, lead: Callable[[], i
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _validated(model, prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit) -> dict:
-    prompts = [list(p) for p in (prompts or [])]
-    check_prompts(model, prompts, max_new_tokens)
-    params = per_row_sampling(len(prompts), sampling)
-    stops = list(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    seed = seed if seed is not None else torch.seed() % (2**62)
-    return {
-        "prompts": prompts,
-        "max_new_tokens": max_new_tokens,
-        "params": params,
-        "seed": seed,
-        "stops": stops,
-        "vocab_limit": vocab_limit,
-    }
-
-
-def _new_cache(model: DeepSeekV3, request: dict) -> tuple[LatentCache, list[int]]:
-    prompts = request["prompts"]
+def _new_cache(model: DeepSeekV3, request: GenerationRequest) -> tuple[LatentCache, list[int]]:
+    prompts = request.prompts
     cache = LatentCache(
         model.config,
         len(prompts),
-        max(len(p) for p in prompts) + request["max_new_tokens"],
-        dtype=model_dtype(model),
-        device=model_device(model),
+        max(len(p) for p in prompts) + request.max_new_tokens,
+        dtype=model.dtype,
+        device=model.device,
     )
     return cache, [cache.allocate() for _ in prompts]
 
 
-def _lead(model: DeepSeekV3, ctx: ParallelContext, request: dict) -> Iterator[dict[int, int]]:
+def _lead(model: DeepSeekV3, ctx: ParallelContext, request: GenerationRequest) -> Iterator[dict[int, int]]:
     """Rank 0: prefill, then per step sample, yield, broadcast the surviving (row, token) pairs, decode."""
-    prompts, params, limit = request["prompts"], request["params"], request["vocab_limit"]
-    if request["max_new_tokens"] == 0:
+    if request.max_new_tokens == 0:
         ctx.broadcast_object([])
         return
     cache, slots = _new_cache(model, request)
-    gens = row_generators(len(prompts), request["seed"])
-    logits = prefill(model, cache, slots, prompts)
-    active, produced = list(range(len(prompts))), [0] * len(prompts)
+    gens = request.generators()
+    logits = prefill(model, cache, slots, request.prompts)
+    active, produced = list(range(len(request.prompts))), [0] * len(request.prompts)
     owe_broadcast = False  # True between sampling and telling the followers what comes next
     try:
         while True:
             owe_broadcast = True
-            if limit is not None and limit < logits.shape[-1]:
-                logits = logits[:, :limit]  # as stream(): ids past the limit can never be sampled
-            tokens = sample_tokens(logits, [params[b] for b in active], [gens[b] for b in active])
+            tokens = sample_tokens(request.limit_vocab(logits), request.row_params(active), [gens[b] for b in active])
             yield dict(zip(active, tokens))
             still = []
             for b, t in zip(active, tokens):
                 produced[b] += 1
-                if t not in request["stops"] and produced[b] < request["max_new_tokens"]:
+                if t not in request.stop_set and produced[b] < request.max_new_tokens:
                     still.append((b, t))
             owe_broadcast = False
             ctx.broadcast_object(still)
@@ -267,11 +241,11 @@ def _follow_one(model: DeepSeekV3, ctx: ParallelContext) -> bool:
     if message[0] != _REQUEST:
         return True  # rank 0 rejected the request: nothing to run
     request = message[1]
-    if request["max_new_tokens"] == 0:
+    if request.max_new_tokens == 0:
         ctx.broadcast_object()
         return True
     cache, slots = _new_cache(model, request)
-    prefill(model, cache, slots, request["prompts"])
+    prefill(model, cache, slots, request.prompts)
     while True:
         still = ctx.broadcast_object()
         if isinstance(still, tuple):  # (_STOP,): rank 0 left mid-request (its command failed)

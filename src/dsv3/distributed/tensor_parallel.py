@@ -3,7 +3,7 @@
 The layout is the official inference code's (Megatron-style), rank r of R:
 - attention heads are dealt out in whole heads: `q_b_proj` (or `q_proj`) and `kv_b_proj` keep the
   output rows of heads [r*H/R, (r+1)*H/R); `o_proj` keeps the matching input columns and its
-  partial outputs are summed over the group (`RowParallelLinear`). MLA infers its local head count
+  partial outputs are summed over the group (a forward hook). MLA infers its local head count
   from these tensor sizes, so `model/` is unchanged;
 - the latent projections (`q_a_proj`, `kv_a_proj_with_mqa`), their norms and all other norms are
   replicated, and so is the latent KV cache: every rank computes the same latent and attends with
@@ -20,20 +20,25 @@ padding, so every rank holds the same shapes and the all-gather needs no croppin
 kept in FP8 must be split on its 128-row/column scale blocks (a shard starting inside a block
 would need a scale shared with the neighbour rank); that is a ConfigError too.
 
-The wrappers subclass the module they replace and take over its parameters, so state-dict names
-stay the checkpoint's (`self_attn.o_proj.weight`). They are for inference: the collectives are
-not autograd-aware. Each sharded module records its slice of the full tensor in `module.shard`
-(`Shard`), which the sharded loader reads to fetch exactly that slice from disk.
+Modules are sliced in place and keep their class, so state-dict names stay the checkpoint's
+(`self_attn.o_proj.weight`); the collectives are forward hooks (`reduce_output`, `gather_output`) and the
+vocabulary-parallel lookup is the embedding's `forward`, as in gpt-fast's tp.py. Tensors derived from the
+full weights (fused projections, absorbed MLA weights) are dropped first with `invalidate_derived_()` and
+rebuilt from the shards. They are for inference: the collectives are not autograd-aware. Each sharded
+module records its slice of the full tensor in `module.shard` (`Shard`), which the sharded loader reads to
+fetch exactly that slice from disk.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
 from ..model.attention import MLA
@@ -80,87 +85,48 @@ def shard_linear(linear: Linear, dim: int, start: int, stop: int, what: str) -> 
     linear.shard = Shard(dim, start, stop, full)
 
 
-def forget_derived(module: nn.Module) -> bool:
-    """Drop what `module` derived from its weights (fused projections, absorbed MLA weights), stale once
-    the weights are sliced; True if there was any. Plain tensor attributes are such caches: parameters
-    and buffers live in their own dicts."""
-    had = False
-    for name, value in list(vars(module).items()):
-        if isinstance(value, torch.Tensor) or (name == "_absorbed_cache" and value is not None):
-            setattr(module, name, None)
-            had = True
-    return had
-
-
-def refuse_if(model: DeepSeekV3, fused: bool) -> None:
+def fuse_again(model: DeepSeekV3, was_fused: bool) -> None:
     """Fuse the (now local) projections again when the model had them fused before it was split."""
-    if fused and not any(p.is_meta for p in model.parameters()) and hasattr(model, "fuse_projections_"):
+    if was_fused and not any(p.is_meta for p in model.parameters()):
         model.fuse_projections_()
 
 
-def _adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
-    """An instance of the subclass `cls` that takes over `module`'s parameters, buffers and attributes."""
+def adopt(cls: type[nn.Module], module: nn.Module, **attributes: object) -> nn.Module:
+    """An instance of `cls`, a subclass of `module`'s class that changes only `forward`, taking over `module`'s
+    parameters, buffers and submodules (so state_dict names stay), plus `attributes`: a seam swapped in place."""
+    base = cls.__mro__[1]
+    if not isinstance(module, base):
+        raise TypeError(f"{cls.__name__} adopts a {base.__name__}, not a {type(module).__name__}")
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
+    for name, value in attributes.items():
+        setattr(new, name, value)
     return new
 
 
-class RowParallelLinear(Linear):
-    """A Linear holding input columns [start, stop): y = all_reduce(x_local @ W_local^T).
-
-    `reduce = False` returns the partial sum instead, for a caller that reduces it together with
-    another partial (the MoE layer under TP + EP: shared and routed experts in one all-reduce).
-    """
-
-    group: ProcessGroup
-    stats: CommStats | None
-    reduce: bool = True
-
-    @classmethod
-    def adopt(cls, linear: Linear, group: ProcessGroup, stats: CommStats | None) -> RowParallelLinear:
-        new = _adopt(cls, linear)
-        new.group, new.stats = group, stats
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        return all_reduce_(y, self.group, self.stats, "tp.all_reduce") if self.reduce else y
+# Collectives are added with forward hooks (gpt-fast's tp.py shape): sharded modules keep their class, their
+# parameters and their state_dict names; only what comes out of them changes. For inference: the collectives
+# are not autograd-aware.
 
 
-class VocabParallelEmbedding(nn.Embedding):
-    """An Embedding holding rows [start, stop) of the vocabulary: other ids give zeros, then all-reduce."""
-
-    group: ProcessGroup
-    stats: CommStats | None
-
-    @classmethod
-    def adopt(cls, emb: nn.Embedding, group: ProcessGroup, stats: CommStats | None) -> VocabParallelEmbedding:
-        new = _adopt(cls, emb)
-        new.group, new.stats = group, stats
-        return new
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.shard.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside[..., None], 0.0)
-        return all_reduce_(out, self.group, self.stats, "tp.embed_all_reduce")
+def reduce_output(module: nn.Module, group: ProcessGroup, stats: CommStats | None, kind: str) -> RemovableHandle:
+    """Sum `module`'s output over the group: the partial products of a row-parallel projection."""
+    return module.register_forward_hook(lambda _m, _args, out: all_reduce_(out, group, stats, kind))
 
 
-class VocabParallelHead(Linear):
-    """An output head holding vocabulary rows [start, stop): local logits, all-gathered to (..., V)."""
+def gather_output(module: nn.Module, group: ProcessGroup, stats: CommStats | None, kind: str) -> RemovableHandle:
+    """Concatenate `module`'s output over the group along the last dim: vocabulary-parallel logits."""
+    return module.register_forward_hook(lambda _m, _args, out: all_gather_cat(out, -1, group, stats, kind))
 
-    group: ProcessGroup
-    stats: CommStats | None
 
-    @classmethod
-    def adopt(cls, linear: Linear, group: ProcessGroup, stats: CommStats | None) -> VocabParallelHead:
-        new = _adopt(cls, linear)
-        new.group, new.stats = group, stats
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_cat(super().forward(x), -1, self.group, self.stats, "tp.logits_all_gather")
+def vocab_parallel_embed(
+    emb: nn.Embedding, group: ProcessGroup, stats: CommStats | None, ids: torch.Tensor
+) -> torch.Tensor:
+    """Lookup in rows [start, stop) of the vocabulary: ids outside give zeros, then the ranks' parts are summed."""
+    local = ids - emb.shard.start
+    outside = (local < 0) | (local >= emb.weight.shape[0])
+    out = F.embedding(local.masked_fill(outside, 0), emb.weight)
+    return all_reduce_(out.masked_fill(outside[..., None], 0.0), group, stats, "tp.embed_all_reduce")
 
 
 def check_tp_divisible(model: DeepSeekV3, tp: int) -> None:
@@ -195,10 +161,7 @@ def apply_tp(model: DeepSeekV3, group: ProcessGroup | None, stats: CommStats | N
         raise ConfigError("apply_tp: the model is already tensor-parallel")
     check_tp_divisible(model, R)
 
-    fused = False
-    for module in model.modules():
-        had = forget_derived(module)
-        fused |= had and hasattr(module, "fuse_")
+    was_fused = model.invalidate_derived_()  # fused and absorbed tensors of the full weights go stale
     for i, layer in enumerate(_decoder_layers(model)):
         _shard_attention(layer.self_attn, r, R, group, stats, f"layer {i}")
         mlp = layer.mlp
@@ -215,28 +178,23 @@ def apply_tp(model: DeepSeekV3, group: ProcessGroup | None, stats: CommStats | N
         module.weight = nn.Parameter(rows, requires_grad=module.weight.requires_grad)
         module.shard = Shard(0, r * n, (r + 1) * n, V)
 
-    tied = model.config.tie_word_embeddings
-    embed = model.model.embed_tokens
-    vocab_rows(embed)
-    embed.num_embeddings = embed.weight.shape[0]
-    model.model.embed_tokens = VocabParallelEmbedding.adopt(embed, group, stats)
-    if tied:  # same rows as the embedding: share the shard, then wrap
-        model.lm_head.weight = model.model.embed_tokens.weight
-        model.lm_head.shard = model.model.embed_tokens.shard
-    else:
-        vocab_rows(model.lm_head)
-    model.lm_head.out_features = model.lm_head.weight.shape[0]
-    model.lm_head = VocabParallelHead.adopt(model.lm_head, group, stats)
-    for mtp in model.mtp:
-        vocab_rows(mtp.embed_tokens)
-        mtp.embed_tokens.num_embeddings = mtp.embed_tokens.weight.shape[0]
-        mtp.embed_tokens = VocabParallelEmbedding.adopt(mtp.embed_tokens, group, stats)
-        head = mtp.shared_head.head
-        vocab_rows(head)
+    def vocab_parallel(emb: nn.Embedding, head: Linear, tied: bool) -> None:
+        vocab_rows(emb)
+        emb.num_embeddings = emb.weight.shape[0]
+        # An instance `forward` (as training's activation checkpointing does): the lookup itself changes.
+        emb.forward = functools.partial(vocab_parallel_embed, emb, group, stats)
+        if tied:  # same rows as the embedding: share the shard
+            head.weight, head.shard = emb.weight, emb.shard
+        else:
+            vocab_rows(head)
         head.out_features = head.weight.shape[0]
-        mtp.shared_head.head = VocabParallelHead.adopt(head, group, stats)
+        gather_output(head, group, stats, "tp.logits_all_gather")
+
+    vocab_parallel(model.model.embed_tokens, model.lm_head, model.config.tie_word_embeddings)
+    for mtp in model.mtp:
+        vocab_parallel(mtp.embed_tokens, mtp.shared_head.head, tied=False)
     model.tp_group = group
-    refuse_if(model, fused)
+    fuse_again(model, was_fused)
     return stats
 
 
@@ -248,8 +206,8 @@ def _shard_attention(attn: MLA, r: int, R: int, group: ProcessGroup, stats: Comm
     shard_linear(q, 0, r * h * qk, (r + 1) * h * qk, f"{where} q projection")
     shard_linear(attn.kv_b_proj, 0, r * h * kv, (r + 1) * h * kv, f"{where} kv_b_proj")
     shard_linear(attn.o_proj, 1, r * h * attn.v_dim, (r + 1) * h * attn.v_dim, f"{where} o_proj")
-    attn.o_proj = RowParallelLinear.adopt(attn.o_proj, group, stats)
-    attn.n_heads = h  # (W_UK / W_UV of the full kv_b_proj were dropped by forget_derived)
+    attn.o_proj.tp_reduce_hook = reduce_output(attn.o_proj, group, stats, "tp.all_reduce")
+    attn.n_heads = h  # (W_UK / W_UV of the full kv_b_proj were dropped by invalidate_derived_)
 
 
 def _shard_mlp(mlp: MLP, r: int, R: int, group: ProcessGroup, stats: CommStats, where: str) -> None:
@@ -257,4 +215,5 @@ def _shard_mlp(mlp: MLP, r: int, R: int, group: ProcessGroup, stats: CommStats, 
     shard_linear(mlp.gate_proj, 0, r * n, (r + 1) * n, f"{where} gate_proj")
     shard_linear(mlp.up_proj, 0, r * n, (r + 1) * n, f"{where} up_proj")
     shard_linear(mlp.down_proj, 1, r * n, (r + 1) * n, f"{where} down_proj")
-    mlp.down_proj = RowParallelLinear.adopt(mlp.down_proj, group, stats)
+    # The handle lets expert parallelism fold this all-reduce into the MoE layer's own (see apply_ep).
+    mlp.down_proj.tp_reduce_hook = reduce_output(mlp.down_proj, group, stats, "tp.all_reduce")

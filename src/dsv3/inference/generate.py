@@ -15,15 +15,19 @@ import torch
 from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
+from .request import GenerationRequest
 from .sampling import SamplingParams, sample_tokens
+from .speculative import speculative_stream
 
 
 def model_dtype(model: DeepSeekV3) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
+    """`model.dtype` (kept for callers of the function)."""
+    return model.dtype
 
 
 def model_device(model: DeepSeekV3) -> torch.device:
-    return model.model.embed_tokens.weight.device
+    """`model.device` (kept for callers of the function)."""
+    return model.device
 
 
 @torch.inference_mode()
@@ -67,47 +71,9 @@ def decode_step(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens:
     return logits[:, -1]
 
 
-def check_prompts(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    cfg = model.config
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise RequestError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if len(prompts) == 0:
-        raise RequestError("no prompts given")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise RequestError(f"prompt {i} is empty")
-        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise RequestError(f"prompt {i} has token id {bad[0]!r} outside [0, {cfg.vocab_size})")
-        if len(p) + max_new_tokens > cfg.max_position_embeddings:
-            raise RequestError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the context "
-                f"length {cfg.max_position_embeddings}"
-            )
-
-
-def per_row_sampling(num_rows: int, sampling: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
-    """One validated SamplingParams per row (a single one is shared by all rows)."""
-    params = [sampling] * num_rows if isinstance(sampling, SamplingParams) else list(sampling)
-    if len(params) != num_rows:
-        raise RequestError("one SamplingParams per prompt is needed")
-    return [p.validate() for p in params]
-
-
-def row_generators(num_rows: int, seed: int | None) -> list[torch.Generator]:
-    """A CPU generator per row, row b seeded with seed + b (a random seed when None)."""
-    base = seed if seed is not None else torch.seed() % (2**62)
-    gens = []
-    for b in range(num_rows):
-        g = torch.Generator(device="cpu")
-        g.manual_seed(base + b)
-        gens.append(g)
-    return gens
-
-
 def stream(
     model: DeepSeekV3,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | GenerationRequest,
     max_new_tokens: int = 32,
     sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
     seed: int | None = None,
@@ -116,36 +82,32 @@ def stream(
 ) -> Iterator[dict[int, int]]:
     """Yield, per step, {row: new token} for the rows still running; stops at EOS / stop ids / budget.
 
-    `vocab_limit` masks ids >= limit (the padded vocabulary a tokenizer cannot decode).
+    Takes a `GenerationRequest` or its fields; `vocab_limit` masks ids >= limit (the padded vocabulary a
+    tokenizer cannot decode).
     """
-    prompts = [list(p) for p in prompts]
-    check_prompts(model, prompts, max_new_tokens)
-    params = per_row_sampling(len(prompts), sampling)
-    if max_new_tokens == 0:
+    if not isinstance(prompts, GenerationRequest):
+        prompts = GenerationRequest(prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit)
+    request = prompts.validate(model.config)
+    if request.max_new_tokens == 0:
         return
     model.fuse_projections_()
-    gens = row_generators(len(prompts), seed)
-    stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    prompts, budget, stops = request.prompts, request.max_new_tokens, request.stop_set
+    gens = request.generators()
     cache = LatentCache(
-        model.config,
-        len(prompts),
-        max(len(p) for p in prompts) + max_new_tokens,
-        dtype=model_dtype(model),
-        device=model_device(model),
-    )
+        model.config, len(prompts), max(len(p) for p in prompts) + budget,
+        dtype=model_dtype(model), device=model_device(model),
+    )  # fmt: skip
     slots = [cache.allocate() for _ in prompts]
     logits = prefill(model, cache, slots, prompts)
     active = list(range(len(prompts)))
     produced = [0] * len(prompts)
     while active:
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits = logits[:, :vocab_limit]  # ids past the limit can never be sampled
-        tokens = sample_tokens(logits, [params[b] for b in active], [gens[b] for b in active])
+        tokens = sample_tokens(request.limit_vocab(logits), request.row_params(active), [gens[b] for b in active])
         yield dict(zip(active, tokens))
         still = []
         for b, t in zip(active, tokens):
             produced[b] += 1
-            if t not in stops and produced[b] < max_new_tokens:
+            if t not in stops and produced[b] < budget:
                 still.append((b, t))
         if not still:
             return
@@ -169,18 +131,13 @@ def generate(
     `speculative="mtp"` drafts with the MTP module and verifies with the main model (same output
     distribution; identical greedy output).
     """
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    out: list[list[int]] = [[] for _ in prompts]
-    if speculative is None:
-        for step in stream(model, prompts, max_new_tokens, params, seed, stop_token_ids):
-            for b, t in step.items():
-                out[b].append(t)
-        return out
-    if speculative != "mtp":
+    if speculative not in (None, "mtp"):
         raise RequestError(f"speculative must be None or 'mtp', got {speculative!r}")
-    from .speculative import speculative_stream
-
-    for step in speculative_stream(model, prompts, max_new_tokens, params, seed, stop_token_ids):
-        for b, toks in step.items():
-            out[b].extend(toks)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    request = GenerationRequest(prompts, max_new_tokens, params, seed, stop_token_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    steps = stream(model, request) if speculative is None else speculative_stream(model, request)
+    for step in steps:
+        for b, tokens in step.items():
+            out[b].extend([tokens] if isinstance(tokens, int) else tokens)
     return out

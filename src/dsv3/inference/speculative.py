@@ -11,6 +11,9 @@ Per step and sequence, with L tokens already in the main cache and x the last sa
    identical to plain greedy decoding.
 The MTP layer attends over its own latent cache at the ORIGINAL positions, one entry per position
 t holding (h_t, token t+1), so it is fed 1 or 2 positions per step (ragged across the batch).
+
+`speculative_step()` is one draft + verify + accept pass over the running rows (a plain function of the
+model, the two caches and the rows' state, like `decode_step`); `speculative_stream()` is the loop around it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
-from .generate import check_prompts, model_device, model_dtype, per_row_sampling, row_generators
+from .request import GenerationRequest
 from .sampling import SamplingParams, filtered_probs
 
 
@@ -43,6 +46,17 @@ class SpeculativeStats:
         return self.tokens / self.steps if self.steps else 0.0
 
 
+@dataclass
+class DraftState:
+    """One running sequence: its cache slot (the same in both caches), the last sampled token (fed next),
+    and the MTP layer's pending inputs: main-model hidden states h_t (n, D) and the tokens t+1 beside them."""
+
+    slot: int
+    last: int
+    mtp_hidden: torch.Tensor
+    mtp_next: list[int]
+
+
 def _right_padded(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
     out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -55,10 +69,67 @@ def _pick(x: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), torch.as_tensor(list(cols), device=x.device)]
 
 
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+
+
+@torch.inference_mode()
+def speculative_step(
+    model: DeepSeekV3,
+    main_cache: LatentCache,
+    mtp_cache: LatentCache,
+    rows: list[DraftState],
+    params: list[SamplingParams],
+    gens: list[torch.Generator],
+    request: GenerationRequest,
+    stats: SpeculativeStats,
+) -> list[list[int]]:
+    """Draft with the MTP layer, verify [last, draft] in one main pass, accept or correct: each row's 1 or 2
+    new tokens. Advances both caches and each row's state."""
+    dev, D = model.device, model.config.hidden_size
+    # 1. Draft: the MTP layer over each row's pending positions; the draft comes from the last one.
+    n_mtp = [len(r.mtp_next) for r in rows]
+    h_in = torch.zeros(len(rows), max(n_mtp), D, dtype=rows[0].mtp_hidden.dtype, device=dev)
+    for i, r in enumerate(rows):
+        h_in[i, : n_mtp[i]] = r.mtp_hidden
+    mbatch = mtp_cache.bind([r.slot for r in rows], n_mtp)
+    draft_logits, _ = model.mtp_logits(h_in, _right_padded([r.mtp_next for r in rows], dev), cache=mbatch)
+    mbatch.commit()
+    draft_logits = request.limit_vocab(_pick(draft_logits, [n - 1 for n in n_mtp]))
+    q = [filtered_probs(draft_logits[i], params[i]) for i in range(len(rows))]
+    drafts = [_draw(q[i], gens[i]) for i in range(len(rows))]
+
+    # 2. Verify [last, draft] for every row in one pass of the main model.
+    vbatch = main_cache.bind([r.slot for r in rows], [2] * len(rows))
+    ids = torch.tensor([[r.last, d] for r, d in zip(rows, drafts)], dtype=torch.long, device=dev)
+    vh = model.hidden_states(ids, cache=vbatch)
+    vbatch.commit()
+    vlogits = request.limit_vocab(model.logits(vh))
+    stats.steps += 1
+
+    # 3. Accept or correct, then the bonus token.
+    out = []
+    for i, (r, d) in enumerate(zip(rows, drafts)):
+        p_now = filtered_probs(vlogits[i, 0], params[i])
+        stats.drafted += 1
+        if float(torch.rand(1, generator=gens[i])) * float(q[i][d]) < float(p_now[d]):
+            stats.accepted += 1
+            new = [d, _draw(filtered_probs(vlogits[i, 1], params[i]), gens[i])]
+            r.mtp_hidden, r.mtp_next = vh[i, :2], new
+        else:
+            residual = (p_now - q[i]).clamp(min=0)
+            new = [_draw(residual / residual.sum() if residual.sum() > 0 else p_now, gens[i])]
+            main_cache.truncate(r.slot, int(main_cache.lengths[r.slot]) - 1)  # d's entry
+            r.mtp_hidden, r.mtp_next = vh[i, :1], new
+        r.last = new[-1]
+        out.append(new)
+    return out
+
+
 @torch.inference_mode()
 def speculative_stream(
     model: DeepSeekV3,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | GenerationRequest,
     max_new_tokens: int = 32,
     sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
     seed: int | None = None,
@@ -66,20 +137,23 @@ def speculative_stream(
     vocab_limit: int | None = None,
     stats: SpeculativeStats | None = None,
 ) -> Iterator[dict[int, list[int]]]:
-    """Yield, per verification step, {row: new tokens (1 or 2)} for the rows still running."""
+    """Yield, per verification step, {row: new tokens (1 or 2)} for the rows still running.
+
+    Takes a `GenerationRequest` or its fields, as `stream()` does.
+    """
     if not model.mtp:
         raise RequestError("speculative decoding needs the MTP module (num_nextn_predict_layers > 0, loaded)")
-    prompts = [list(p) for p in prompts]
-    check_prompts(model, prompts, max_new_tokens + 1)
-    params = per_row_sampling(len(prompts), sampling)
+    if not isinstance(prompts, GenerationRequest):
+        prompts = GenerationRequest(prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit)
+    request = prompts.validate(model.config, reserve=1)
     stats = stats if stats is not None else SpeculativeStats()
-    if max_new_tokens == 0:
+    if request.max_new_tokens == 0:
         return
     model.fuse_projections_()
-    cfg, dev, dtype = model.config, model_device(model), model_dtype(model)
-    gens = row_generators(len(prompts), seed)
-    stops = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    max_len = max(len(p) for p in prompts) + max_new_tokens + 2
+    cfg, dev, dtype = model.config, model.device, model.dtype
+    prompts, budget, stops = request.prompts, request.max_new_tokens, request.stop_set
+    gens = request.generators()
+    max_len = max(len(p) for p in prompts) + budget + 2
     main_cache = LatentCache(cfg, len(prompts), max_len, dtype=dtype, device=dev)
     mtp_cache = LatentCache(
         cfg, len(prompts), max_len, dtype=dtype, device=dev, num_layers=1, first_layer=cfg.num_hidden_layers
@@ -87,70 +161,33 @@ def speculative_stream(
     slots = [main_cache.allocate() for _ in prompts]
     assert [mtp_cache.allocate() for _ in prompts] == slots  # row b uses slot b in both caches
 
-    def mask_vocab(logits: torch.Tensor) -> torch.Tensor:
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            return logits[..., :vocab_limit]  # ids past the limit can never be sampled
-        return logits
-
-    def draw(probs: torch.Tensor, b: int) -> int:
-        return int(torch.multinomial(probs.cpu(), 1, generator=gens[b]).item())
-
     # Prefill the main model over the prompts, keeping every position's hidden state for the MTP layer.
     lens = [len(p) for p in prompts]
     batch = main_cache.bind(slots, lens)
     hidden = model.hidden_states(_right_padded(prompts, dev), cache=batch)
     batch.commit()
-    last_logits = mask_vocab(model.logits(_pick(hidden, [n - 1 for n in lens])[:, None])[:, 0])
-    x = [draw(filtered_probs(last_logits[b], params[b]), b) for b in range(len(prompts))]
-    produced = [[t] for t in x]
-    yield {b: [t] for b, t in enumerate(x)}
-    stats.tokens += len(x)
-    active = [b for b in range(len(prompts)) if x[b] not in stops and max_new_tokens > 1]
+    last_logits = request.limit_vocab(model.logits(_pick(hidden, [n - 1 for n in lens])[:, None])[:, 0])
+    first = [_draw(filtered_probs(last_logits[b], request.sampling[b]), gens[b]) for b in range(len(prompts))]
+    produced = [[t] for t in first]
+    yield {b: [t] for b, t in enumerate(first)}
+    stats.tokens += len(first)
     # MTP inputs for positions 0..n-1: (h_t, token t+1), the last one using the token just sampled.
-    mtp_hidden = {b: hidden[b, : lens[b]] for b in active}
-    mtp_next = {b: prompts[b][1:] + [x[b]] for b in active}
-
-    while active:
-        # 1. Draft: the MTP layer over each row's pending positions; the draft comes from the last one.
-        n_mtp = [len(mtp_next[b]) for b in active]
-        h_in = torch.zeros(len(active), max(n_mtp), cfg.hidden_size, dtype=hidden.dtype, device=dev)
-        for i, b in enumerate(active):
-            h_in[i, : n_mtp[i]] = mtp_hidden[b]
-        mbatch = mtp_cache.bind([slots[b] for b in active], n_mtp)
-        draft_logits, _ = model.mtp_logits(h_in, _right_padded([mtp_next[b] for b in active], dev), cache=mbatch)
-        mbatch.commit()
-        draft_logits = mask_vocab(_pick(draft_logits, [n - 1 for n in n_mtp]))
-        q = [filtered_probs(draft_logits[i], params[b]) for i, b in enumerate(active)]
-        drafts = [draw(q[i], b) for i, b in enumerate(active)]
-
-        # 2. Verify [x, d] for every row in one pass of the main model.
-        vbatch = main_cache.bind([slots[b] for b in active], [2] * len(active))
-        ids = torch.tensor([[x[b], d] for b, d in zip(active, drafts)], dtype=torch.long, device=dev)
-        vh = model.hidden_states(ids, cache=vbatch)
-        vbatch.commit()
-        vlogits = mask_vocab(model.logits(vh))
-        stats.steps += 1
-
-        # 3. Accept or correct, then the bonus token.
+    states = {
+        b: DraftState(slots[b], first[b], hidden[b, : lens[b]], prompts[b][1:] + [first[b]])
+        for b in range(len(prompts))
+        if first[b] not in stops and budget > 1
+    }
+    while states:
+        active = list(states)
+        new = speculative_step(
+            model, main_cache, mtp_cache, [states[b] for b in active], request.row_params(active),
+            [gens[b] for b in active], request, stats,
+        )  # fmt: skip
         step: dict[int, list[int]] = {}
-        still = []
-        for i, b in enumerate(active):
-            d = drafts[i]
-            p_now = filtered_probs(vlogits[i, 0], params[b])
-            stats.drafted += 1
-            accept = float(torch.rand(1, generator=gens[b])) * float(q[i][d]) < float(p_now[d])
-            if accept:
-                stats.accepted += 1
-                new = [d, draw(filtered_probs(vlogits[i, 1], params[b]), b)]
-                mtp_hidden[b], mtp_next[b] = vh[i, :2], new
-            else:
-                residual = (p_now - q[i]).clamp(min=0)
-                new = [draw(residual / residual.sum() if residual.sum() > 0 else p_now, b)]
-                main_cache.truncate(slots[b], int(main_cache.lengths[slots[b]]) - 1)  # d's entry
-                mtp_hidden[b], mtp_next[b] = vh[i, :1], new
+        for b, tokens in zip(active, new):
             kept = []
-            for t in new:
-                if len(produced[b]) >= max_new_tokens:
+            for t in tokens:  # the budget and a stop id may cut an accepted pair short
+                if len(produced[b]) >= budget:
                     break
                 kept.append(t)
                 produced[b].append(t)
@@ -158,8 +195,6 @@ def speculative_stream(
                     break
             step[b] = kept
             stats.tokens += len(kept)
-            x[b] = new[-1]
-            if kept and kept[-1] not in stops and len(produced[b]) < max_new_tokens and kept == new:
-                still.append(b)
+            if kept != tokens or kept[-1] in stops or len(produced[b]) >= budget:
+                del states[b]
         yield step
-        active = still

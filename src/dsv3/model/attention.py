@@ -52,6 +52,12 @@ class MLA(nn.Module):
         self._absorbed_cache: tuple | None = None  # (key, W_UK, W_UV) prepared once per weight version
         self._x_proj: torch.Tensor | None = None  # q_a_proj (or q_proj) + kv_a_proj_with_mqa, see fuse_()
 
+    def invalidate_derived_(self) -> bool:
+        """Forget what was derived from the weights (fused input projections, absorbed W_UK/W_UV); True if the
+        projections were fused. Call after re-assigning or slicing weights in place (tensor parallelism)."""
+        fused, self._x_proj, self._absorbed_cache = self._x_proj is not None, None, None
+        return fused
+
     def _input_projections(self) -> tuple[Linear, Linear]:
         return (self.q_proj if self.q_lora_rank is None else self.q_a_proj), self.kv_a_proj_with_mqa
 
@@ -84,10 +90,6 @@ class MLA(nn.Module):
         """kv_a_proj_with_mqa(x) -> what the cache stores: [normed latent (R), rotated rope key (Dr)]."""
         c, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos, sin)], dim=-1)
-
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """What the cache stores for x (B, T, D): (B, T, R+Dr)."""
-        return self._latent(self.kv_a_proj_with_mqa(x), cos, sin)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK (H, Dn, R), W_UV^T (H, R, Dv)) from kv_b_proj, contiguous, prepared once per weight version.

@@ -36,6 +36,11 @@ class MLP(nn.Module):
         if fused_weight(self._gate_up, self.gate_proj, self.up_proj) is None:
             self._gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
+    def invalidate_derived_(self) -> bool:
+        """Forget the fused gate/up tensor (True if there was one): call after re-assigning or slicing weights."""
+        fused, self._gate_up = self._gate_up is not None, None
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         if gate_up is not None:
@@ -130,6 +135,11 @@ class Experts(nn.Module):
         """Back the stacked gate/up weights by one [E, 2F, D] tensor: one matmul per active expert."""
         if fused_weight(self._gate_up, self.gate_proj, self.up_proj) is None:
             self._gate_up = fuse_weights(self.gate_proj, self.up_proj)
+
+    def invalidate_derived_(self) -> bool:
+        """Forget the fused [E, 2F, D] gate/up tensor (True if there was one): call after slicing the weights."""
+        fused, self._gate_up = self._gate_up is not None, None
+        return fused
 
     @property
     def num_experts(self) -> int:

@@ -112,6 +112,16 @@ class DeepSeekV3(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: that of the embedding table (as transformers' models report it)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs: the embedding table's device."""
+        return self.model.embed_tokens.weight.device
+
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -146,6 +156,16 @@ class DeepSeekV3(nn.Module):
             if fuse is not None and module is not self:
                 fuse()
         return self
+
+    @torch.no_grad()
+    def invalidate_derived_(self) -> bool:
+        """Forget every tensor derived from the weights (fused projections, absorbed MLA weights); True if any
+        were fused. Code that slices or re-assigns weights in place (tensor/expert parallelism) calls it first."""
+        fused = False
+        for module in self.modules():
+            if module is not self and hasattr(module, "invalidate_derived_"):
+                fused |= module.invalidate_derived_()
+        return fused
 
     # ------------------------------------------------------------------ forward
     def forward(
