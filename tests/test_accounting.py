@@ -296,9 +296,16 @@ def test_plan_split_weights_by_hand(tiny):
         else:
             expected += 2 * n
     assert plan["weights_bytes"] == expected
-    # Uneven splits round up: 4 heads over 3 ranks is 2 on rank 0.
-    three = A.plan_deployment(tiny, devices=3, device_memory_gb=1.0, context=64, batch=1, tp=3, ep=1)
-    assert three["heads_per_device"] == 2 and three["experts_per_device"] == 8
+    # Uneven splits are refused, as apply_tp / apply_ep refuse them (they used to be planned with ceil division).
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tp \(3\)"):
+        A.plan_deployment(tiny, devices=3, device_memory_gb=1.0, context=64, batch=1, tp=3, ep=1)
+    with pytest.raises(ConfigError, match=r"n_routed_experts \(8\) is not divisible by ep \(3\)"):
+        A.plan_deployment(tiny, devices=3, device_memory_gb=1.0, context=64, batch=1, tp=1, ep=3)
+    odd = ModelConfig.from_pretrained("tiny", intermediate_size=130)
+    with pytest.raises(ConfigError, match=r"intermediate_size \(130\) is not divisible by tp \(4\)"):
+        A.plan_deployment(odd, devices=4, device_memory_gb=1.0, context=64, batch=1, tp=4, ep=1)
+    two = A.plan_deployment(tiny, devices=2, device_memory_gb=1.0, context=64, batch=1, tp=2, ep=2)
+    assert two["heads_per_device"] == 2 and two["experts_per_device"] == 4
 
 
 def test_plan_data_parallel_attention_shares_the_batch(v3):

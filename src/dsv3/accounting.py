@@ -409,8 +409,26 @@ def format_summary(cfg: ModelConfig, mtp: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- deployment plan
+def check_parallel_split(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> None:
+    """Raise ConfigError naming the first size that `tp` or `ep` does not divide: the splits
+    `dsv3.distributed.apply_tp` / `apply_ep` make (no padding), so a plan never promises one they refuse."""
+    sizes = [("num_attention_heads", cfg.num_attention_heads), ("vocab_size", cfg.vocab_size)]
+    moe = cfg.num_moe_layers > 0 or cfg.num_nextn_predict_layers > 0
+    if cfg.num_moe_layers < cfg.num_hidden_layers:
+        sizes.append(("intermediate_size", cfg.intermediate_size))
+    if cfg.n_shared_experts and moe:
+        sizes.append(("moe_intermediate_size * n_shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts))
+    for name, n in sizes:
+        if n % tp:
+            raise ConfigError(f"{name} ({n}) is not divisible by tp ({tp}); use a tp that divides it")
+    if moe and cfg.n_routed_experts % ep:
+        raise ConfigError(
+            f"n_routed_experts ({cfg.n_routed_experts}) is not divisible by ep ({ep}); use an ep that divides it"
+        )
+
+
 def _local_shape(s: _Spec, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
-    """The shard of `s` on TP rank 0, which holds the most when a split is uneven (ceil division)."""
+    """The shard of `s` on a TP rank (splits are even: `check_parallel_split`)."""
     H = cfg.num_attention_heads
     heads = -(-H // tp)
     if s.split == "head_rows":
@@ -489,8 +507,9 @@ def plan_deployment(
     - devices / tp attention replicas (data parallel) share the batch: each serves ceil(batch/dp)
       sequences, and its latent KV cache (bf16, whatever the weight dtype) is replicated on each of
       its tp ranks.
-    Uneven splits round up (ceil(heads/tp), ceil(rows/tp), ceil(E/ep)): the figures are those of
-    rank 0, the fullest. FP8 scales are counted on the shard's own shape. Activations are the
+    A tp or ep that does not divide the sizes it splits is refused, as apply_tp / apply_ep refuse it
+    (`check_parallel_split`); every rank then holds the same shapes. FP8 scales are counted on the
+    shard's own shape. Activations are the
     peak of one prefill chunk (`_activation_bytes`) plus fp32 logits for the local batch, ceil(V/tp)
     wide. With `mtp` the MTP layers' weights and KV cache are included (for speculative decoding).
     """
@@ -507,6 +526,7 @@ def plan_deployment(
         raise ConfigError(f"device memory must be a positive number of GiB, got {device_memory_gb!r}")
     if context > cfg.max_position_embeddings:
         raise ConfigError(f"context {context} exceeds max_position_embeddings ({cfg.max_position_embeddings})")
+    check_parallel_split(cfg, tp, ep)
 
     dp = devices // tp
     local_batch = -(-batch // dp)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
+from ..accounting import check_parallel_split
 from ..errors import ConfigError
 from ..model.attention import MLA
 from ..model.linear import Linear
@@ -130,17 +131,8 @@ def vocab_parallel_embed(
 
 
 def check_tp_divisible(model: DeepSeekV3, tp: int) -> None:
-    """Raise ConfigError naming the first size of `model` that `tp` does not divide."""
-    cfg = model.config
-    sizes = [("num_attention_heads", cfg.num_attention_heads), ("vocab_size", cfg.vocab_size)]
-    layers = _decoder_layers(model)
-    if any(isinstance(layer.mlp, MLP) for layer in layers):
-        sizes.append(("intermediate_size", cfg.intermediate_size))
-    if cfg.n_shared_experts and any(isinstance(layer.mlp, MoE) for layer in layers):
-        sizes.append(("moe_intermediate_size * n_shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts))
-    for name, n in sizes:
-        if n % tp:
-            raise ConfigError(f"{name} ({n}) is not divisible by tp ({tp}); use a tp that divides it")
+    """Raise ConfigError naming the first size of `model` that `tp` does not divide (the rule `dsv3 plan` uses)."""
+    check_parallel_split(model.config, tp=tp)
 
 
 def _decoder_layers(model: DeepSeekV3) -> list[nn.Module]:
