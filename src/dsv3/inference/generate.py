@@ -123,7 +123,7 @@ def stream(
     params = per_row_sampling(len(prompts), sampling)
     if max_new_tokens == 0:
         return
-    model.fuse_projections_()
+    model.prepare_for_inference()
     gens = row_generators(len(prompts), seed)
     stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     cache = LatentCache(

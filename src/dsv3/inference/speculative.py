@@ -75,7 +75,7 @@ def speculative_stream(
     stats = stats if stats is not None else SpeculativeStats()
     if max_new_tokens == 0:
         return
-    model.fuse_projections_()
+    model.prepare_for_inference()
     cfg, dev, dtype = model.config, model_device(model), model_dtype(model)
     gens = row_generators(len(prompts), seed)
     stops = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)

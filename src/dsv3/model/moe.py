@@ -22,6 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..kernels import fp8 as fp8_kernels
 from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
+from .options import UNPREPARED
 
 
 class MLP(nn.Module):
@@ -33,6 +34,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, hidden)
         self.down_proj = Linear(hidden, dim)
         self._gate_up: torch.Tensor | None = None  # see fuse_()
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     def fuse_(self) -> None:
         """Back gate_proj and up_proj by one [2F, D] tensor so inference reads x once (linear.fuse_weights)."""
@@ -42,7 +44,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         if gate_up is not None:
-            g, u = matmul_wt(x, gate_up).chunk(2, dim=-1)
+            g, u = matmul_wt(x, gate_up, self.options.matvec).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -134,6 +136,7 @@ class Experts(nn.Module):
         self.up_proj = ExpertLinear(E, D, F_)
         self.down_proj = ExpertLinear(E, F_, D)
         self._gate_up: torch.Tensor | None = None  # [E, 2F, D] once fuse_() ran
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     def fuse_(self) -> None:
         """Back the stacked gate/up weights by one [E, 2F, D] tensor: one matmul per active expert."""
@@ -224,7 +227,7 @@ def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) 
     One host sync for the counts, none per expert. A one-token batch is K rows on K experts: this path.
     """
     out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
-    dtype = x_ND.dtype
+    dtype, matvec = x_ND.dtype, experts.options.matvec
     gate_up = experts.gate_up_weights(dtype)
     begin = 0
     for e, n in enumerate(counts_E.tolist()):
@@ -232,11 +235,11 @@ def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) 
             continue
         rows = x_ND[begin : begin + n]
         if gate_up is not None:
-            g, u = matmul_wt(rows, gate_up[e]).chunk(2, dim=-1)
+            g, u = matmul_wt(rows, gate_up[e], matvec).chunk(2, dim=-1)
         else:
-            g = matmul_wt(rows, experts.gate_proj.expert_weight(e, dtype))
-            u = matmul_wt(rows, experts.up_proj.expert_weight(e, dtype))
-        out[begin : begin + n] = matmul_wt(F.silu(g) * u, experts.down_proj.expert_weight(e, dtype))
+            g = matmul_wt(rows, experts.gate_proj.expert_weight(e, dtype), matvec)
+            u = matmul_wt(rows, experts.up_proj.expert_weight(e, dtype), matvec)
+        out[begin : begin + n] = matmul_wt(F.silu(g) * u, experts.down_proj.expert_weight(e, dtype), matvec)
         begin += n
     return out
 
