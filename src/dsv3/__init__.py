@@ -3,7 +3,17 @@
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DsV3Error, RequestError
 from .inference.generate import generate
+from .model.options import InferenceOptions
 from .model.transformer import DeepSeekV3
 
-__all__ = ["ModelConfig", "DeepSeekV3", "generate", "DsV3Error", "ConfigError", "CheckpointError", "RequestError"]
+__all__ = [
+    "ModelConfig",
+    "DeepSeekV3",
+    "InferenceOptions",
+    "generate",
+    "DsV3Error",
+    "ConfigError",
+    "CheckpointError",
+    "RequestError",
+]
 __version__ = "0.1.0"

@@ -170,7 +170,7 @@ def run_bench(
         torch.set_num_threads(threads)
     cfg = ModelConfig.from_pretrained(config)
     torch.manual_seed(0)
-    model = DeepSeekV3(cfg, dtype=torch.bfloat16).eval().fuse_projections_()
+    model = DeepSeekV3(cfg, dtype=torch.bfloat16).eval().prepare_for_inference()
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

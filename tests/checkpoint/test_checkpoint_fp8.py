@@ -53,6 +53,7 @@ from dsv3.kernels import fp8 as fp8_kernels
 from dsv3.kernels.fp8 import FP8_DTYPE, act_quant, dequantize_blocks, quantize_blocks
 from dsv3.model.linear import ExpertLinear, Linear
 from dsv3.model.moe import Router
+from dsv3.model.options import InferenceOptions
 
 BF16_REL = 1e-2
 GEMM_REL = 1e-2
@@ -163,15 +164,6 @@ def expand_dequantize(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) 
     return w.float() * per_element
 
 
-def set_fp8_mode(model: torch.nn.Module, mode: str) -> int:
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Linear) and m.is_fp8:
-            m.fp8_mode = mode
-            n += 1
-    return n
-
-
 def rewrite(src, dst, edit=lambda k, t: t, config_edit=None, split=None) -> None:
     """Copy a checkpoint; edit(key, tensor) returns a tensor, None (drop) or a dict (replace with);
     split(key) -> shard name overrides where a key goes; config_edit(dict) changes config.json in place."""
@@ -215,13 +207,16 @@ def loaded(fp8_ckpt):
 
 
 @contextlib.contextmanager
-def fp8_mode(model: torch.nn.Module, mode: str):
-    """Every FP8 Linear computes in `mode` inside the block."""
-    assert set_fp8_mode(model, mode) > 0
+def fp8_mode(model: dsv3.DeepSeekV3, mode: str):
+    """Every FP8 Linear computes in `mode` inside the block (through prepare_for_inference, the one place)."""
+    previous = model.inference_options
+    model.prepare_for_inference(InferenceOptions(fp8_compute=mode))
+    fp8_layers = [m for m in model.modules() if isinstance(m, Linear) and m.is_fp8]
+    assert fp8_layers and all(m.options.fp8_compute == mode for m in fp8_layers)
     try:
         yield model
     finally:
-        set_fp8_mode(model, "dequant")
+        model.prepare_for_inference(previous)
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,19 @@ def test_fused_projections_give_the_same_numbers_and_names(tiny_cfg):
     assert layer.mlp.experts.up_proj.weight.grad is not None and layer.self_attn.q_a_proj.weight.grad is not None
 
 
-def test_grouped_mm_and_expert_loop_agree(tiny_cfg):
+def _independent_moe(experts, x, idx, w):
+    """Token by token, expert by expert, from the stacked weights: no dsv3 code involved."""
+    ref = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            h = torch.nn.functional.silu(experts.gate_proj.weight[e] @ x[t]) * (experts.up_proj.weight[e] @ x[t])
+            ref[t] += w[t, k] * (experts.down_proj.weight[e] @ h)
+    return ref
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_expert_strategy_matches_the_reference(tiny_cfg, fused):
     import dsv3.model.moe as moe
 
     torch.manual_seed(0)
@@ -194,22 +206,19 @@ def test_grouped_mm_and_expert_loop_agree(tiny_cfg):
     idx = torch.randint(0, tiny_cfg.n_routed_experts, (40, 2))
     w = torch.rand(40, 2)
     with torch.no_grad():
-        grouped = experts(x, idx, w)
-        saved = moe.GROUPED_MM_ENABLED
-        moe.GROUPED_MM_ENABLED = False
-        try:
-            looped = experts(x, idx, w)
-        finally:
-            moe.GROUPED_MM_ENABLED = saved
-    # Independent: token by token, expert by expert.
-    ref = torch.zeros_like(x)
-    for t in range(40):
-        for k in range(2):
-            e = idx[t, k]
-            h = torch.nn.functional.silu(experts.gate_proj.weight[e] @ x[t]) * (experts.up_proj.weight[e] @ x[t])
-            ref[t] += w[t, k] * (experts.down_proj.weight[e] @ h)
-    assert torch.allclose(grouped, ref, atol=1e-4) and torch.allclose(looped, ref, atol=1e-4)
-    with torch.no_grad():
+        if fused:
+            experts.fuse_()
+            assert experts.gate_up_weights(torch.float32) is not None
+        ref = _independent_moe(experts, x, idx, w)
+        order, counts = moe.sort_by_expert(idx, experts.num_experts)
+        x_sorted = x[order // 2]
+        reference = moe.experts_reference(experts, x_sorted, counts)
+        for name in moe.EXPERT_STRATEGIES:
+            assert torch.allclose(experts.compute(x_sorted, counts, name), reference, atol=1e-5), name
+            assert torch.allclose(experts(x, idx, w, strategy=name), ref, atol=1e-4), name
+        # Default choice: many rows per expert -> grouped; one token (K rows) -> loop.
+        assert moe.choose_strategy(experts, x_sorted) == "grouped"
+        assert moe.choose_strategy(experts, x_sorted[:2]) == "loop"
         one = torch.cat([experts(x[t : t + 1], idx[t : t + 1], w[t : t + 1]) for t in range(40)])
     assert torch.allclose(one, ref, atol=1e-4)  # the batch-1 decode path
 
@@ -226,3 +235,40 @@ def test_router_affinities_stay_float32_under_autocast():
         bf16 = torch.sigmoid(torch.nn.functional.linear(x, router.weight))  # what autocast does to a plain linear
     assert scores.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert (scores.double() - expected).abs().max() < 1e-6 < (bf16.double() - expected).abs().max()
+
+
+def test_expert_strategy_named_explicitly_never_falls_back(tiny_cfg):
+    import dsv3.model.moe as moe
+
+    experts = moe.Experts(tiny_cfg)
+    x = torch.randn(4, tiny_cfg.hidden_size, dtype=torch.bfloat16)  # weights are fp32: grouped cannot run
+    counts = torch.zeros(tiny_cfg.n_routed_experts, dtype=torch.long)
+    counts[0] = 4
+    with pytest.raises(ValueError, match="grouped"):
+        experts.compute(x, counts, "grouped")
+    with pytest.raises(ValueError, match="unknown expert strategy"):
+        experts.compute(x, counts, "nope")
+    assert moe.choose_strategy(experts, x) == "loop"
+
+
+def test_expert_strategies_on_fp8_weights(tiny_cfg):
+    import dsv3.model.moe as moe
+    from dsv3.kernels.fp8 import quantize_blocks
+
+    torch.manual_seed(0)
+    experts = moe.Experts(tiny_cfg)
+    with torch.no_grad():
+        for lin in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            torch.nn.init.normal_(lin.weight, std=0.3)
+            w8, s = quantize_blocks(lin.weight.data, (16, 16))
+            lin.to_fp8_layout((16, 16))
+            lin.weight.data.copy_(w8)
+            lin.weight_scale_inv.data.copy_(s)
+        x = torch.randn(12, tiny_cfg.hidden_size)
+        idx = torch.randint(0, tiny_cfg.n_routed_experts, (12, 2))
+        order, counts = moe.sort_by_expert(idx, experts.num_experts)
+        x_sorted = x[order // 2]
+        reference = moe.experts_reference(experts, x_sorted, counts)
+        assert moe.choose_strategy(experts, x_sorted) == "loop"  # no grouped GEMM on FP8 weights
+        for name in ("loop", "gather"):
+            assert torch.allclose(experts.compute(x_sorted, counts, name), reference, atol=1e-5), name

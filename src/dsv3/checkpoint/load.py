@@ -175,7 +175,7 @@ def load_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_meta_buffers(model, device)
-    return model.fuse_projections_().eval()
+    return model.eval()
 
 
 def check_complete(

@@ -36,7 +36,7 @@ from torch.distributed import ProcessGroup
 
 from ..errors import ConfigError
 from ..model.linear import ExpertLinear
-from ..model.moe import Experts, MoE
+from ..model.moe import Experts, MoE, sort_by_expert
 from ..model.transformer import DeepSeekV3
 from .comm import CommStats, all_gather_cat, all_reduce_, all_to_all_rows, group_rank, group_size
 from .tensor_parallel import Shard, _take, adopt, fuse_again, reduce_output
@@ -102,8 +102,10 @@ class ExpertParallel(Experts):
         """Row m through local expert local_idx_M[m], unweighted: (M, D)."""
         if x_MD.shape[0] == 0:  # nothing routed here this step (common in decode): skip the kernels
             return x_MD.new_zeros(0, self.down_proj.out_features)
-        ones_M1 = torch.ones(local_idx_M.shape[0], 1, dtype=torch.float32, device=x_MD.device)
-        return super().forward(x_MD, local_idx_M[:, None], ones_M1)
+        order_M, counts_E = sort_by_expert(local_idx_M[:, None], self.num_experts)
+        h_MD = x_MD.new_empty(x_MD.shape[0], self.down_proj.out_features)
+        h_MD[order_M] = self.compute(x_MD[order_M], counts_E)
+        return h_MD
 
     def _local_partial(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor

@@ -132,8 +132,7 @@ def load_sharded(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_meta_buffers(model, device)
-    if hasattr(model, "fuse_projections_"):  # as the single-process loader does
-        model.fuse_projections_()
+    model.prepare_for_inference()  # as the single-process loader does
     return model.eval(), stats
 
 

@@ -87,9 +87,9 @@ def shard_linear(linear: Linear, dim: int, start: int, stop: int, what: str) -> 
 
 
 def fuse_again(model: DeepSeekV3, was_fused: bool) -> None:
-    """Fuse the (now local) projections again when the model had them fused before it was split."""
+    """Re-apply the model's inference options (fusing the now local projections) when it had them fused."""
     if was_fused and not any(p.is_meta for p in model.parameters()):
-        model.fuse_projections_()
+        model.prepare_for_inference()
 
 
 def adopt(cls: type[nn.Module], module: nn.Module, **attributes: object) -> nn.Module:

@@ -90,7 +90,7 @@ def stream(
     request = prompts.validate(model.config)
     if request.max_new_tokens == 0:
         return
-    model.fuse_projections_()
+    model.prepare_for_inference()
     prompts, budget, stops = request.prompts, request.max_new_tokens, request.stop_set
     gens = request.generators()
     cache = LatentCache(

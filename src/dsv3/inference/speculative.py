@@ -149,7 +149,7 @@ def speculative_stream(
     stats = stats if stats is not None else SpeculativeStats()
     if request.max_new_tokens == 0:
         return
-    model.fuse_projections_()
+    model.prepare_for_inference()
     cfg, dev, dtype = model.config, model.device, model.dtype
     prompts, budget, stops = request.prompts, request.max_new_tokens, request.stop_set
     gens = request.generators()

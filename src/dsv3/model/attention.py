@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from .cache import CacheBatch
 from .linear import Linear, fuse_weights, fused_weight, matmul_wt
 from .norm import RMSNorm
+from .options import UNPREPARED
 from .rope import apply_rope
 
 
@@ -51,6 +52,7 @@ class MLA(nn.Module):
         self.o_proj = Linear(H * self.v_dim, D)
         self._absorbed_cache: tuple | None = None  # (key, W_UK, W_UV) prepared once per weight version
         self._x_proj: torch.Tensor | None = None  # q_a_proj (or q_proj) + kv_a_proj_with_mqa, see fuse_()
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     def invalidate_derived_(self) -> bool:
         """Forget what was derived from the weights (fused input projections, absorbed W_UK/W_UV); True if the
@@ -72,7 +74,7 @@ class MLA(nn.Module):
         fused = fused_weight(self._x_proj, q_layer, kv_layer)
         if fused is None:
             return q_layer(x), kv_layer(x)
-        return matmul_wt(x, fused).split([q_layer.out_features, kv_layer.out_features], dim=-1)
+        return matmul_wt(x, fused, self.options.matvec).split([q_layer.out_features, kv_layer.out_features], dim=-1)
 
     # ------------------------------------------------------------------ pieces
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

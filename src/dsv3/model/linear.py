@@ -10,21 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8 as fp8_kernels
-
-# How FP8 weights compute: "dequant" (dequantize blocks on the fly, then a matmul in the activation
-# dtype) or "gemm" (quantize activations per token per 128 channels, then an FP8 GEMM).
-FP8_COMPUTE_MODES = ("dequant", "gemm")
+from .options import UNPREPARED
 
 
-def matmul_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> torch.Tensor:
     """x @ weight.T for a high-precision weight; the one place that picks the CPU matmul backend.
 
     A single row (batch-1 decode) is a matrix-VECTOR product bound by reading the weight. For bf16
     on CPU, torch's MKL path streams those at about twice the bytes/s of its oneDNN path (18.6 vs
     9.3 GB/s measured on the 2-core benchmark machine), while MKL is far slower from 2 rows on; so
-    only single-row bf16 products switch oneDNN off, for the duration of the call.
+    with `matvec="mkl"` (the model's `InferenceOptions.matvec`) only single-row bf16 products bypass
+    oneDNN. torch has no per-call backend argument: the bypass clears `torch.backends.mkldnn.enabled`
+    for this one call only (its `flags()` context would also reset the other oneDNN flags).
     """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+    if matvec == "mkl" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         previous = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
         try:
@@ -42,7 +41,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.block_size: tuple[int, int] = (128, 128)
-        self.fp8_mode = "dequant"
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     @property
     def is_fp8(self) -> bool:
@@ -67,8 +66,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_fp8:
-            return fp8_kernels.linear_fp8(x, self.weight, self.weight_scale_inv, self.block_size, self.fp8_mode)
-        return matmul_wt(x, self.weight)
+            o = self.options
+            return fp8_kernels.linear_fp8(
+                x, self.weight, self.weight_scale_inv, self.block_size, o.fp8_compute, ue8m0=o.ue8m0
+            )
+        return matmul_wt(x, self.weight, self.options.matvec)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

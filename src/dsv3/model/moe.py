@@ -13,12 +13,16 @@ N = T*K token-expert assignments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import fp8 as fp8_kernels
 from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
+from .options import UNPREPARED
 
 
 class MLP(nn.Module):
@@ -30,6 +34,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, hidden)
         self.down_proj = Linear(hidden, dim)
         self._gate_up: torch.Tensor | None = None  # see fuse_()
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     def fuse_(self) -> None:
         """Back gate_proj and up_proj by one [2F, D] tensor so inference reads x once (linear.fuse_weights)."""
@@ -44,7 +49,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         if gate_up is not None:
-            g, u = matmul_wt(x, gate_up).chunk(2, dim=-1)
+            g, u = matmul_wt(x, gate_up, self.options.matvec).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -121,7 +126,13 @@ def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Experts(nn.Module):
-    """All routed experts, stacked. The seam: grouped GEMM, FP8 and expert parallelism replace `forward`."""
+    """All routed experts, stacked, behind one seam: `compute(x_sorted, counts)` (torchtitan's GroupedExperts).
+
+    `forward` is dispatch around it: sort the token-expert assignments by expert (`sort_by_expert`),
+    `compute` the unweighted expert outputs of the sorted rows, then undo the sort, weight and sum
+    (`combine`). How `compute` runs is one of `EXPERT_STRATEGIES`, picked in `choose_strategy` only;
+    expert parallelism calls `compute` on rows it already grouped by expert.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -130,6 +141,7 @@ class Experts(nn.Module):
         self.up_proj = ExpertLinear(E, D, F_)
         self.down_proj = ExpertLinear(E, F_, D)
         self._gate_up: torch.Tensor | None = None  # [E, 2F, D] once fuse_() ran
+        self.options = UNPREPARED  # the model's InferenceOptions, from prepare_for_inference
 
     def fuse_(self) -> None:
         """Back the stacked gate/up weights by one [E, 2F, D] tensor: one matmul per active expert."""
@@ -145,85 +157,164 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_proj.weight.shape[0]
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        """sum_k weight[t,k] * expert_{idx[t,k]}(x[t]) for each token, computed expert by expert."""
-        T, K = topk_idx_TK.shape
-        if T == 1:
-            return self._one_token(x_TD, topk_idx_TK, topk_weight_TK)
-        # Sort the N = T*K assignments by expert so each expert sees one contiguous block of rows.
-        idx_N = topk_idx_TK.flatten()
-        order_N = torch.argsort(idx_N, stable=True)
-        token_N = order_N // K
-        counts_E = torch.bincount(idx_N, minlength=self.num_experts)
-        x_ND = x_TD[token_N]
-        h_ND = self._grouped_swiglu(x_ND, counts_E)
-        # Undo the sort (every token has exactly K rows), then weight and sum over k: no scatter-add.
-        y_TKD = torch.empty_like(h_ND)
-        y_TKD[order_N] = h_ND
-        y_TKD = y_TKD.view(T, K, h_ND.shape[-1]) * topk_weight_TK[..., None].to(h_ND.dtype)
-        return y_TKD.sum(dim=1).to(x_TD.dtype)
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        topk_weight_TK: torch.Tensor,
+        strategy: str | None = None,
+    ) -> torch.Tensor:
+        """sum_k weight[t,k] * expert_{idx[t,k]}(x[t]) for each token (T, D)."""
+        order_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
+        K = topk_idx_TK.shape[1]
+        h_ND = self.compute(x_TD[order_N // K], counts_E, strategy)
+        return combine(h_ND, order_N, topk_weight_TK).to(x_TD.dtype)
 
-    def _one_token(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        """Batch-1 decode: the K chosen experts applied in turn, no sorting or gathering (fewer ops)."""
+    def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
+        """Unweighted SwiGLU outputs (N, D) of rows sorted by expert: rows [c_0+..+c_{e-1}, +c_e) go to expert e.
+
+        `strategy` names one of EXPERT_STRATEGIES (default: `choose_strategy`); a named strategy that
+        cannot run on these weights raises instead of falling back, so a caller knows what ran.
+        """
+        name = choose_strategy(self, x_ND) if strategy is None else strategy
+        if name not in EXPERT_STRATEGIES:
+            raise ValueError(f"unknown expert strategy {name!r}; valid: {sorted(EXPERT_STRATEGIES)}")
+        if name == "grouped" and not _grouped_mm_fits(self, x_ND):
+            raise ValueError("expert strategy 'grouped' needs torch._grouped_mm and bf16/fp32 weights in x's dtype")
+        return EXPERT_STRATEGIES[name](self, x_ND, counts_E)
+
+    def gate_up_weights(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The fused [E, 2F, D] gate/up weights when they still back the layers and match `dtype`, else None."""
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
-        dtype = x_TD.dtype
-        out = None
-        for e, w in zip(topk_idx_TK[0].tolist(), topk_weight_TK[0].to(dtype).unbind()):
-            if gate_up is not None:
-                g, u = matmul_wt(x_TD, gate_up[e]).chunk(2, dim=-1)
-            else:
-                g = matmul_wt(x_TD, self.gate_proj.expert_weight(e, dtype))
-                u = matmul_wt(x_TD, self.up_proj.expert_weight(e, dtype))
-            # Weighted in the activation dtype, summed in float32: the rounding of the batched path.
-            y = (matmul_wt(F.silu(g) * u, self.down_proj.expert_weight(e, dtype)) * w).float()
-            out = y if out is None else out + y
-        return out.to(dtype)
-
-    def _grouped_swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
-        # One grouped GEMM pays off once experts see several rows each; for a few rows (decode),
-        # a loop over just the active experts reads only their weights and launches less.
-        if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * self.num_experts and _use_grouped_mm(x_ND, self.gate_proj):
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            if gate_up is not None:
-                g, u = torch._grouped_mm(x_ND, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            else:
-                g = torch._grouped_mm(x_ND, self.gate_proj.weight.transpose(-2, -1), offs=offs)
-                u = torch._grouped_mm(x_ND, self.up_proj.weight.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(F.silu(g) * u, self.down_proj.weight.transpose(-2, -1), offs=offs)
-        # Loop over the active experts only (one host sync for the counts, none per expert).
-        out = torch.empty_like(x_ND)
-        dtype = x_ND.dtype
-        begin = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n == 0:
-                continue
-            rows = x_ND[begin : begin + n]
-            if gate_up is not None:
-                g, u = matmul_wt(rows, gate_up[e]).chunk(2, dim=-1)
-            else:
-                g = matmul_wt(rows, self.gate_proj.expert_weight(e, dtype))
-                u = matmul_wt(rows, self.up_proj.expert_weight(e, dtype))
-            out[begin : begin + n] = matmul_wt(F.silu(g) * u, self.down_proj.expert_weight(e, dtype))
-            begin += n
-        return out
+        return gate_up if gate_up is not None and gate_up.dtype == dtype else None
 
 
-# Set to False to force the per-expert loop (tests compare the two paths).
-GROUPED_MM_ENABLED = True
-# Average rows per expert from which the grouped GEMM is used instead of the per-expert loop.
+def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, counts_E): the N = T*K assignments sorted by expert (stable), and rows per expert.
+
+    Sorted row n is assignment order_N[n], i.e. token order_N[n] // K.
+    """
+    idx_N = topk_idx_TK.flatten()
+    return torch.argsort(idx_N, stable=True), torch.bincount(idx_N, minlength=num_experts)
+
+
+def combine(h_ND: torch.Tensor, order_N: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """Undo `sort_by_expert` on the expert outputs, weight them, sum over k: (T, D) in h's dtype, no scatter-add."""
+    T, K = topk_weight_TK.shape
+    y_ND = torch.empty_like(h_ND)
+    y_ND[order_N] = h_ND  # every token has exactly K rows
+    return (y_ND.view(T, K, -1) * topk_weight_TK[..., None].to(h_ND.dtype)).sum(dim=1)
+
+
+def experts_reference(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The plain spec of `Experts.compute`: row by row, down(silu(gate(x)) * up(x)) with its expert's weights."""
+    dtype = x_ND.dtype
+    out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device=x_ND.device), counts_E)
+    for n, e in enumerate(expert_of_row.tolist()):
+        x = x_ND[n]
+        g = experts.gate_proj.expert_weight(e, dtype) @ x
+        u = experts.up_proj.expert_weight(e, dtype) @ x
+        out[n] = experts.down_proj.expert_weight(e, dtype) @ (F.silu(g) * u)
+    return out
+
+
+def _experts_grouped(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """One grouped GEMM per projection over all experts (torch._grouped_mm); best when experts see many rows."""
+    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    gate_up = experts.gate_up_weights(x_ND.dtype)
+    if gate_up is not None:
+        g, u = torch._grouped_mm(x_ND, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    else:
+        g = torch._grouped_mm(x_ND, experts.gate_proj.weight.transpose(-2, -1), offs=offs)
+        u = torch._grouped_mm(x_ND, experts.up_proj.weight.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(F.silu(g) * u, experts.down_proj.weight.transpose(-2, -1), offs=offs)
+
+
+def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """A matmul per ACTIVE expert over its rows: reads only the chosen experts' weights (decode, FP8).
+
+    One host sync for the counts, none per expert. A one-token batch is K rows on K experts: this path.
+    """
+    out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
+    dtype, matvec = x_ND.dtype, experts.options.matvec
+    gate_up = experts.gate_up_weights(dtype)
+    begin = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        rows = x_ND[begin : begin + n]
+        if gate_up is not None:
+            g, u = matmul_wt(rows, gate_up[e], matvec).chunk(2, dim=-1)
+        else:
+            g = matmul_wt(rows, experts.gate_proj.expert_weight(e, dtype), matvec)
+            u = matmul_wt(rows, experts.up_proj.expert_weight(e, dtype), matvec)
+        out[begin : begin + n] = matmul_wt(F.silu(g) * u, experts.down_proj.expert_weight(e, dtype), matvec)
+        begin += n
+    return out
+
+
+def _experts_gather(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Each row's expert weights gathered, then batched matmuls: no host sync, no data-dependent shape.
+
+    What a compiled (or CUDA-graph captured) decode step runs: shapes depend on N only.
+    """
+    N = x_ND.shape[0]
+    dtype = x_ND.dtype
+    # Expert of sorted row n = number of cumulative counts <= n.
+    expert_N = torch.searchsorted(torch.cumsum(counts_E, 0), torch.arange(N, device=x_ND.device), right=True)
+    gate_up = experts.gate_up_weights(dtype)
+    x_ND1 = x_ND[:, :, None]
+    if gate_up is not None:
+        g, u = torch.bmm(gate_up[expert_N], x_ND1).squeeze(-1).chunk(2, dim=-1)
+    else:
+        g = torch.bmm(_gathered(experts.gate_proj, expert_N, dtype), x_ND1).squeeze(-1)
+        u = torch.bmm(_gathered(experts.up_proj, expert_N, dtype), x_ND1).squeeze(-1)
+    h = (F.silu(g) * u)[:, :, None]
+    return torch.bmm(_gathered(experts.down_proj, expert_N, dtype), h).squeeze(-1)
+
+
+def _gathered(proj: ExpertLinear, expert_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, out, in] weights of the experts `expert_N` in `dtype` (FP8 ones dequantized after the gather)."""
+    if not proj.is_fp8:
+        return proj.weight[expert_N].to(dtype)
+    return fp8_kernels.dequantize_blocks(proj.weight[expert_N], proj.weight_scale_inv[expert_N], proj.block_size, dtype)
+
+
+# The ways to run `Experts.compute`; `choose_strategy` is the one place that picks among them.
+EXPERT_STRATEGIES: dict[str, Callable[[Experts, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grouped": _experts_grouped,
+    "loop": _experts_loop,
+    "gather": _experts_gather,
+    "reference": experts_reference,
+}
+# Average rows per expert from which the grouped GEMM beats the loop over active experts.
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 1
 
 
-def _use_grouped_mm(x_ND: torch.Tensor, proj: ExpertLinear) -> bool:
+def _grouped_mm_fits(experts: Experts, x_ND: torch.Tensor) -> bool:
+    w = experts.gate_proj.weight
     return (
-        GROUPED_MM_ENABLED
-        and hasattr(torch, "_grouped_mm")
-        and not proj.is_fp8
-        and x_ND.dtype == proj.weight.dtype
+        hasattr(torch, "_grouped_mm")
+        and not experts.gate_proj.is_fp8
+        and x_ND.dtype == w.dtype
         and x_ND.dtype in (torch.bfloat16, torch.float32)
         and x_ND.shape[0] > 0
     )
+
+
+def choose_strategy(experts: Experts, x_ND: torch.Tensor) -> str:
+    """The strategy `Experts.compute` runs by default for these rows.
+
+    - while torch.compile traces: "gather" (the others read the counts on the host: a graph break);
+    - one grouped GEMM once experts see several rows each (prefill, large batches), where it fits;
+    - otherwise a loop over the active experts, which reads only their weights (decode).
+    """
+    if torch.compiler.is_compiling():
+        return "gather"
+    if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * experts.num_experts and _grouped_mm_fits(experts, x_ND):
+        return "grouped"
+    return "loop"
 
 
 class MoE(nn.Module):

@@ -19,6 +19,7 @@ from .cache import CacheBatch
 from .linear import ExpertLinear, Linear
 from .moe import MLP, MoE, Router
 from .norm import RMSNorm
+from .options import InferenceOptions
 from .rope import RotaryEmbedding
 
 
@@ -93,6 +94,7 @@ class DeepSeekV3(nn.Module):
         """Random weights (`initializer_range`) unless built on the `meta` device; `dtype` defaults to torch's."""
         super().__init__()
         self.config = cfg
+        self.inference_options: InferenceOptions | None = None  # set by prepare_for_inference
         if dtype is not None:
             previous = torch.get_default_dtype()
             torch.set_default_dtype(dtype)
@@ -143,6 +145,26 @@ class DeepSeekV3(nn.Module):
                 module.weight.fill_(1.0)
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
+
+    @torch.no_grad()
+    def prepare_for_inference(self, options: InferenceOptions | None = None) -> DeepSeekV3:
+        """Apply `options` (default: the options applied last, else `InferenceOptions()`): the one place they take effect.
+
+        Validates them against this model (`InferenceOptions.resolve`: FP8 compute mode, UE8M0
+        activation scales from the config's `scale_fmt`, the matrix-vector backend), hands the resolved
+        object to every module that computes with it and fuses the projections when asked (the
+        training mode is left as it is). Idempotent; call again after re-assigning weights to re-fuse them.
+        """
+        if options is None:
+            options = self.inference_options or InferenceOptions()
+        resolved = options.resolve(self.config)
+        for module in self.modules():
+            if hasattr(module, "options"):
+                module.options = resolved
+        self.inference_options = resolved
+        if resolved.fuse_projections:
+            self.fuse_projections_()
+        return self
 
     @torch.no_grad()
     def fuse_projections_(self) -> DeepSeekV3:
@@ -227,16 +249,20 @@ class DeepSeekV3(nn.Module):
         device: torch.device | str = "cpu",
         fp8: bool = False,
         mtp: bool | None = None,
+        **options: object,
     ) -> DeepSeekV3:
-        """Load a checkpoint directory in the official layout (bf16/fp32/FP8 safetensors, sharded).
+        """Load a checkpoint directory in the official layout (bf16/fp32/FP8 safetensors, sharded), ready to infer.
 
         FP8 weights are dequantized to `dtype` while streaming, unless `fp8=True` keeps them in FP8.
         The MTP layers are loaded when `mtp` (default: the config's `num_nextn_predict_layers > 0`).
+        `options` are `InferenceOptions` fields (e.g. `fp8_compute="gemm"`), applied by
+        `prepare_for_inference`; an unknown name is a ConfigError, raised before anything is read.
         """
         # The one upward call (STYLE): checkpoint/ never imports model/, so there is no cycle.
         from ..checkpoint.load import load_model
 
-        return load_model(cls, path, dtype=dtype, device=device, fp8=fp8, mtp=mtp)
+        inference = InferenceOptions.from_kwargs(**options)
+        return load_model(cls, path, dtype=dtype, device=device, fp8=fp8, mtp=mtp).prepare_for_inference(inference)
 
     def save_pretrained(self, out_dir: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
         """Write the official layout (config.json, sharded safetensors, index) atomically."""

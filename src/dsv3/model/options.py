@@ -1,0 +1,76 @@
+"""How a model computes at inference: one frozen `InferenceOptions`, applied once by `prepare_for_inference`.
+
+Every choice that used to be a per-module attribute set in a loop, a module global or a backend flag
+flipped per call lives here, is validated here, and reaches the modules that need it as this one
+object (`module.options`):
+
+- `fp8_compute`: how FP8 `Linear` weights compute, "dequant" (dequantize, then a matmul in the
+  activation dtype; bit-identical to dequantizing at load) or "gemm" (quantize activations per token
+  per 128 channels, then the FP8 GEMM, as the official kernels). Activation scales are rounded to
+  powers of two (UE8M0) when the checkpoint's `quantization_config.scale_fmt` is "ue8m0"
+  (DeepSeek-V3.1), never by hand: that is how the checkpoint was calibrated.
+- `fuse_projections`: back the projections that read the same input (q_a + kv_a, gate + up) by one
+  tensor, so one matmul reads x once (`linear.fuse_weights`).
+- `matvec`: the CPU backend of single-row bf16 products (batch-1 decode), see `linear.matmul_wt`.
+- `compile`: decode through the compiled static-shape step (`inference.compiled`) instead of eager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+FP8_COMPUTE = ("dequant", "gemm")
+# "mkl": torch's MKL path (oneDNN bypassed for that call); "onednn": torch's default dispatch;
+# "auto": resolved by prepare_for_inference (MKL on CPU, see linear.matmul_wt for the measurements).
+MATVEC = ("auto", "mkl", "onednn")
+SCALE_FMTS = (None, "ue8m0")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Inference choices for one model; `DeepSeekV3.prepare_for_inference(options)` applies them."""
+
+    fp8_compute: str = "dequant"
+    fuse_projections: bool = True
+    matvec: str = "auto"
+    compile: bool = False
+    ue8m0: bool = False  # set from the config by `resolve`, not by users
+
+    def validate(self) -> InferenceOptions:
+        """Self, or ConfigError naming the bad option and the valid values."""
+        if self.fp8_compute not in FP8_COMPUTE:
+            raise ConfigError(f"fp8_compute must be one of {', '.join(FP8_COMPUTE)}, got {self.fp8_compute!r}")
+        if self.matvec not in MATVEC:
+            raise ConfigError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
+        for name in ("fuse_projections", "compile", "ue8m0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return self
+
+    def resolve(self, cfg: ModelConfig) -> InferenceOptions:
+        """Validated, with what follows from the model filled in: `ue8m0` from the config, `matvec` made concrete."""
+        self.validate()
+        q = cfg.quantization_config or {}
+        scale_fmt = q.get("scale_fmt")
+        if scale_fmt not in SCALE_FMTS:
+            raise ConfigError(f"quantization_config.scale_fmt {scale_fmt!r} is not supported (supported: ue8m0)")
+        return dataclasses.replace(
+            self, ue8m0=scale_fmt == "ue8m0", matvec="mkl" if self.matvec == "auto" else self.matvec
+        )
+
+    @classmethod
+    def from_kwargs(cls, **options: object) -> InferenceOptions:
+        """InferenceOptions(**options) with unknown names as a ConfigError (what `from_pretrained(**options)` takes)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"ue8m0"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown inference option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**options).validate()  # type: ignore[arg-type]
+
+
+# What a module computes with until `prepare_for_inference` hands it the model's (resolved) options.
+UNPREPARED = InferenceOptions(matvec="mkl")
