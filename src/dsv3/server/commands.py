@@ -81,6 +81,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (408; default 30)")
     s.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive connections close after (default 5)")
+    s.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=2,
+        help="cap glibc's malloc arenas (fewer arenas: less memory kept after bursts; 0: glibc's default)",
+    )
+    s.add_argument(
+        "--idle-trim",
+        type=float,
+        default=10.0,
+        help="after this many idle seconds, return free heap memory to the OS (0: never; default 10)",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
     s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
@@ -112,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise DsV3Error(f"--max-queue must be at least 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise DsV3Error(f"--port must be in [0, 65535], got {args.port}")
+    if args.malloc_arena_max < 0 or not 0 <= args.idle_trim < float("inf"):
+        raise DsV3Error("--malloc-arena-max and --idle-trim must be >= 0")
     if args.api_key == "":
         raise DsV3Error("--api-key must not be empty")
     try:
@@ -123,6 +137,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise DsV3Error(
             f"dsv3 serve needs fastapi and uvicorn ({e.name} is missing): pip install 'dsv3[serve]'"
         ) from None
+    from .memory import IdleTrimmer, limit_arenas
+
+    if args.malloc_arena_max:
+        limit_arenas(args.malloc_arena_max)  # before the engine, tokenizer and threadpool threads start
     import torch
 
     from ..config import ModelConfig
@@ -208,10 +226,21 @@ def _serve(args: argparse.Namespace) -> int:
                 # uvicorn re-raises the signal it shut down on: SIGTERM must not kill this rank before
                 # it releases the others, so it is taken like Ctrl-C.
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
+            trimmer = None
+            if args.idle_trim:
+                stats = engine.stats
+                trimmer = IdleTrimmer(
+                    busy=lambda: (s := stats()).requests_active + s.requests_queued > 0,
+                    served=lambda: sum(stats().requests_finished.values()),
+                    idle_s=args.idle_trim,
+                ).start()
             try:
                 server.run(sockets=[sock])
             except KeyboardInterrupt:
                 pass  # uvicorn re-raises the Ctrl-C it shut down on; stopping the server that way is no error
+            finally:
+                if trimmer is not None:
+                    trimmer.close()
         finally:
             engine.close()
         if parallel:
