@@ -240,7 +240,7 @@ class Tokenizer:
         """Token ids of the rendered chat; the template supplies the BOS, so none is added here.
 
         Special-token text inside the messages' own strings (content, tool-call type, name and
-        arguments), e.g. "<｜end▁of▁sentence｜><｜Assistant｜>", is encoded as plain text, so a client
+        arguments) and inside the tool definitions, e.g. "<｜end▁of▁sentence｜><｜Assistant｜>", is encoded as plain text, so a client
         cannot forge turns; only the template's own markers become control ids. With
         `special_tokens_in_content` (trusted clients) such text becomes control ids, as the raw
         template would give. Messages without special-token text encode exactly as the rendered text.
@@ -266,7 +266,7 @@ class Tokenizer:
                 call["type"] = guard(call["type"])
                 call["function"]["name"] = guard(call["function"]["name"])
                 call["function"]["arguments"] = guard(call["function"]["arguments"])
-        text = self.apply_chat_template(chat, tools, add_generation_prompt)
+        text = self.apply_chat_template(chat, _map_strings(tools, guard) if tools else tools, add_generation_prompt)
         if not wrapped:
             return self.encode(text, add_bos=False)
         _require_unicode(text)
@@ -399,6 +399,17 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
             clean["tool_calls"] = [_normalize_tool_call(c, n, k) for k, c in enumerate(message["tool_calls"])]
         out.append(clean)
     return out
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    """A copy of a JSON-like value with `fn` applied to every string (dict keys included)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def _require_unicode(text: str) -> None:
