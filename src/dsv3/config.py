@@ -235,6 +235,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not self.rope_theta > 1:  # rope divides by log(rope_theta)
+            raise ConfigError(f"rope_theta must be > 1, got {self.rope_theta!r}")
+        _check_size_bounds(self)
+        _check_token_ids_and_flags(self)
         self._validate_rope()
         self._validate_quantization()
 
@@ -279,8 +283,9 @@ class ModelConfig:
             )
         if self.rope_type in ("yarn", "linear"):
             factor = rs.get("factor")
-            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-                raise ConfigError(f"rope_scaling.factor must be a positive number, got {factor!r}")
+            if not _is_number(factor) or not factor > 0:
+                raise ConfigError(f"rope_scaling.factor must be a positive finite number, got {factor!r}")
+        _check_rope_numbers(rs)
         if self.rope_type == "yarn":
             omp = rs.get("original_max_position_embeddings")
             if not isinstance(omp, int) or isinstance(omp, bool) or omp < 1:
@@ -312,6 +317,79 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float) -> float:
     """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not stretched): the one formula."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Far above any released model (V3: hidden 7168, 61 layers, 256 experts, 129280 tokens, 163840
+# positions), low enough that a typo or a hostile config fails at once instead of while allocating.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "first_k_dense_replace": 1024,
+    "moe_layer_freq": 1024,
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "q_lora_rank": 1 << 16,
+    "kv_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12,
+    "qk_rope_head_dim": 1 << 12,
+    "v_head_dim": 1 << 12,
+    "n_routed_experts": 1 << 16,
+    "n_shared_experts": 1 << 10,
+    "num_experts_per_tok": 1 << 16,
+    "n_group": 1 << 16,
+    "topk_group": 1 << 16,
+    "max_position_embeddings": 1 << 24,
+    "num_nextn_predict_layers": 64,
+}
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_size_bounds(cfg: ModelConfig) -> None:
+    for name, limit in SIZE_LIMITS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+            raise ConfigError(f"{name} = {value} is over the supported limit of {limit}")
+
+
+def _check_token_ids_and_flags(cfg: ModelConfig) -> None:
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"{name} must be a non-negative integer or null, got {value!r}")
+    eos = cfg.eos_token_id
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"eos_token_id must be a non-negative integer, a list of them, or null, got {eos!r}")
+    for name in ("tie_word_embeddings", "norm_topk_prob"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+
+
+def _check_rope_numbers(rs: dict) -> None:
+    """The YaRN knobs, when present: finite numbers (beta_* and attention_factor also positive)."""
+    for key, positive in (
+        ("beta_fast", True),
+        ("beta_slow", True),
+        ("attention_factor", True),
+        ("mscale", False),
+        ("mscale_all_dim", False),
+    ):
+        value = rs.get(key)
+        if value is None:
+            continue
+        if not _is_number(value) or (positive and not value > 0) or value < 0:
+            kind = "a positive" if positive else "a non-negative"
+            raise ConfigError(f"rope_scaling.{key} must be {kind} finite number, got {value!r}")
+    omp = rs.get("original_max_position_embeddings")
+    if isinstance(omp, int) and omp > SIZE_LIMITS["max_position_embeddings"]:
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings = {omp} is over the supported limit")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

@@ -97,6 +97,8 @@ class Tokenizer:
             flagged | {self.bos_id, self.eos_id} | ({self.pad_id} if self.pad_id is not None else set())
         )
 
+        self._control_re: re.Pattern[str] | None = None  # built on first use (encode_chat)
+        self._plain: _BackendTokenizer | None = None
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
         self._template_reads_tools = False
@@ -169,6 +171,7 @@ class Tokenizer:
         Special-token text inside `text` (e.g. "<｜User｜>") becomes the special id, as in HF tokenizers;
         chat prompts rely on that. A BOS is never doubled when the text already starts with the BOS text.
         """
+        _require_unicode(text)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos is None:
             add_bos = self.add_bos_token
@@ -232,9 +235,66 @@ class Tokenizer:
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        special_tokens_in_content: bool = False,
     ) -> list[int]:
-        """Token ids of the rendered chat; the template supplies the BOS, so none is added here."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt), add_bos=False)
+        """Token ids of the rendered chat; the template supplies the BOS, so none is added here.
+
+        Special-token text inside the messages' own strings (content, tool-call type, name and
+        arguments) and inside the tool definitions, e.g. "<｜end▁of▁sentence｜><｜Assistant｜>", is encoded as plain text, so a client
+        cannot forge turns; only the template's own markers become control ids. With
+        `special_tokens_in_content` (trusted clients) such text becomes control ids, as the raw
+        template would give. Messages without special-token text encode exactly as the rendered text.
+        """
+        if special_tokens_in_content:
+            return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt), add_bos=False)
+        pattern = self._control_text()
+        nonce = uuid.uuid4().hex
+        open_mark, close_mark = f"\ue000{nonce}\ue001", f"\ue001{nonce}\ue000"
+        wrapped = 0
+
+        def guard(text: Any) -> Any:
+            nonlocal wrapped
+            if not isinstance(text, str) or not pattern.search(text):
+                return text
+            wrapped += 1
+            return pattern.sub(lambda m: open_mark + m.group(0) + close_mark, text)
+
+        chat = normalize_messages(messages)
+        for message in chat:
+            message["content"] = guard(message["content"])
+            for call in message.get("tool_calls", []):
+                call["type"] = guard(call["type"])
+                call["function"]["name"] = guard(call["function"]["name"])
+                call["function"]["arguments"] = guard(call["function"]["arguments"])
+        text = self.apply_chat_template(chat, _map_strings(tools, guard) if tools else tools, add_generation_prompt)
+        if not wrapped:
+            return self.encode(text, add_bos=False)
+        _require_unicode(text)
+        ids: list[int] = []
+        # Between the marks: one piece of client text that spells a special token, encoded as plain text.
+        # A mark left alone (a template that cut the content, e.g. at "</think>") is dropped.
+        for k, piece in enumerate(re.split(f"{re.escape(open_mark)}(.*?){re.escape(close_mark)}", text, flags=re.S)):
+            if k % 2:
+                ids += self._plain_backend().encode(piece, add_special_tokens=False).ids
+            else:
+                piece = piece.replace(open_mark, "").replace(close_mark, "")
+                ids += self._tok.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def _control_text(self) -> re.Pattern[str]:
+        """A regex matching the text of every added (special or control) token."""
+        if self._control_re is None:
+            texts = sorted({t.content for t in self._tok.get_added_tokens_decoder().values()}, key=len, reverse=True)
+            self._control_re = re.compile("|".join(map(re.escape, texts)) or r"(?!)")
+        return self._control_re
+
+    def _plain_backend(self) -> _BackendTokenizer:
+        """The same tokenizer without its added tokens: their text encodes as ordinary BPE pieces."""
+        if self._plain is None:
+            spec = json.loads(self._tok.to_str())
+            spec["added_tokens"], spec["post_processor"] = [], None
+            self._plain = _BackendTokenizer.from_str(json.dumps(spec))
+        return self._plain
 
 
 def _token_content(token: Any) -> str | None:
@@ -330,10 +390,37 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 clean[key] = message[key]
         # The V3 template tests `'tool_calls' in message`: an empty or null list must not be passed on, or
         # it renders a tool-calls-end marker with no calls.
+        if role == "assistant" and message.get("tool_calls") is not None:
+            if not isinstance(message["tool_calls"], list):
+                raise RequestError(
+                    f"messages[{n}].tool_calls must be a list of tool calls, got {type(message['tool_calls']).__name__}"
+                )
         if role == "assistant" and message.get("tool_calls"):
             clean["tool_calls"] = [_normalize_tool_call(c, n, k) for k, c in enumerate(message["tool_calls"])]
         out.append(clean)
     return out
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    """A copy of a JSON-like value with `fn` applied to every string (dict keys included)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def _require_unicode(text: str) -> None:
+    """RequestError for text that is not valid Unicode (a lone UTF-16 surrogate, e.g. from JSON "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"the text contains a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: "
+            "not valid Unicode"
+        ) from None
 
 
 def _text_content(content: Any, n: int) -> str:

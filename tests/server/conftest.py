@@ -39,8 +39,10 @@ def model(tokenizer: Tokenizer) -> dsv3.DeepSeekV3:
 class RunningServer:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
 
-    def __init__(self, app, engine: Engine) -> None:
+    def __init__(self, app, engine: Engine, limits) -> None:
         import uvicorn
+
+        from dsv3.server.http import uvicorn_config
 
         self.engine = engine
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -48,7 +50,7 @@ class RunningServer:
         sock.listen(256)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -72,8 +74,9 @@ def start_server(model, tokenizer):
 
     def start(*, api_key=None, limits=None, model_name="tiny-test", **engine_kwargs) -> RunningServer:
         engine = Engine(model, valid_ids=tokenizer.valid_ids_mask(model.config.vocab_size), **engine_kwargs)
-        app = create_app(engine, tokenizer, model_name, api_key=api_key, limits=limits or ServerLimits())
-        servers.append(RunningServer(app, engine))
+        limits = limits or ServerLimits()
+        app = create_app(engine, tokenizer, model_name, api_key=api_key, limits=limits)
+        servers.append(RunningServer(app, engine, limits))
         return servers[-1]
 
     yield start

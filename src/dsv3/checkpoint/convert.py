@@ -93,9 +93,8 @@ def convert_checkpoint(
         if block_size:
             raise CheckpointError("a block size applies to --to fp8 only")
         block = None
+    _refuse_overlap(src, dst)
     if os.path.exists(dst):
-        if os.path.samefile(src, dst):
-            raise CheckpointError(f"output {dst} is the input checkpoint; write somewhere else")
         if not force and not (os.path.isdir(dst) and not os.listdir(dst)):  # an empty directory is fine
             raise CheckpointError(f"{dst} exists (use --force to replace it)")
 
@@ -152,6 +151,24 @@ def convert_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _refuse_overlap(src: str, dst: str) -> None:
+    """Raise CheckpointError when OUT is IN, inside IN, or holds IN (symlinks resolved).
+
+    Replacing OUT (--force) removes it whole: an OUT that contains IN would take the input, and every
+    unrelated file beside it, with it; an OUT inside IN would be written into the checkpoint being read.
+    """
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_src == real_dst:
+        raise CheckpointError(f"output {dst} is the input checkpoint; write somewhere else")
+    if os.path.commonpath([real_src, real_dst]) == real_src:
+        raise CheckpointError(f"output {dst} is inside the input checkpoint {src}; write somewhere else")
+    if os.path.commonpath([real_src, real_dst]) == real_dst:
+        raise CheckpointError(
+            f"output {dst} contains the input checkpoint {src} (replacing it would delete the input); "
+            "write somewhere else"
+        )
+
+
 def _read_config(src: str) -> dict:
     path = os.path.join(src, "config.json")
     if not os.path.isfile(path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,12 +33,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        files = {k: _shard_path(path, k, v) for k, v in _read_weight_map(index).items()}
         for f in sorted(set(files.values())):
             if not os.path.isfile(f):
                 raise CheckpointError(f"shard {os.path.basename(f)} named in {INDEX_NAME} is missing")
@@ -49,6 +45,34 @@ def checkpoint_files(path: str) -> dict[str, str]:
     file = single if os.path.isfile(single) else os.path.join(path, shards[0])
     with _open(file) as f:
         return {k: file for k in f.keys()}
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    """The index's `weight_map`, checked to be an object of tensor name -> shard file name."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (not UTF-8 JSON: {e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
+    return weight_map
+
+
+def _shard_path(path: str, key: str, shard: str) -> str:
+    """path/shard, refused when it leaves the checkpoint folder (`..`, an absolute path, an escaping symlink)."""
+    full = os.path.join(path, shard)
+    root = os.path.realpath(path)
+    real = os.path.realpath(full)
+    if os.path.isabs(shard) or os.path.commonpath([root, real]) != root or real == root:
+        raise CheckpointError(
+            f"{INDEX_NAME}: {key} points to {shard!r}, outside the checkpoint folder {path} (refused)"
+        )
+    return full
 
 
 def _open(file: str):
@@ -84,6 +108,7 @@ def plan_load(path: str | os.PathLike, fp8: bool = False, mtp: bool | None = Non
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     files = checkpoint_files(path)
+    check_counts(path, cfg, files)
     scaled = {k[: -len(SCALE_SUFFIX)] for k in files if k.endswith(SCALE_SUFFIX)}
     if scaled and cfg.fp8_block_size is None:
         raise CheckpointError(
@@ -101,6 +126,42 @@ def plan_load(path: str | os.PathLike, fp8: bool = False, mtp: bool | None = Non
     if not keep_fp8:
         model_cfg = model_cfg.replace(quantization_config=None)
     return LoadPlan(path, cfg, files, scaled, block, want_mtp, keep_fp8, model_cfg)
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def check_counts(path: str, cfg: ModelConfig, files: dict[str, str]) -> None:
+    """Raise CheckpointError when config.json's layer or expert counts disagree with the index's names.
+
+    Done on the names alone, before the model is built: a config claiming 20000 layers or 2**40 experts
+    fails here in milliseconds instead of after allocating (and failing to fill) a huge model.
+    """
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, files) if m}
+    if not layers:
+        return  # not a decoder checkpoint by these names; the tensor-level checks decide
+    main_layers = {i for i in layers if i < cfg.num_hidden_layers}
+    most = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if max(layers) >= most:
+        raise CheckpointError(
+            f"{path}: the index has tensors of layer {max(layers)}, but config.json declares "
+            f"{cfg.num_hidden_layers} layer(s) + {cfg.num_nextn_predict_layers} MTP layer(s)"
+        )
+    if len(main_layers) != cfg.num_hidden_layers:
+        absent = sorted(set(range(cfg.num_hidden_layers)) - main_layers)
+        raise CheckpointError(
+            f"{path}: config.json declares num_hidden_layers = {cfg.num_hidden_layers}, but the index has "
+            f"tensors of {len(main_layers)} of those layers (missing layer(s) {absent[:5]}"
+            f"{'...' if len(absent) > 5 else ''})"
+        )
+    # Expert ids: one missing expert is named by the tensor-level check; a count that is off is caught here.
+    ids = {int(m.group(2)) for m in map(_EXPERT_KEY.match, files) if m}
+    if ids and (max(ids) >= cfg.n_routed_experts or max(ids) + 1 < cfg.n_routed_experts):
+        raise CheckpointError(
+            f"{path}: config.json declares n_routed_experts = {cfg.n_routed_experts}, but the index names "
+            f"experts 0..{max(ids)}"
+        )
 
 
 def load_model(

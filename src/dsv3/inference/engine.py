@@ -109,6 +109,7 @@ class RequestHandle:
         self.slot: int | None = None
         self._engine = engine
         self._cancelled = False
+        self._cancel_reason = CANCELLED
         # Events (a token id, or None at the end) cross from the engine thread to the reader here;
         # `_wakeup` (set by an asyncio reader) is called after each put.
         self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -122,9 +123,13 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def cancel(self) -> None:
-        """Stop generating; the engine frees the request's slot before its next step (idempotent)."""
+    def cancel(self, reason: str = CANCELLED) -> None:
+        """Stop generating; the engine frees the request's slot before its next step (idempotent).
+
+        `reason` is the finish reason recorded: STOP when the caller ended it on a stop string.
+        """
         if not self._cancelled and not self.done:
+            self._cancel_reason = reason
             self._cancelled = True
             self._engine._poke()
 
@@ -264,7 +269,7 @@ class Engine:
         self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0)
         self._finished: dict[str, int] = {STOP: 0, LENGTH: 0, CANCELLED: 0, ERROR: 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
-        self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         if start:
             self._thread.start()
             # Stop the loop before the interpreter tears torch down under it (an abort otherwise).
@@ -291,6 +296,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
+            if self._thread.ident is not None and not self._thread.is_alive():
+                raise EngineClosedError("the engine loop has stopped")
             if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
                 self._stats["rejected"] += 1
                 raise QueueFullError(
@@ -370,6 +377,15 @@ class Engine:
     def _poke(self) -> None:
         with self._lock:
             self._lock.notify()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # whatever ended the loop, no request may wait for it (close() cancels them itself)
+            with self._lock:
+                for h in [] if self._closed else list(self._waiting) + self._running:
+                    self._end(h, ERROR, RuntimeError("the engine loop stopped"))
+                self._waiting.clear()
 
     def _loop(self) -> None:
         while True:
@@ -516,6 +532,8 @@ class Engine:
         if h.slot is not None:
             self.runner.free(h.slot)
             h.slot = None
+        if reason == CANCELLED and h.cancelled:
+            reason = h._cancel_reason
         if not h.done:
             self._finished[reason] += 1
             h._finish(reason, error)

@@ -8,14 +8,24 @@ import torch
 
 from ..errors import RequestError
 
+# Temperatures below this are greedy: logits / t would overflow float32 (NaN after softmax) long before
+# t reaches 0, and at 1e-5 a logit gap of 1e-4 already weighs e**10 to one.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence picks its tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """How one sequence picks its tokens. temperature 0 (or below GREEDY_BELOW) is greedy; top_k 0 and top_p 1
+    disable those filters."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     def validate(self) -> SamplingParams:
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -58,6 +60,7 @@ from .protocol import (
 )
 
 _R = TypeVar("_R", bound=BaseModel)
+_log = logging.getLogger("dsv3.server")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class ServerLimits:
     max_tokens: int = 2048  # the largest max_tokens accepted; also the default for chat
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    # Connection limits (applied by `server.http.uvicorn_config`; see docs/reliability.md).
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    body_timeout_s: float = 30.0  # its body within this after the headers (408 otherwise)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections; past it new requests get 503
 
 
 class ApiError(Exception):
@@ -88,6 +96,8 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 408:  # the rest of the body may still be on its way: this connection cannot be reused
+            headers = {"Connection": "close"}
         return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
@@ -97,8 +107,13 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     limits: ServerLimits = ServerLimits(),
+    allow_special_tokens_in_content: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; the caller owns (and closes) the engine."""
+    """The FastAPI app serving `engine` as `model_name`; the caller owns (and closes) the engine.
+
+    Special-token text in chat messages is encoded as plain text unless `allow_special_tokens_in_content`
+    (trusted clients only: it lets a message forge turns).
+    """
     app = FastAPI(title="dsv3", description="OpenAI-compatible DeepSeek-V3 server", docs_url=None, redoc_url=None)
     responses: Counter[int] = Counter()
     created = int(time.time())
@@ -118,21 +133,34 @@ def create_app(
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
+    expected_key = api_key.encode("utf-8") if api_key is not None else b""
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        # Header values are bytes on the wire (starlette decodes them as latin-1): a UTF-8 key is compared as
+        # the bytes the client sent. The scheme is case-insensitive (RFC 9110).
+        scheme, _, token = request.headers.get("authorization", "").encode("latin-1").strip().partition(b" ")
+        token_ok = hmac.compare_digest(token.strip(), expected_key)
+        if not (token_ok and scheme.lower() == b"bearer"):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def parse(request: Request, kind: type[_R]) -> _R:
-        body = await _read_body(request, limits.max_body_bytes)
+        body = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
             raise ApiError(400, f"the body is not valid JSON: {type(e).__name__}: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ApiError(
+                400,
+                f"invalid '{'.'.join(map(str, where))}': the string holds a lone UTF-16 surrogate (not valid Unicode)",
+                param=str(where[0]),
+                code="invalid_value",
+            )
         try:
             return kind.model_validate(data)
         except ValidationError as e:
@@ -244,7 +272,10 @@ def create_app(
         if prompt is None:
             raise ApiError(400, "send exactly one prompt per request", param="prompt")
         # BOS first, as the model was trained; a prompt given as ids is taken as is.
-        ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        try:
+            ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        except RequestError as e:
+            raise ApiError(400, str(e), param="prompt") from None
         handle = submit(req, ids, req.max_tokens, default=16, prompt_param="prompt")  # 16: OpenAI's default
         text = _TextOutput(tokenizer, handle, req.stop_strings())
         rid = new_id("cmpl")
@@ -267,7 +298,12 @@ def create_app(
         req = await parse(request, ChatCompletionRequest)
         check(req)
         try:
-            ids = await run_in_threadpool(tokenizer.encode_chat, req.messages, req.tools if req.use_tools else None)
+            ids = await run_in_threadpool(
+                tokenizer.encode_chat,
+                req.messages,
+                req.tools if req.use_tools else None,
+                special_tokens_in_content=allow_special_tokens_in_content,
+            )
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -319,7 +355,7 @@ class _TextOutput:
                     if piece:
                         yield piece
                     if stopped:
-                        h.cancel()
+                        h.cancel(STOP)  # frees the slot now; counted as a stop, not a cancellation
                         return
         except RequestError as e:
             raise ApiError(500, str(e), type_="server_error") from None
@@ -361,25 +397,54 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or ApiError 413 past `limit` bytes (read on and discarded, so the client sees the 413)."""
+async def _read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, or ApiError 413 past `limit` bytes (read on and discarded, so the client sees the 413),
+    or 408 when it has not all arrived within `timeout_s` (a slow-body client holds no handler for long)."""
     too_big = ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > 64 * limit:
         raise too_big  # not worth draining: close the connection instead
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > 64 * limit:
-                break
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > 64 * limit:
+                    break
     except ClientDisconnect:
         raise ApiError(499, "client closed the request") from None
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
     if size > limit:
         raise too_big
     return b"".join(chunks)
+
+
+def _lone_surrogate(data: Any) -> list[str | int] | None:
+    """The path (keys and indices) of the first string in `data` holding a lone UTF-16 surrogate, or None.
+
+    JSON's "\\ud800" escapes decode to such strings; they are not text (they cannot be encoded as UTF-8,
+    so the tokenizer and the JSON answer would fail on them), so the request is refused naming the field.
+    """
+    stack: list[tuple[list[str | int], Any]] = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or ["body"]
+        elif isinstance(value, dict):
+            for k in reversed(list(value)):
+                if _SURROGATE.search(k):
+                    return [*path, "<key>"] if path else ["body"]
+                stack.append(([*path, k], value[k]))
+        elif isinstance(value, list):
+            stack.extend(([*path, i], v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,13 +545,23 @@ class _CountResponses:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.counter[message["status"]] += 1
             await send(message)
 
         try:
             await self.app(scope, receive, counting_send)
-        except Exception:
-            self.counter[500] += 1
-            raise
+        except Exception as exc:
+            if started:  # mid-stream: nothing else can be sent; the server closes the connection
+                self.counter[500] += 1
+                raise
+            # Answered here, not by starlette's ServerErrorMiddleware, which re-raises after answering and
+            # so makes uvicorn drop the keep-alive connection under the client's next pooled request.
+            _log.error("internal error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            response = ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+            await response(scope, receive, counting_send)

@@ -67,6 +67,32 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    s.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="encode special-token text in chat messages as control tokens (trusted clients only: it lets a "
+        "message forge turns); by default it is plain text",
+    )
+    s.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; past it requests get 503 (default 512)"
+    )
+    s.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive (default 10)"
+    )
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (408; default 30)")
+    s.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive connections close after (default 5)")
+    s.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=2,
+        help="cap glibc's malloc arenas (fewer arenas: less memory kept after bursts; 0: glibc's default)",
+    )
+    s.add_argument(
+        "--idle-trim",
+        type=float,
+        default=10.0,
+        help="after this many idle seconds, return free heap memory to the OS (0: never; default 10)",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
     s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
@@ -85,23 +111,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes"):
+    for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise DsV3Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("header_timeout", "body_timeout", "keep_alive"):
+        value = getattr(args, name)
+        if not 0 < value < float("inf"):
+            raise DsV3Error(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
     if args.max_queue < 0:
         raise DsV3Error(f"--max-queue must be at least 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise DsV3Error(f"--port must be in [0, 65535], got {args.port}")
+    if args.malloc_arena_max < 0 or not 0 <= args.idle_trim < float("inf"):
+        raise DsV3Error("--malloc-arena-max and --idle-trim must be >= 0")
     if args.api_key == "":
         raise DsV3Error("--api-key must not be empty")
     try:
         import uvicorn
 
         from .app import ServerLimits, create_app
+        from .http import uvicorn_config
     except ImportError as e:
         raise DsV3Error(
             f"dsv3 serve needs fastapi and uvicorn ({e.name} is missing): pip install 'dsv3[serve]'"
         ) from None
+    from .memory import IdleTrimmer, limit_arenas
+
+    if args.malloc_arena_max:
+        limit_arenas(args.malloc_arena_max)  # before the engine, tokenizer and threadpool threads start
     import torch
 
     from ..config import ModelConfig
@@ -162,23 +199,48 @@ def _serve(args: argparse.Namespace) -> int:
             runner=runner,
         )
         try:
-            limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
-            app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
+            limits = ServerLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_tokens=args.max_tokens_limit,
+                header_timeout_s=args.header_timeout,
+                body_timeout_s=args.body_timeout,
+                keep_alive_s=args.keep_alive,
+                max_connections=args.max_connections,
+            )
+            app = create_app(
+                engine,
+                tokenizer,
+                name,
+                api_key=args.api_key,
+                limits=limits,
+                allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+            )
             host, port = sock.getsockname()[:2]
             if not _is_loopback(args.host) and args.api_key is None:
                 _note(f"listening on {args.host} without --api-key: anyone who can reach it can use it")
             _note(f"serving {name!r} at http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
-            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+            server = uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=5))
             if parallel:
                 # A failed collective stops the server; release() below then raises it for run_or_exit.
                 engine.runner.on_failure(lambda e: setattr(server, "should_exit", True))
                 # uvicorn re-raises the signal it shut down on: SIGTERM must not kill this rank before
                 # it releases the others, so it is taken like Ctrl-C.
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
+            trimmer = None
+            if args.idle_trim:
+                stats = engine.stats
+                trimmer = IdleTrimmer(
+                    busy=lambda: (s := stats()).requests_active + s.requests_queued > 0,
+                    served=lambda: sum(stats().requests_finished.values()),
+                    idle_s=args.idle_trim,
+                ).start()
             try:
                 server.run(sockets=[sock])
             except KeyboardInterrupt:
                 pass  # uvicorn re-raises the Ctrl-C it shut down on; stopping the server that way is no error
+            finally:
+                if trimmer is not None:
+                    trimmer.close()
         finally:
             engine.close()
         if parallel:

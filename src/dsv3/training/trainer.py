@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -137,6 +138,7 @@ def resume_options(saved: dict[str, Any], explicit: dict[str, Any]) -> TrainOpti
     unknown = sorted(set(saved) - known)
     if unknown:
         raise CheckpointError(f"train.json has unknown option(s) {', '.join(unknown)}")
+    _check_option_types(saved)
     opts = TrainOptions(**saved)
     for key, value in explicit.items():
         if key == "data":
@@ -149,6 +151,23 @@ def resume_options(saved: dict[str, Any], explicit: dict[str, Any]) -> TrainOpti
                 f"settings (only {', '.join('--' + _flag(k) for k in RESUME_MAY_CHANGE)} may change)"
             )
     return opts
+
+
+def _check_option_types(saved: dict[str, Any]) -> None:
+    """CheckpointError naming the first option of train.json whose JSON type does not fit TrainOptions."""
+    accepted = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+    for f in dataclasses.fields(TrainOptions):
+        if f.name not in saved:
+            continue
+        value, kinds = saved[f.name], [k.strip() for k in str(f.type).split("|")]
+        if "list[str]" in kinds:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            types = tuple(t for k in kinds for t in accepted[k])
+            ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+            ok = ok and not (isinstance(value, float) and not math.isfinite(value))
+        if not ok:
+            raise CheckpointError(f"train.json: option {f.name} must be {f.type}, got {value!r}")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -268,13 +287,30 @@ class RunDir:
         names = [n for n in os.listdir(self.checkpoints) if n.startswith("step-") and n[5:].isdigit()]
         return sorted(int(n[5:]) for n in names if os.path.isfile(os.path.join(self.checkpoints, n, STATE_FILE)))
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete what a killed save left in checkpoints/ (returns the names); only provably stale ones.
+
+        A save writes `.tmp-step-N.tmp-PID` (and save_pretrained `..tmp-step-N.tmp-PID.tmp-PID` inside
+        it, `...old-PID` while swapping): such a name is removed when no process with any of its PIDs is
+        alive. `.tmp-step-N` without a PID is the name older versions used, from a single rank-0 writer.
+        """
+        removed = []
+        names = os.listdir(self.checkpoints) if os.path.isdir(self.checkpoints) else []
+        for name in names:
+            m = _TEMPORARY.match(name)
+            if m is None or any(_pid_alive(int(pid)) for pid in re.findall(r"\.(?:tmp|old)-(\d+)", name)):
+                continue
+            shutil.rmtree(os.path.join(self.checkpoints, name), ignore_errors=True)
+            removed.append(name)
+        return removed
+
     def read_train_json(self) -> dict[str, Any]:
         try:
             with open(self.train_json, encoding="utf-8") as f:
                 info = json.load(f)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} is not a training run (no train.json)") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.train_json}: not valid JSON ({e})") from None
         if not isinstance(info, dict) or not isinstance(info.get("options"), dict):
             raise CheckpointError(f"{self.train_json}: no 'options' object")
@@ -296,6 +332,21 @@ class RunDir:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut short by the crash
         _atomic_write_text(self.metrics, "".join(kept))
+
+
+_TEMPORARY = re.compile(r"^\.{1,2}tmp-step-\d{8}((\.tmp-\d+)|(\.old-\d+))*$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process saves one checkpoint at a time: its own leftovers are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -438,7 +489,8 @@ class Trainer:
         if not self.env.is_main:
             return None
         final = run.checkpoint_dir(self.step_done)
-        tmp = os.path.join(run.checkpoints, f".tmp-step-{self.step_done:08d}")
+        run.remove_stale_temporaries()
+        tmp = os.path.join(run.checkpoints, f".tmp-step-{self.step_done:08d}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         with _untied_mtp(self.model):
             self.model.save_pretrained(tmp)
@@ -446,7 +498,10 @@ class Trainer:
         if os.path.isdir(final):  # the same step saved again after a resume
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in run.checkpoint_steps()[: -self.opts.keep_checkpoints]:
+        # Only checkpoints up to this step count: a later one left by the run we resumed past (it was
+        # unreadable) must not push a good one out; it is replaced when the run reaches its step.
+        done = [s for s in run.checkpoint_steps() if s <= self.step_done]
+        for old in done[: -self.opts.keep_checkpoints]:
             shutil.rmtree(run.checkpoint_dir(old), ignore_errors=True)
         return final
 
@@ -466,6 +521,30 @@ def load_trainer_state(checkpoint_dir: str) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint_dir} has no {STATE_FILE}") from None
     except Exception as e:  # a truncated or foreign file: pickle and zip errors of many kinds
         raise CheckpointError(f"{path}: cannot read trainer state ({e})") from None
+
+
+def _load_latest_readable(
+    run: RunDir, steps: list[int], env: DistEnv, say: Callable[[str], None]
+) -> tuple[DeepSeekV3, dict[str, Any], str]:
+    """(model, trainer state, directory) of the newest checkpoint that reads; older ones are tried in turn.
+
+    A checkpoint that fails to read (a truncated shard, a corrupt trainer_state.pt) is left in place
+    and named in a note; every rank reads the same files, so every rank picks the same one.
+    """
+    error: CheckpointError | None = None
+    for step in reversed(steps):
+        ckpt = run.checkpoint_dir(step)
+        try:
+            state = load_trainer_state(ckpt)
+            model = DeepSeekV3.from_pretrained(ckpt, dtype=torch.float32, device=env.device)
+        except CheckpointError as e:
+            error = error or e
+            say(f"note: cannot resume from {ckpt} ({e}); trying the previous checkpoint")
+            continue
+        if error is not None:
+            say(f"note: resuming from {ckpt}")
+        return model, state, ckpt
+    raise error
 
 
 # ---------------------------------------------------------------------------------------------- a run
@@ -506,7 +585,9 @@ def _train(
         steps = run.checkpoint_steps()
         if not steps:
             raise CheckpointError(f"--resume: {run.path} has no checkpoint to resume from")
-        ckpt = run.checkpoint_dir(steps[-1])
+        if env.is_main:
+            for name in run.remove_stale_temporaries():
+                say(f"removed {name}, left in {run.checkpoints} by a save that did not finish")
         info = run.read_train_json()
         cfg = ModelConfig.from_pretrained(run.config)
     else:
@@ -541,7 +622,7 @@ def _train(
                 f"the data under {', '.join(opts.data)} is not what the run started with (fingerprint "
                 f"{corpus_info['fingerprint']} != {info.get('corpus', {}).get('fingerprint')})"
             )
-        model = DeepSeekV3.from_pretrained(ckpt, dtype=torch.float32, device=env.device)
+        model, state, _ = _load_latest_readable(run, steps, env, say)
     else:
         if opts.min_lr is None:
             opts.min_lr = opts.lr / 10
@@ -556,7 +637,7 @@ def _train(
                 bias.copy_(torch.randn(bias.shape, generator=g) * opts.init_bias_std)
     trainer = Trainer(model, opts, windows, env)
     if resume:
-        trainer.load_state_dict(load_trainer_state(ckpt))
+        trainer.load_state_dict(state)
     elif env.world_size > 1:
         _broadcast_from_rank0(trainer.model)
 
