@@ -89,3 +89,26 @@ def test_fp8_save_follows_scale_fmt(tmp_path, scale_fmt):
     loaded = dsv3.DeepSeekV3.from_pretrained(tmp_path / "c", dtype=torch.float32)
     w, back = model.model.layers[0].self_attn.o_proj.weight, loaded.model.layers[0].self_attn.o_proj.weight
     assert ((back - w).abs().max() / w.abs().max()).item() < 0.07
+
+
+def test_v2_lite_shaped_checkpoint_converts_to_fp8_and_runs(tmp_path):
+    """The 32 GB CPU recipe of docs/family.md on a shrunk V2-Lite: bf16 -> `convert --to fp8` -> load with fp8."""
+    from hf_reference import family_configs, randomize_, shrink
+
+    from dsv3.checkpoint.convert import convert_checkpoint
+
+    cfg = dsv3.ModelConfig.from_dict(shrink(family_configs()["deepseek-v2-lite-chat"]))
+    model = dsv3.DeepSeekV3(cfg, dtype=torch.bfloat16).eval()
+    randomize_(model, seed=3)
+    model.save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "tiktoken.model").write_text("aGk= 0\n")  # copied along, whatever it holds
+    convert_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8")
+    assert (tmp_path / "fp8" / "tiktoken.model").read_text() == "aGk= 0\n"
+    fp8 = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, fp8=True)
+    assert fp8.model.layers[1].mlp.experts.gate_proj.is_fp8 and fp8.config.model_type == "deepseek_v2"
+    # FP8 weights computed as stored give what their dequantized bf16 copy gives.
+    dequantized = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    ids = torch.randint(2, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = dequantized(ids).float(), fp8(ids).float()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.02
