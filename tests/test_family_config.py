@@ -144,3 +144,25 @@ def test_plan_with_int4_weights():
     int4 = plan_deployment(cfg, devices=8, device_memory_gb=120, context=32768, batch=8, dtype="int4")
     assert not fp8["fits"] and int4["fits"]
     assert int4["weights_bytes"] < fp8["weights_bytes"]
+
+
+def test_cli_params_and_plan(tmp_path, capsys):
+    import json
+
+    from dsv3.cli import main
+
+    v32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    (tmp_path / "config.json").write_text(json.dumps(v32))
+    assert main(["params", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DeepSeek-V3.2-Exp (DeepSeek Sparse Attention) is not supported" in err
+    assert main(["params", "kimi-k2-thinking", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["total_parameters"] == 1_026_408_232_448 and d["int4_group_size"] == 32
+    args = ["plan", "deepseek-v2-lite", "--devices", "1", "--device-memory", "28", "--context", "4096", "--batch", "1"]
+    assert main([*args, "--dtype", "fp8"]) == 0
+    assert "Verdict:      fits" in capsys.readouterr().out
+    assert main([*args, "--dtype", "bf16"]) == 0
+    assert "Verdict:      does not fit: the weights alone" in capsys.readouterr().out
+    assert main([*args, "--dtype", "int4"]) == 2
+    assert "needs an INT4 config" in capsys.readouterr().err
