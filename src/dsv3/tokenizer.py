@@ -287,8 +287,8 @@ def _check_packaged_fits(ckpt_dir: Path, packaged: Path | None) -> None:
     if isinstance(vocab, int) and not V3_TOKENIZER_IDS <= vocab <= V3_VOCAB_SIZE:
         raise CheckpointError(
             f"tokenizer: {ckpt_dir} has no {TOKENIZER_FILE} or {TIKTOKEN_FILE}, and the packaged DeepSeek-V3 "
-            f"tokenizer ({V3_TOKENIZER_IDS:,} ids) does not fit its vocab_size {vocab:,}: copy the checkpoint's "
-            "tokenizer files into it"
+            f"tokenizer ({V3_TOKENIZER_IDS:,} ids) does not fit this model's vocabulary (vocab_size {vocab:,}): "
+            "copy the checkpoint's tokenizer files into it"
         )
     if packaged is not None:
         print(
