@@ -32,7 +32,7 @@ from .errors import ConfigError
 BF16_BYTES = 2
 FP32_BYTES = 4
 DEFAULT_FP8_BLOCK = (128, 128)
-WEIGHT_DTYPES = ("bf16", "fp8")
+WEIGHT_DTYPES = ("bf16", "fp8", "int4")
 PREFILL_CHUNK_TOKENS = 4096  # plan: activations are sized for one prefill chunk of this many tokens
 SUMMARY_FLOPS_CONTEXT = 4096  # format_summary / summary_dict quote forward FLOPs at this context
 GIB = 1 << 30
@@ -96,8 +96,9 @@ def _moe_specs(cfg: ModelConfig, p: str) -> list[_Spec]:
         _Spec(f"{p}mlp.experts.{{e}}.up_proj.weight", (F, D), "expert", True, experts=E),
         _Spec(f"{p}mlp.experts.{{e}}.down_proj.weight", (D, F), "expert", True, experts=E),
         _Spec(f"{p}mlp.gate.weight", (E, D), "replicated", False, "router"),
-        _Spec(f"{p}mlp.gate.e_score_correction_bias", (E,), "replicated", False, "bias"),
     ]
+    if cfg.uses_correction_bias:  # V3's aux-loss-free routing; DeepSeek-V2 has no bias
+        specs.append(_Spec(f"{p}mlp.gate.e_score_correction_bias", (E,), "replicated", False, "bias"))
     if cfg.n_shared_experts:
         specs += _swiglu_specs(f"{p}mlp.shared_experts.", D, F * cfg.n_shared_experts)
     return specs
@@ -212,11 +213,23 @@ def _block(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.fp8_block_size or DEFAULT_FP8_BLOCK
 
 
-def _tensor_bytes(s: _Spec, shape: tuple[int, ...], dtype: str, block: tuple[int, int]) -> int:
-    """Bytes of one tensor of `shape` (the spec's own, or a shard of it) stored as `dtype`."""
+def _int4_group(cfg: ModelConfig) -> int:
+    return cfg.int4_group_size or 0  # 0: not an INT4 config, and "int4" is refused (_check_dtype)
+
+
+def _tensor_bytes(s: _Spec, shape: tuple[int, ...], dtype: str, block: tuple[int, int], group: int = 0) -> int:
+    """Bytes of one tensor of `shape` (the spec's own, or a shard of it) stored as `dtype`.
+
+    "int4" is Kimi-K2-Thinking's layout (compressed-tensors, pack-quantized): routed experts only, two
+    weights per byte plus one bf16 scale per `group` weights of a row; every other tensor in bf16. Its
+    small `weight_shape` tensors (two integers per expert projection) are not counted.
+    """
     n = _numel(shape)
     if s.kind == "bias":
         return n * FP32_BYTES
+    if dtype == "int4" and s.experts:
+        out, inp = shape
+        return n // 2 + out * -(-inp // group) * BF16_BYTES
     if dtype == "fp8" and s.fp8:
         out, inp = shape
         scales = -(-out // block[0]) * -(-inp // block[1])  # edge blocks are partial, and still get a scale
@@ -224,16 +237,28 @@ def _tensor_bytes(s: _Spec, shape: tuple[int, ...], dtype: str, block: tuple[int
     return n * BF16_BYTES
 
 
-def _check_dtype(dtype: str) -> None:
+def _check_dtype(dtype: str, cfg: ModelConfig) -> None:
     if dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {dtype!r} is not supported (supported: {', '.join(WEIGHT_DTYPES)})")
+    # INT4 is a layout one checkpoint ships (which tensors, which group size), not a generic dtype.
+    if dtype == "int4" and cfg.int4_group_size is None:
+        raise ConfigError(
+            "weight dtype 'int4' needs an INT4 config (quantization_config.quant_method 'compressed-tensors', "
+            "as Kimi-K2-Thinking's)"
+        )
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", mtp: bool = False) -> int:
-    """Bytes of the checkpoint's tensors in `dtype` ("bf16" or "fp8", block scales included; see module doc)."""
-    _check_dtype(dtype)
-    block = _block(cfg)
-    return sum(_tensor_bytes(s, s.shape, dtype, block) * _copies(s) for s in _specs(cfg, mtp))
+    """Bytes of the checkpoint's tensors in `dtype` ("bf16", "fp8" with block scales, "int4": `_tensor_bytes`)."""
+    _check_dtype(dtype, cfg)
+    block, group = _block(cfg), _int4_group(cfg)
+    return sum(_tensor_bytes(s, s.shape, dtype, block, group) * _copies(s) for s in _specs(cfg, mtp))
+
+
+def int4_bytes_per_expert_weight(cfg: ModelConfig) -> float:
+    """Bytes per routed-expert weight in the INT4 layout: 1/2 plus a bf16 scale per group (0.5625 for group 32)."""
+    _check_dtype("int4", cfg)
+    return 0.5 + BF16_BYTES / _int4_group(cfg)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = BF16_BYTES) -> int:
@@ -367,6 +392,11 @@ def summary_dict(cfg: ModelConfig, mtp: bool = False) -> dict[str, int]:
         "activated_parameters": activated_parameters(cfg),
         "weight_bytes_bf16": weight_bytes(cfg, "bf16", mtp),
         "weight_bytes_fp8": weight_bytes(cfg, "fp8", mtp),
+        **(
+            {"weight_bytes_int4": weight_bytes(cfg, "int4", mtp), "int4_group_size": _int4_group(cfg)}
+            if cfg.int4_group_size
+            else {}
+        ),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "flops_per_token_context": SUMMARY_FLOPS_CONTEXT,
         "flops_per_token": flops_per_token(cfg, SUMMARY_FLOPS_CONTEXT),
@@ -397,6 +427,17 @@ def format_summary(cfg: ModelConfig, mtp: bool = False) -> str:
     rows += [
         (f"Weight bytes, bf16{incl}", f"{d['weight_bytes_bf16']:,} ({_human(d['weight_bytes_bf16'])})"),
         (f"Weight bytes, fp8{incl}", f"{d['weight_bytes_fp8']:,} ({_human(d['weight_bytes_fp8'])})"),
+    ]
+    if "weight_bytes_int4" in d:
+        per_weight = int4_bytes_per_expert_weight(cfg)
+        rows.append(
+            (
+                f"Weight bytes, int4{incl}",
+                f"{d['weight_bytes_int4']:,} ({_human(d['weight_bytes_int4'])}; routed experts at {per_weight:g} "
+                f"bytes/weight, group {d['int4_group_size']}, the rest bf16)",
+            )
+        )
+    rows += [
         (
             "KV cache per token",
             f"{d['kv_cache_bytes_per_token']:,} bytes "
@@ -443,11 +484,11 @@ def _local_shape(s: _Spec, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
 
 
 def _weights_per_device(cfg: ModelConfig, tp: int, ep: int, dtype: str, mtp: bool) -> int:
-    block = _block(cfg)
+    block, group = _block(cfg), _int4_group(cfg)
     total = 0
     for s in _specs(cfg, mtp):
         copies = -(-s.experts // ep) if s.experts else 1  # EP rank 0 holds ceil(E/ep) experts of each layer
-        total += copies * _tensor_bytes(s, _local_shape(s, cfg, tp), dtype, block)
+        total += copies * _tensor_bytes(s, _local_shape(s, cfg, tp), dtype, block, group)
     return total
 
 
@@ -513,7 +554,7 @@ def plan_deployment(
     peak of one prefill chunk (`_activation_bytes`) plus fp32 logits for the local batch, ceil(V/tp)
     wide. With `mtp` the MTP layers' weights and KV cache are included (for speculative decoding).
     """
-    _check_dtype(dtype)
+    _check_dtype(dtype, cfg)
     tp = devices if tp is None else tp
     ep = devices if ep is None else ep
     for name, value in (("devices", devices), ("context", context), ("batch", batch), ("tp", tp), ("ep", ep)):

@@ -53,7 +53,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     model = DeepSeekV3(cfg.replace(quantization_config=None), dtype=_torch_dtype(args.dtype))
     if args.random_bias:
         for m in model.modules():
-            if hasattr(m, "e_score_correction_bias"):
+            if getattr(m, "e_score_correction_bias", None) is not None:
                 m.e_score_correction_bias.normal_(0, 0.1)
     model.save_pretrained(args.out, fp8=args.fp8)
     n = model.num_parameters(include_mtp=True)

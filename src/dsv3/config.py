@@ -13,15 +13,49 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .presets import PRESETS
 
-SUPPORTED_SCORING = ("sigmoid",)
-SUPPORTED_TOPK_METHOD = ("noaux_tc",)
 SUPPORTED_ACT = ("silu",)
 SUPPORTED_ROPE_TYPES = ("yarn", "default", "linear")
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: fixed in the reference code, whatever rms_norm_eps says
+
+
+class Family(NamedTuple):
+    """One `model_type` dsv3 runs: its checkpoints, accepted `architectures`, and routing."""
+
+    name: str
+    architectures: tuple[str, ...]
+    scoring_func: str
+    topk_methods: tuple[str, ...]
+
+
+# Kimi-K2 and Moonlight are DeepSeek-V3 networks: Kimi-K2 says `model_type: kimi_k2` with the V3
+# architecture, Moonlight-16B-A3B says `deepseek_v3`. DeepSeek-V2 / V2-Lite / V2.5 differ in routing.
+FAMILIES = {
+    "deepseek_v3": Family(
+        "DeepSeek-V3 (V3, R1, V3-0324, V3.1, Moonlight)", ("DeepseekV3ForCausalLM",), "sigmoid", ("noaux_tc",)
+    ),
+    "kimi_k2": Family("Kimi-K2", ("DeepseekV3ForCausalLM",), "sigmoid", ("noaux_tc",)),
+    "deepseek_v2": Family(
+        "DeepSeek-V2 (V2, V2-Lite, V2.5)", ("DeepseekV2ForCausalLM",), "softmax", ("greedy", "group_limited_greedy")
+    ),
+}
+# Relatives dsv3 does not run, refused by name rather than as "an unknown model_type".
+REFUSED_MODEL_TYPES = {
+    "deepseek_v32": "DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
+    "deepseek": "DeepSeek-MoE (V1)",
+    "kimi_linear": "Kimi-Linear",
+}
+# Config keys whose presence means a computation dsv3 does not implement: key -> the checkpoint family.
+REFUSED_KEYS = {
+    "index_n_heads": "DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
+    "index_head_dim": "DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
+    "index_topk": "DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
+}
+INT4_METHOD = "compressed-tensors"  # Kimi-K2-Thinking: routed experts in INT4, grouped scales
 
 
 @dataclass
@@ -91,6 +125,10 @@ class ModelConfig:
         # transformers calls the MTP depth num_mtp_layers; the checkpoint's config calls it num_nextn.
         if "num_nextn_predict_layers" not in d and "num_mtp_layers" in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if d.get("topk_method") == "greedy":  # V2-Lite style: groups play no part; transformers may write null
+            for key in ("n_group", "topk_group"):
+                if key in d and d[key] is None:
+                    d[key] = 1
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         cfg = cls(**known, extra=extra)
@@ -123,7 +161,8 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name != "extra":
                 d[f.name] = getattr(self, f.name)
-        d.setdefault("architectures", ["DeepseekV3ForCausalLM"])
+        family = FAMILIES.get(self.model_type)
+        d.setdefault("architectures", list(family.architectures[:1]) if family else ["DeepseekV3ForCausalLM"])
         return d
 
     def save(self, path: str | os.PathLike) -> None:
@@ -200,6 +239,31 @@ class ModelConfig:
         bs = q.get("weight_block_size", [128, 128])
         return int(bs[0]), int(bs[1])
 
+    @property
+    def fp8_scale_fmt(self) -> str | None:
+        """`quantization_config.scale_fmt` of an FP8 config ("ue8m0": power-of-two scales, V3.1), else None."""
+        if self.fp8_block_size is None:
+            return None
+        return self.quantization_config.get("scale_fmt")
+
+    @property
+    def int4_group_size(self) -> int | None:
+        """Group size of an INT4 `compressed-tensors` config (Kimi-K2-Thinking: 32), else None."""
+        q = self.quantization_config
+        if not q or q.get("quant_method") != INT4_METHOD:
+            return None
+        return _int4_weights(q)["group_size"]
+
+    @property
+    def family(self) -> str:
+        """The checkpoint family this config belongs to, for messages and `dsv3 params`."""
+        return FAMILIES[self.model_type].name
+
+    @property
+    def uses_correction_bias(self) -> bool:
+        """Whether the router has `e_score_correction_bias` (V3's aux-loss-free `noaux_tc`; not V2)."""
+        return self.topk_method == "noaux_tc"
+
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and why."""
@@ -241,31 +305,25 @@ class ModelConfig:
         _check_token_ids_and_flags(self)
         self._validate_rope()
         self._validate_quantization()
+        self._validate_family()
 
     def _validate_moe(self) -> None:
         for name in ["n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size"]:
             _require_int(name, getattr(self, name), minimum=1)
-        if self.scoring_func not in SUPPORTED_SCORING:
-            raise ConfigError(
-                f"scoring_func {self.scoring_func!r} is not supported (supported: {', '.join(SUPPORTED_SCORING)})"
-            )
-        if self.topk_method not in SUPPORTED_TOPK_METHOD:
-            raise ConfigError(
-                f"topk_method {self.topk_method!r} is not supported (supported: {', '.join(SUPPORTED_TOPK_METHOD)})"
-            )
+        self._validate_routing()
         if self.n_routed_experts % self.n_group:
             raise ConfigError(
                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
             )
         if self.topk_group > self.n_group:
             raise ConfigError(f"topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})")
-        if self.experts_per_group < 2 and self.n_group > 1:
+        if self.experts_per_group < 2 and self.n_group > 1 and self.topk_method == "noaux_tc":
             raise ConfigError(
                 f"each group needs at least 2 experts for the top-2 group score, got "
                 f"n_routed_experts/n_group = {self.experts_per_group}"
             )
         kept = self.topk_group * self.experts_per_group
-        if self.num_experts_per_tok > kept:
+        if self.num_experts_per_tok > kept and self.topk_method != "greedy":
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
                 f"(topk_group * n_routed_experts / n_group = {kept})"
@@ -299,19 +357,111 @@ class ModelConfig:
             return
         if not isinstance(q, dict):
             raise ConfigError(f"quantization_config must be an object or null, got {q!r}")
-        if q.get("quant_method") != "fp8":
+        method = q.get("quant_method")
+        if method == INT4_METHOD:
+            _int4_weights(q)
+            return
+        if method != "fp8":
             raise ConfigError(
-                f"quantization_config.quant_method {q.get('quant_method')!r} is not supported (supported: fp8)"
+                f"quantization_config.quant_method {method!r} is not supported (supported: fp8, {INT4_METHOD})"
             )
         if q.get("fmt", "e4m3") != "e4m3":
             raise ConfigError(f"quantization_config.fmt {q.get('fmt')!r} is not supported (supported: e4m3)")
-        bs = q.get("weight_block_size", [128, 128])
+        if "weight_block_size" not in q or q["weight_block_size"] is None:
+            raise ConfigError(
+                "quantization_config has no weight_block_size: per-tensor FP8 is not supported "
+                "(dsv3 reads block-scaled FP8, as DeepSeek-V3's weight_block_size [128, 128])"
+            )
+        bs = q["weight_block_size"]
         if (
             not isinstance(bs, (list, tuple))
             or len(bs) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)
         ):
             raise ConfigError(f"quantization_config.weight_block_size must be two positive integers, got {bs!r}")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise ConfigError(
+                f"quantization_config.activation_scheme {q.get('activation_scheme')!r} is not supported "
+                "(supported: dynamic)"
+            )
+        if q.get("scale_fmt") not in (None, "ue8m0"):
+            raise ConfigError(
+                f"quantization_config.scale_fmt {q.get('scale_fmt')!r} is not supported (supported: ue8m0, or none)"
+            )
+
+    # ----------------------------------------------------------------- family (model_type, routing, refused keys)
+    def _validate_family(self) -> None:
+        """model_type / architectures name a family dsv3 runs; keys of relatives it does not run are refused."""
+        for key, family in REFUSED_KEYS.items():
+            if self.extra.get(key) is not None:
+                raise ConfigError(f"config key {key!r}: {family} is not supported")
+        if self.model_type in REFUSED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r}: {REFUSED_MODEL_TYPES[self.model_type]} is not supported"
+            )
+        if self.model_type not in FAMILIES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not a DeepSeek-V3 family model (supported: {', '.join(FAMILIES)})"
+            )
+        family = FAMILIES[self.model_type]
+        archs = self.extra.get("architectures")
+        if archs is not None:
+            if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+                raise ConfigError(f"architectures must be a list of class names, got {archs!r}")
+            unknown = [a for a in archs if a not in family.architectures]
+            if unknown:
+                raise ConfigError(
+                    f"architectures {unknown[0]!r} is not a {family.name} architecture "
+                    f"(model_type {self.model_type!r} expects {', '.join(family.architectures)})"
+                )
+        if self.attention_bias:
+            raise ConfigError(
+                "attention_bias: true (biases on q_a_proj, kv_a_proj_with_mqa and o_proj) is not supported; "
+                "no published DeepSeek-V2/V3-family checkpoint sets it"
+            )
+        if self.extra.get("mlp_bias"):
+            raise ConfigError("mlp_bias: true (biases on the MLP projections) is not supported")
+        if self.extra.get("rope_interleave", True) is not True:
+            raise ConfigError(
+                "rope_interleave: false (rotate-half RoPE) is not supported; the DeepSeek checkpoints rotate "
+                "interleaved pairs"
+            )
+
+    def _validate_routing(self) -> None:
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            return  # _validate_family names the model_type
+        if self.scoring_func != family.scoring_func:
+            hint = " (DeepSeek-V2 routing: model_type deepseek_v2)" if self.scoring_func == "softmax" else ""
+            raise ConfigError(
+                f"scoring_func {self.scoring_func!r} is not {family.name} routing "
+                f"(model_type {self.model_type!r} uses {family.scoring_func!r}){hint}"
+            )
+        if self.topk_method not in family.topk_methods:
+            raise ConfigError(
+                f"topk_method {self.topk_method!r} is not supported for model_type {self.model_type!r} "
+                f"(supported: {', '.join(family.topk_methods)})"
+            )
+
+
+def _int4_weights(q: dict) -> dict:
+    """The one `weights` scheme of an INT4 compressed-tensors config (Kimi-K2-Thinking), validated."""
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ConfigError(f"quantization_config ({INT4_METHOD}) must have exactly one config_groups entry")
+    weights = next(iter(groups.values())).get("weights") if isinstance(next(iter(groups.values())), dict) else None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"quantization_config ({INT4_METHOD}): config_groups has no weights scheme")
+    scheme = (weights.get("num_bits"), weights.get("type"), weights.get("strategy"), weights.get("symmetric"))
+    if scheme != (4, "int", "group", True):
+        raise ConfigError(
+            f"quantization_config ({INT4_METHOD}): only symmetric 4-bit int weights with group scales are "
+            f"supported (Kimi-K2-Thinking), got num_bits/type/strategy/symmetric = {scheme}"
+        )
+    gs = weights.get("group_size")
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
+        raise ConfigError(f"quantization_config ({INT4_METHOD}): group_size must be a positive integer, got {gs!r}")
+    return weights
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

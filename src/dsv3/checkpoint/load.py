@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from .names import disk_to_memory, memory_to_disk
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
+# Tensors some checkpoints hold that are derived from config.json, not learned (Kimi-K2's shards list 61
+# `rotary_emb.inv_freq`; transformers skips them too): skipped with a note. Every other key stays strict.
+IGNORED_TENSORS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -107,7 +111,19 @@ def plan_load(path: str | os.PathLike, fp8: bool = False, mtp: bool | None = Non
         cfg = ModelConfig.from_pretrained(os.path.join(path, "config.json"))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if cfg.int4_group_size is not None:
+        raise CheckpointError(
+            f"{path}: INT4 weights (quantization_config.quant_method 'compressed-tensors', as Kimi-K2-Thinking) "
+            "cannot be loaded; `dsv3 params` and `dsv3 plan` do read this config"
+        )
     files = checkpoint_files(path)
+    ignored = sorted(k for k in files if IGNORED_TENSORS.match(k))
+    if ignored:
+        print(
+            f"dsv3: note: {path}: skipped {len(ignored)} rotary_emb.inv_freq tensor(s) (recomputed from config.json)",
+            file=sys.stderr,
+        )
+        files = {k: v for k, v in files.items() if k not in ignored}
     check_counts(path, cfg, files)
     scaled = {k[: -len(SCALE_SUFFIX)] for k in files if k.endswith(SCALE_SUFFIX)}
     if scaled and cfg.fp8_block_size is None:

@@ -48,14 +48,18 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, fp8: bool = False, 
     # The router weight is float32 in memory; on disk it has the model's dtype, as in the official files.
     dtype = model.model.embed_tokens.weight.dtype
     state = {k: (t.to(dtype) if k.endswith(".mlp.gate.weight") else t) for k, t in state.items()}
-    tensors = disk_tensors(state, cfg.num_hidden_layers, fp8, block)
+    ue8m0 = config.get("quantization_config", {}).get("scale_fmt") == "ue8m0"
+    tensors = disk_tensors(state, cfg.num_hidden_layers, fp8, block, ue8m0)
     write_checkpoint(out_dir, config, tensors, max_shard_bytes)
 
 
 def disk_tensors(
-    state: dict[str, torch.Tensor], num_layers: int, fp8: bool, block: tuple[int, int]
+    state: dict[str, torch.Tensor], num_layers: int, fp8: bool, block: tuple[int, int], ue8m0: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(official key, tensor) in the on-disk format: FP8-quantized or dequantized as asked."""
+    """(official key, tensor) in the on-disk format: FP8-quantized (power-of-two scales with `ue8m0`) or dequantized.
+
+    Weights already FP8 in memory are written with their own scales, as loaded.
+    """
     disk = list(iter_disk_tensors(state, num_layers))
     scales = {k: t for k, t in disk if k.endswith(SCALE_SUFFIX)}
     for key, t in disk:
@@ -68,7 +72,7 @@ def disk_tensors(
             else:
                 yield key, dequantize_blocks(t, scales[key + SCALE_SUFFIX], block, torch.bfloat16)
         elif fp8 and is_fp8_quantizable(key):
-            q, s = quantize_blocks(t, block)
+            q, s = quantize_blocks(t, block, ue8m0)
             yield key, q
             yield key + SCALE_SUFFIX, s
         else:

@@ -99,7 +99,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device-memory", type=float, required=True, metavar="GB", help="memory per device, GiB")
     s.add_argument("--context", type=int, required=True, metavar="T", help="tokens per sequence")
     s.add_argument("--batch", type=int, required=True, metavar="B", help="sequences served at once")
-    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="weight format")
+    s.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp8", "int4"], help="weight format (int4: Kimi-K2-Thinking's)"
+    )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: --devices)")
     s.add_argument("--ep", type=int, default=None, help="expert-parallel ranks (default: --devices)")
     s.add_argument("--mtp", action="store_true", help="include the MTP module (speculative decoding)")

@@ -100,8 +100,12 @@ def _fp8_to_float32(t: Tensor) -> Tensor:
     return ((bits + (bits & 0x80)) << 7).view(torch.float16).float().mul_(256.0)
 
 
-def quantize_blocks(weight: Tensor, block: Block = (128, 128)) -> tuple[Tensor, Tensor]:
-    """Quantize a [out, in] or stacked [E, out, in] weight to (fp8 weight, fp32 scale_inv per block)."""
+def quantize_blocks(weight: Tensor, block: Block = (128, 128), ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """Quantize a [out, in] or stacked [E, out, in] weight to (fp8 weight, fp32 scale_inv per block).
+
+    With `ue8m0` (DeepSeek-V3.1's `scale_fmt`) each scale is rounded up to a power of two, so it is
+    exactly an 8-bit exponent and no block value exceeds the e4m3 range.
+    """
     if weight.dim() not in (2, 3):
         raise ValueError(f"expected a 2-D [out, in] or 3-D [E, out, in] weight, got shape {list(weight.shape)}")
     blocks = _to_blocks(weight.float(), block)  # (..., out/b0, b0, in/b1, b1)
@@ -109,6 +113,8 @@ def quantize_blocks(weight: Tensor, block: Block = (128, 128)) -> tuple[Tensor, 
     scale_inv = amax / FP8_MAX
     # All-zero block (or amax so small that amax/448 underflows): any non-zero scale gives zeros.
     scale_inv = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
+    if ue8m0:
+        scale_inv = torch.exp2(torch.ceil(torch.log2(scale_inv)))
     quantized = (blocks / scale_inv[..., :, None, :, None]).to(FP8_DTYPE)
     return _from_blocks(quantized, weight.shape).contiguous(), scale_inv
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import LATENT_NORM_EPS, ModelConfig
 from .cache import CacheBatch
 from .linear import Linear, fuse_weights, fused_weight, matmul_wt
 from .norm import RMSNorm
@@ -44,10 +44,12 @@ class MLA(nn.Module):
             self.q_proj = Linear(D, H * self.qk_head_dim)
         else:
             self.q_a_proj = Linear(D, cfg.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(cfg.q_lora_rank, H * self.qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        # The latent norms use eps 1e-6 whatever rms_norm_eps says (Moonlight's is 1e-5), as the reference
+        # code (DeepSeek's, transformers') builds them: the config's eps there flips routing decisions.
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
         self._absorbed_cache: tuple | None = None  # (key, W_UK, W_UV) prepared once per weight version

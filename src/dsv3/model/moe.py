@@ -7,6 +7,11 @@ balancing) only steers SELECTION: group score = sum of the top-2 of s+b in each 
 `num_experts_per_tok` of s+b. The combine weights are the UNBIASED s of the chosen experts,
 normalised when `norm_topk_prob`, times `routed_scaling_factor`.
 
+DeepSeek-V2 routing (`model_type: deepseek_v2`): s = softmax(x W_g^T) in float32, no bias; `greedy`
+takes the top `num_experts_per_tok` of s, `group_limited_greedy` first keeps the `topk_group` groups
+with the largest MAX score (V2's group score, not V3's top-2 sum). Combine weights as above (V2
+checkpoints set `norm_topk_prob` false, so they are s times `routed_scaling_factor`).
+
 Legend (dispatch code): T tokens, D model dim, F expert hidden, E experts, K experts per token,
 N = T*K token-expert assignments.
 """
@@ -62,8 +67,11 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # V2 routing has no bias: the buffer is None there, so it is neither built nor expected on disk.
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.uses_correction_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
         # Per-expert token counts, accumulated only in training mode; the trainer reads and resets them.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_scores: torch.Tensor | None = None  # (T, E) affinities of the last training forward
@@ -75,7 +83,7 @@ class Router(nn.Module):
         bias, weight = self.e_score_correction_bias, self.weight
         out = super()._apply(fn, recurse)
         moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32 and not moved.is_meta:
+        if moved is not None and moved.dtype != torch.float32 and not moved.is_meta:
             self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         if self.weight.dtype != torch.float32 and not self.weight.is_meta and weight.dtype == torch.float32:
             self.weight.data = weight.data.to(device=self.weight.device)
@@ -84,13 +92,20 @@ class Router(nn.Module):
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         # float32 even under autocast: bf16 affinities flip near-ties between experts.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+            logits = F.linear(x_TD.float(), self.weight.float())
+            return logits.softmax(dim=-1) if self.scoring_func == "softmax" else torch.sigmoid(logits)
+
+    def select(self, s_TE: torch.Tensor) -> torch.Tensor:
+        """Expert ids (T, K) for affinities s (T, E), by the config's `topk_method`."""
+        if self.topk_method == "greedy":
+            return _stable_topk(s_TE, self.top_k)
+        if self.topk_method == "group_limited_greedy":
+            return route_tokens_max_group(s_TE, self.n_group, self.topk_group, self.top_k)
+        return route_tokens(s_TE, self.e_score_correction_bias.float(), self.n_group, self.topk_group, self.top_k)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_TE = self.scores(x_TD)
-        topk_idx_TK = route_tokens(
-            s_TE.detach(), self.e_score_correction_bias.float(), self.n_group, self.topk_group, self.top_k
-        )
+        topk_idx_TK = self.select(s_TE.detach())
         weight_TK = s_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -117,6 +132,15 @@ def route_tokens(
         keep_TG.scatter_(1, _stable_topk(group_score_TG, topk_group), True)
         biased_TE = grouped.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
     return _stable_topk(biased_TE, top_k)
+
+
+def route_tokens_max_group(scores_TE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V2's `group_limited_greedy`: keep the groups with the largest max score, then top-k -> ids (T, K)."""
+    T, E = scores_TE.shape
+    grouped = scores_TE.view(T, n_group, E // n_group)
+    keep_TG = torch.zeros(T, n_group, dtype=torch.bool, device=scores_TE.device)
+    keep_TG.scatter_(1, _stable_topk(grouped.amax(dim=-1), topk_group), True)
+    return _stable_topk(grouped.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E), top_k)
 
 
 def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -42,11 +42,16 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         # ramp 0 -> keep the original (extrapolated) frequency, ramp 1 -> interpolate by factor.
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        # As transformers (and DeepSeek's code when both are given): an explicit attention_factor wins, else
+        # mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1 for V3, where they are equal), else
+        # mscale(factor) when either is missing.
         mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
-        if mscale and mscale_all_dim:
-            attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-        elif rs.get("attention_factor") is not None:
+        if rs.get("attention_factor") is not None:
             attn_factor = float(rs["attention_factor"])
+        elif mscale and mscale_all_dim:
+            attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attn_factor = yarn_mscale(factor, 1.0)
     return inv_freq.float(), attn_factor
 
 

@@ -143,7 +143,7 @@ class DeepSeekV3(nn.Module):
                     w.copy_(w.to(self.model.embed_tokens.weight.dtype))
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            if isinstance(module, Router):
+            if isinstance(module, Router) and module.e_score_correction_bias is not None:
                 module.e_score_correction_bias.zero_()
 
     @torch.no_grad()
