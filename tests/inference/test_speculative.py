@@ -59,6 +59,18 @@ def test_greedy_identical_with_random_weights():
     assert stats.tokens == sum(len(o) for o in plain)
 
 
+def test_prompts_longer_than_a_prefill_chunk(monkeypatch):
+    """The main prefill runs in chunks, as prefill() does: 4-token chunks over ragged prompts change nothing."""
+    import dsv3.inference.speculative as spec_mod
+
+    m = mostly_bigram_model(3.0)
+    whole, whole_stats = run(m, PROMPTS, 10, stop_token_ids=[])
+    monkeypatch.setattr(spec_mod, "PREFILL_CHUNK_TOKENS", 4)
+    chunked, chunked_stats = run(m, PROMPTS, 10, stop_token_ids=[])
+    assert chunked == whole == dsv3.generate(m, PROMPTS, max_new_tokens=10, stop_token_ids=[])
+    assert chunked_stats.accepted == whole_stats.accepted > 0
+
+
 @pytest.mark.parametrize("attn_scale", [0.0, 3.0])
 def test_greedy_identical_with_accepted_drafts(attn_scale):
     m = mostly_bigram_model(attn_scale)

@@ -29,6 +29,8 @@ from ..model.transformer import DeepSeekV3
 from .request import GenerationRequest
 from .sampling import SamplingParams, filtered_probs
 
+PREFILL_CHUNK_TOKENS = 4096  # prefill()'s chunk: the prompt goes through the model this many tokens at a time
+
 
 @dataclass
 class SpeculativeStats:
@@ -161,11 +163,16 @@ def speculative_stream(
     slots = [main_cache.allocate() for _ in prompts]
     assert [mtp_cache.allocate() for _ in prompts] == slots  # row b uses slot b in both caches
 
-    # Prefill the main model over the prompts, keeping every position's hidden state for the MTP layer.
+    # Prefill the main model over the prompts in chunks, as prefill() does (bounded activations), keeping
+    # every position's hidden state: the MTP layer reads them all.
     lens = [len(p) for p in prompts]
-    batch = main_cache.bind(slots, lens)
-    hidden = model.hidden_states(_right_padded(prompts, dev), cache=batch)
-    batch.commit()
+    ids, chunks = _right_padded(prompts, dev), []
+    for lo in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
+        hi = min(lo + PREFILL_CHUNK_TOKENS, ids.shape[1])
+        batch = main_cache.bind(slots, [max(0, min(n, hi) - lo) for n in lens])
+        chunks.append(model.hidden_states(ids[:, lo:hi], cache=batch))
+        batch.commit()
+    hidden = torch.cat(chunks, dim=1)
     last_logits = request.limit_vocab(model.logits(_pick(hidden, [n - 1 for n in lens])[:, None])[:, 0])
     first = [_draw(filtered_probs(last_logits[b], request.sampling[b]), gens[b]) for b in range(len(prompts))]
     produced = [[t] for t in first]
