@@ -56,7 +56,7 @@ def test_bad_values_fail_fast_naming_the_field(changes, field):
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=field):
         ModelConfig.from_dict(tiny(**changes))
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # validation only: nothing is built or allocated
 
 
 def test_released_configs_still_validate():
