@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dsv3.errors import CheckpointError, RequestError
@@ -356,6 +356,9 @@ def test_find_stop():
     assert find_stop("hello world", ["wor", "lo"]) == 3
     assert find_stop("hello", ["xyz", ""]) is None
     assert find_stop("", ["a"]) is None
+    # The stop that completes first wins, whatever the chunking ('b' ends at 2, 'aba' at 3); ties go to the longest.
+    assert find_stop("aba", ["b", "aba"]) == 1
+    assert find_stop("xaba", ["ba", "aba"]) == 1
 
 
 def _run_stops(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
@@ -398,6 +401,7 @@ def test_stop_strings_on_real_tokens(tok: Tokenizer):
     st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3),
     st.lists(st.integers(min_value=0, max_value=20), max_size=6),
 )
+@example("aba", ["b", "aba"], [2])  # overlapping stops, the shorter one seen first: once failed
 def test_stop_matcher_equals_batch_truncation(text: str, stops: list[str], cuts: list[int]):
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     pieces = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

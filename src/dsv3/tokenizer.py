@@ -659,9 +659,18 @@ class StreamDecoder:
 
 
 def find_stop(text: str, stops: Iterable[str]) -> int | None:
-    """Index where the earliest stop string in `text` begins, or None (empty stop strings are ignored)."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
+    """Where to cut `text` for its first stop string, or None (empty stop strings are ignored).
+
+    "First" is the stop string that COMPLETES first as the text arrives (of those ending at the same
+    character, the longest), so the cut does not depend on how the text was chunked: 'aba' with stops
+    ['b', 'aba'] is cut at 1, whether it arrives whole or as 'ab' + 'a' (where 'b' is seen first).
+    """
+    first: tuple[int, int] | None = None  # (end, start) of the winning occurrence
+    for stop in stops:
+        start = text.find(stop) if stop else -1  # the first occurrence of a stop is also its earliest end
+        if start >= 0 and (first is None or (start + len(stop), start) < first):
+            first = (start + len(stop), start)
+    return None if first is None else first[1]
 
 
 class StopStringMatcher:
