@@ -27,6 +27,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "src" / "dsv3" / "assets" / "stdlib-mini"
 
@@ -91,7 +93,7 @@ CONFIG = {
 }
 
 TRAIN_ARGS = [
-    "--steps", "900",
+    "--steps", "400",
     "--seq-len", "512",
     "--batch-size", "8",
     "--lr", "2e-3",
@@ -316,10 +318,197 @@ def ship(out: Path, dest: Path = ASSET) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------------------------------------- report
+def held_out_windows(out: Path, tok, seq_len: int) -> torch.Tensor:
+    """Every held-out file as [BOS] bytes [EOS], cut into non-overlapping windows of seq_len + 1 tokens."""
+    rows = []
+    for line in (out / "data" / "heldout.jsonl").read_text(encoding="utf-8").splitlines():
+        ids = [tok.bos_id, *tok.encode(json.loads(line)["text"], add_bos=False), tok.eos_id]
+        rows += [ids[i : i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len)]
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def eval_model(model, windows: torch.Tensor, batch: int = 16) -> dict:
+    """Mean next-token loss (nats/token), argmax per position, and MaxVio of the routers on `windows`."""
+    from dsv3.training.balance import max_violation, moe_routers, reset_expert_counts, take_expert_counts
+
+    routers = [r for _, r in moe_routers(model)]
+    for r in routers:
+        r.train()  # the routers count tokens per expert only in training mode; nothing else changes
+    reset_expert_counts(routers)
+    total, n, argmax = 0.0, 0, []
+    for i in range(0, len(windows), batch):
+        ids = windows[i : i + batch]
+        logits = model(ids[:, :-1]).float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        n += ids[:, 1:].numel()
+        argmax.append(logits.argmax(-1))
+    counts = take_expert_counts(routers[: model.config.num_hidden_layers - model.config.first_k_dense_replace])
+    for r in routers:
+        r.eval()
+    return {
+        "loss": total / n,
+        "targets": n,
+        "argmax": torch.cat(argmax),
+        "maxvio_per_layer": [round(v, 3) for v in max_violation(counts).tolist()],
+        "load_per_layer": counts.tolist(),
+    }
+
+
+def unigram_cross_entropy(out: Path, windows: torch.Tensor, vocab: int) -> tuple[float, float]:
+    """(entropy of the held-out targets' own byte distribution, cross-entropy under the training distribution)."""
+    train = torch.zeros(vocab, dtype=torch.float64)
+    with open(out / "data" / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            data = json.loads(line)["text"].encode("utf-8")
+            train[2:258] += torch.bincount(torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), minlength=256)
+            train[1] += 1  # each document's EOS
+    targets = windows[:, 1:].reshape(-1)
+    own = torch.bincount(targets, minlength=vocab).double()
+    p_own = own[own > 0] / own.sum()
+    p_train = (train + 1) / (train + 1).sum()  # add-one: a byte unseen in training still gets a probability
+    return float(-(p_own * p_own.log()).sum()), float(-p_train.log()[targets].mean())
+
+
+def _timed(fn) -> tuple[object, float]:
+    import time
+
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def speculative_report(model, windows: torch.Tensor, new_tokens: int = 96) -> dict:
+    """MTP acceptance and wall time of speculative vs plain greedy decoding, batch 1 and 4 (prompts: held-out)."""
+    import dsv3
+    from dsv3.inference.speculative import SpeculativeStats, speculative_stream
+
+    prompts = [windows[i, :64].tolist() for i in torch.linspace(0, len(windows) - 1, 8).long()]
+    report = {}
+    for batch in (1, 4):
+        groups = [prompts[i : i + batch] for i in range(0, 8, batch)]
+        dsv3.generate(model, groups[0], max_new_tokens=4)  # warm-up
+        plain_t = spec_t = 0.0
+        stats = SpeculativeStats()
+        same = True
+        for g in groups:
+            plain, dt = _timed(lambda g=g: dsv3.generate(model, g, max_new_tokens=new_tokens))
+            plain_t += dt
+
+            def spec(g=g, stats=stats):
+                rows = [[] for _ in g]
+                for step in speculative_stream(model, g, new_tokens, stats=stats):
+                    for b, toks in step.items():
+                        rows[b].extend(toks)
+                return rows
+
+            rows, dt = _timed(spec)
+            spec_t += dt
+            same &= rows == plain
+        report[f"batch{batch}"] = {
+            "acceptance_rate": round(stats.acceptance_rate, 3),
+            "tokens_per_verification": round(stats.tokens_per_step, 3),
+            "plain_s": round(plain_t, 2),
+            "speculative_s": round(spec_t, 2),
+            "speedup": round(plain_t / spec_t, 2),
+            "identical_greedy_output": same,
+        }
+    return report
+
+
+SAMPLE_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    ", "    for line in f")
+SAMPLE_CHATS = ("What does json.dumps do?", "What is the collections module for?", "Explain os.path.join.")
+
+
+def samples(model, tok) -> dict:
+    import dsv3
+
+    out = {}
+    limit = 260
+    for p in SAMPLE_PROMPTS:
+        ids = dsv3.generate(model, [tok.encode(p, add_bos=True)], max_new_tokens=200)[0]
+        out[p] = p + tok.decode([i for i in ids if i < limit], skip_special_tokens=True)
+    for q in SAMPLE_CHATS:
+        prompt = tok.encode_chat([{"role": "user", "content": q}])
+        ids = dsv3.generate(model, [prompt], max_new_tokens=300)[0]
+        out[f"chat: {q}"] = tok.decode([i for i in ids if i < limit], skip_special_tokens=True)
+    return out
+
+
+TEST_REFERENCE = REPO / "tests" / "data" / "stdlib_mini_reference.json"
+
+
+@torch.no_grad()
+def write_test_reference(bf16, windows: torch.Tensor) -> None:
+    """4 held-out windows of 257 tokens with the bf16 (unquantized) model's loss and argmax on them: the
+    test compares the shipped FP8 model against this model, which is not shipped."""
+    rows = windows[torch.linspace(0, len(windows) - 1, 4).long(), :257]
+    logits = bf16(rows[:, :-1]).float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item()
+    ref = {
+        "about": "held-out stdlib windows and the bf16 model's loss/argmax on them, by "
+        "scripts/train_default_model.py report (the shipped model is this model in FP8)",
+        "bf16_loss": loss,
+        "windows": rows.tolist(),
+        "bf16_argmax": logits.argmax(-1).tolist(),
+    }
+    TEST_REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    TEST_REFERENCE.write_text(json.dumps(ref, separators=(",", ":")) + "\n")
+
+
+def report(out: Path, dest: Path = ASSET, max_windows: int | None = None) -> dict:
+    """Held-out loss (fp32, bf16, FP8 as shipped) against the unigram baselines, greedy agreement, MaxVio,
+    MTP acceptance and speed-up, samples; written to out/report.json."""
+    import dsv3
+    from dsv3.tokenizer import Tokenizer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tok = Tokenizer.from_dir(dest)
+    ckpt = latest_checkpoint(out)
+    fp32 = dsv3.DeepSeekV3.from_pretrained(ckpt, dtype=torch.float32).eval()
+    bf16 = dsv3.DeepSeekV3.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    fp8 = dsv3.DeepSeekV3.from_pretrained(dest, dtype=torch.bfloat16).eval()
+    windows = held_out_windows(out, tok, fp32.config.max_position_embeddings)[:max_windows]
+    write_test_reference(bf16, windows)
+    own, cross = unigram_cross_entropy(out, windows, fp32.config.vocab_size)
+    evals = {name: eval_model(m, windows) for name, m in (("fp32", fp32), ("bf16", bf16), ("fp8", fp8))}
+    result = {
+        "checkpoint": str(ckpt),
+        "held_out": {"windows": len(windows), "targets": evals["fp32"]["targets"]},
+        "unigram_entropy_held_out": round(own, 4),
+        "unigram_cross_entropy_from_train": round(cross, 4),
+        "loss": {k: round(v["loss"], 4) for k, v in evals.items()},
+        "argmax_agreement_fp8_vs_bf16": round(
+            (evals["fp8"]["argmax"] == evals["bf16"]["argmax"]).float().mean().item(), 4
+        ),
+        "argmax_agreement_bf16_vs_fp32": round(
+            (evals["bf16"]["argmax"] == evals["fp32"]["argmax"]).float().mean().item(), 4
+        ),
+        "maxvio_held_out_fp8": evals["fp8"]["maxvio_per_layer"],
+        "load_held_out_fp8": evals["fp8"]["load_per_layer"],
+    }
+    prompts = [windows[i, :64].tolist() for i in torch.linspace(0, len(windows) - 1, 16).long()]
+    g16 = dsv3.generate(bf16, prompts, max_new_tokens=64)
+    g8 = dsv3.generate(fp8, prompts, max_new_tokens=64)
+    result["greedy_64_tokens_identical_fp8_vs_bf16"] = sum(a == b for a, b in zip(g16, g8))
+    result["greedy_16_prompts"] = len(prompts)
+    result["greedy_tokens_before_divergence_fp8_vs_bf16"] = [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(g16, g8)
+    ]
+    result["speculative_fp8"] = speculative_report(fp8, windows)
+    result["samples_fp8"] = samples(fp8, tok)
+    (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=("data", "train", "ship", "report", "all"))
     p.add_argument("--out", required=True, type=Path, help="work folder (data/, tokenizer/, run/)")
+    p.add_argument("--eval-windows", type=int, default=None, help="report: only the first N held-out windows")
     args = p.parse_args(argv)
     out = args.out.resolve()
     if args.stage in ("data", "all"):
@@ -333,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, check=True, env=env)
     if args.stage in ("ship", "all"):
         ship(out)
+    if args.stage in ("report", "all"):
+        print(json.dumps(report(out, max_windows=args.eval_windows), indent=2, ensure_ascii=False))
     return 0
 
 

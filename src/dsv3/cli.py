@@ -85,6 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pretrained import resolve_model
     from .tokenizer import Tokenizer
 
+    # One thread by default: the shipped model's matrices are 128 wide, and on busy cores a second
+    # OpenMP thread made decoding several times slower, never faster (docs/training.md).
+    torch.set_num_threads(args.threads)
     seed_cfg = ModelConfig.from_pretrained("deepseek-v3")
     print(accounting.format_param_table(seed_cfg))
     print()
@@ -292,30 +295,29 @@ def chat_loop(model, tok, args: argparse.Namespace, read_line, out, err, ctx=Non
             continue
         if not line.strip():
             continue
-        turns.append({"role": "user", "content": line})
+        message = {"role": "user", "content": line}
+        need = 2 if args.speculative else 1  # room for one new token (a speculative step looks one further)
+        alone = len(tok.encode_chat(system + [message]))
+        if alone + need > context:
+            err.write(
+                f"[turn failed: this message makes a {alone}-token prompt and leaves no room for a reply in the "
+                f"{context}-token context; send a shorter one]\n"
+            )
+            continue
+        turns.append(message)
         ids = tok.encode_chat(system + turns)
         dropped = 0
         while len(ids) + reserve > context and len(turns) > 1:
             turns = turns[2:]  # the oldest user message and its reply
-            dropped += 2
+            dropped += 1
             ids = tok.encode_chat(system + turns)
         if dropped:
-            err.write(
-                f"[dropped the oldest {dropped // 2} exchange(s): the history outgrew the {context}-token context]\n"
-            )
-        if len(ids) >= context:
-            err.write(
-                f"[turn failed: the prompt is {len(ids)} tokens and leaves no room for a reply in the "
-                f"{context}-token context; send a shorter message]\n"
-            )
-            turns.pop()
-            continue
+            err.write(f"[dropped the oldest {dropped} exchange(s): the history outgrew the {context}-token context]\n")
         out.write(reply_prefix)
         reply: list[str] = []
+        room = context - len(ids) - (need - 1)
         try:
-            for piece in stream_text(
-                model, tok, ids, args, ctx, max_new_tokens=min(args.max_new_tokens, context - len(ids))
-            ):
+            for piece in stream_text(model, tok, ids, args, ctx, max_new_tokens=min(args.max_new_tokens, room)):
                 reply.append(piece)
                 out.write(piece)
                 out.flush()
@@ -380,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, help="a preset with random weights instead (same as --model random:CONFIG)"
     )
     s.add_argument("--tokens", type=int, default=120, help="tokens generated per prompt")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the shipped model is tiny)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("generate", help="complete a prompt, streamed to stdout")

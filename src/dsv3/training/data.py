@@ -89,7 +89,8 @@ class DirTokenizer:
         self.name = os.path.abspath(path)  # a resumed run finds the same folder again
         self._tok = Tokenizer.from_dir(path)
         self.bos_id, self.eos_id = self._tok.bos_id, self._tok.eos_id
-        self.vocab_size = max(self._tok.valid_ids_mask(1 << 20).nonzero().max().item() + 1, self._tok.vocab_size)
+        # ids are 0..vocab_size-1; a tokenizer.json may leave holes, so the largest id counts, not how many.
+        self.vocab_size = int(self._tok.valid_ids_mask(1 << 20).nonzero().max()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_bos=False)
