@@ -65,11 +65,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 DEMO_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    ")
 
 
-def _greedy(model, prompts: list[list[int]], max_new_tokens: int, vocab_limit: int) -> list[list[int]]:
+def _complete(model, prompts: list[list[int]], max_new_tokens: int, vocab_limit: int, args) -> list[list[int]]:
     from .inference.generate import stream
+    from .inference.sampling import SamplingParams
 
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     out: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens, vocab_limit=vocab_limit):
+    for step in stream(model, prompts, max_new_tokens, params, args.seed, vocab_limit=vocab_limit):
         for row, token in step.items():
             out[row].append(token)
     return out
@@ -131,15 +133,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompts = [tok.encode(p, add_bos=True) for p in DEMO_PROMPTS]
     if any(max(p) >= loaded.config.vocab_size for p in prompts):
         raise RequestError(f"the demo prompts do not fit the vocabulary of {loaded.config.vocab_size} ids")
-    _greedy(loaded, prompts, 2, limit)  # warm-up
+    _complete(loaded, prompts, 2, limit, args)  # warm-up
     t0 = time.perf_counter()
-    out = _greedy(loaded, prompts, args.tokens, limit)
+    out = _complete(loaded, prompts, args.tokens, limit, args)
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in out)
     for text, o in zip(DEMO_PROMPTS, out):
-        print(f"--- greedy continuation of {text!r}:")
+        print(f"--- continuation of {text!r}:")
         print(text + tok.decode(o, skip_special_tokens=True))
-    print(f"--- generated {n} tokens for {len(prompts)} prompts in {dt:.2f}s ({n / dt:.1f} tokens/s, greedy, bf16)")
+    how = f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}" if args.temperature else "greedy"
+    print(f"--- generated {n} tokens for {len(prompts)} prompts in {dt:.2f}s ({n / dt:.1f} tokens/s, {how}, bf16)")
     return 0 if same else 1
 
 
@@ -383,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tokens", type=int, default=120, help="tokens generated per prompt")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the shipped model is tiny)")
+    # Sampled, not greedy: greedy decoding of a model this small soon repeats one byte (a run of spaces).
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same text every run)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("generate", help="complete a prompt, streamed to stdout")
