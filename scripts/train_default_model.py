@@ -3,7 +3,8 @@
 A scaled-down DeepSeek-V3 (MLA with a q LoRA, grouped sigmoid routing with the aux-loss-free bias,
 a shared expert, a dense first layer, one MTP module) trained on the .py sources of the running
 interpreter's standard library, plus question/answer chats built from their docstrings, with a
-byte-level tokenizer. Every step is deterministic given the Python version:
+byte-level tokenizer. The data depend only on the Python version, the training only on them, the seed and
+the torch build:
 
     python scripts/train_default_model.py data  --out /work/runs/stdlib-mini   # tokenizer, corpus, held-out split
     python scripts/train_default_model.py train --out /work/runs/stdlib-mini   # prints and runs `dsv3 train ...`
