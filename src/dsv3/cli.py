@@ -62,44 +62,88 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- demo
+DEMO_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    ")
+
+
+def _complete(model, prompts: list[list[int]], max_new_tokens: int, vocab_limit: int, args) -> list[list[int]]:
+    from .inference.generate import stream
+    from .inference.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, max_new_tokens, params, args.seed, vocab_limit=vocab_limit):
+        for row, token in step.items():
+            out[row].append(token)
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on a built-in default: account for the seed, then build/save/load/generate `small`."""
+    """The main job on a built-in default: account for the seed, then load/save/load/generate the shipped model."""
     import torch
 
     from . import accounting
     from .config import ModelConfig
-    from .inference.generate import generate
     from .model.transformer import DeepSeekV3
+    from .pretrained import resolve_model
+    from .tokenizer import Tokenizer
 
+    # One thread by default: the shipped model's matrices are 128 wide, and on busy cores a second
+    # OpenMP thread made decoding several times slower, never faster (docs/training.md).
+    torch.set_num_threads(args.threads)
     seed_cfg = ModelConfig.from_pretrained("deepseek-v3")
     print(accounting.format_param_table(seed_cfg))
     print()
     print(accounting.format_summary(seed_cfg))
     print()
-    cfg = ModelConfig.from_pretrained(args.config)
-    torch.manual_seed(0)
+    choice = resolve_model(f"random:{args.config}" if args.config else args.model)
     t0 = time.perf_counter()
-    model = DeepSeekV3(cfg, dtype=torch.bfloat16)
-    print(f"built {args.config!r}: {model.num_parameters():,} parameters in {time.perf_counter() - t0:.1f}s")
+    if choice.is_random:
+        torch.manual_seed(0)
+        model = DeepSeekV3(ModelConfig.from_pretrained(choice.random_config), dtype=torch.bfloat16)
+        tok = Tokenizer.from_dir(None)
+        print(
+            f"built {choice.random_config!r} with random weights: {model.num_parameters():,} parameters in "
+            f"{time.perf_counter() - t0:.1f}s (its text is random)"
+        )
+    else:
+        model = DeepSeekV3.from_pretrained(choice.checkpoint, dtype=torch.bfloat16)
+        tok = Tokenizer.from_dir(choice.checkpoint)
+        fp8 = " (FP8 projections on disk)" if model.config.quantization_config else ""
+        print(
+            f"loaded {choice.name!r}{fp8}: {model.num_parameters(include_mtp=True):,} parameters in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
+    probe = torch.tensor([tok.encode(DEMO_PROMPTS[0], add_bos=True)])
+    probe = probe.clamp(max=model.config.vocab_size - 1)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
         t0 = time.perf_counter()
         model.save_pretrained(ckpt)
         shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-        print(f"saved the official layout ({len(shards)} shard(s) + index) in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"saved it in the official layout, bf16 ({len(shards)} shard(s) + index) in {time.perf_counter() - t0:.1f}s"
+        )
         t0 = time.perf_counter()
         loaded = DeepSeekV3.from_pretrained(ckpt, dtype=torch.bfloat16)
-        print(f"loaded it back in {time.perf_counter() - t0:.1f}s")
-    prompts = [[0, 100, 200, 300, 400, 500, 600, 700], [0, 42, 43]]
-    generate(loaded, prompts, max_new_tokens=2)  # warm-up
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            same = torch.equal(model(probe), loaded(probe))
+        print(f"loaded it back in {dt:.1f}s: logits {'identical' if same else 'DIFFERENT'}")
+    limit = min(loaded.config.vocab_size, tok.vocab_size)
+    prompts = [tok.encode(p, add_bos=True) for p in DEMO_PROMPTS]
+    if any(max(p) >= loaded.config.vocab_size for p in prompts):
+        raise RequestError(f"the demo prompts do not fit the vocabulary of {loaded.config.vocab_size} ids")
+    _complete(loaded, prompts, 2, limit, args)  # warm-up
     t0 = time.perf_counter()
-    out = generate(loaded, prompts, max_new_tokens=args.tokens, stop_token_ids=[])
+    out = _complete(loaded, prompts, args.tokens, limit, args)
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in out)
-    for p, o in zip(prompts, out):
-        print(f"prompt {p} -> {o}")
-    print(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f}s ({n / dt:.1f} tokens/s, greedy, bf16)")
-    return 0
+    for text, o in zip(DEMO_PROMPTS, out):
+        print(f"--- continuation of {text!r}:")
+        print(text + tok.decode(o, skip_special_tokens=True))
+    how = f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}" if args.temperature else "greedy"
+    print(f"--- generated {n} tokens for {len(prompts)} prompts in {dt:.2f}s ({n / dt:.1f} tokens/s, {how}, bf16)")
+    return 0 if same else 1
 
 
 # ---------------------------------------------------------------------------------------------- text generation
@@ -109,18 +153,30 @@ def _load_for_text(args: argparse.Namespace):
     """(model, parallel context or None, tokenizer); under torchrun each rank loads its own shard."""
     import torch
 
+    from .config import ModelConfig
     from .distributed.mesh import launched_world_size
     from .model.transformer import DeepSeekV3
+    from .pretrained import resolve_model
     from .tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    choice = resolve_model(args.model)
+    if choice.is_random:
+        if launched_world_size() > 1:
+            raise RequestError("under torchrun, --model must be a checkpoint directory (each rank loads its part)")
+        torch.manual_seed(0 if args.seed is None else args.seed)
+        cfg = ModelConfig.from_pretrained(choice.random_config)
+        print(f"dsv3: a random-weight {choice.random_config!r} model: it writes random text", file=sys.stderr)
+        return DeepSeekV3(cfg, dtype=_torch_dtype(args.dtype)), None, Tokenizer.from_dir(None)
     if launched_world_size() > 1:
         from .distributed.launch import parallel_model_from_args
 
-        model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, _torch_dtype(args.dtype), fp8=args.fp8)
+        model, ctx = parallel_model_from_args(
+            choice.checkpoint, args.tp, args.ep, _torch_dtype(args.dtype), fp8=args.fp8
+        )
     else:
-        model, ctx = DeepSeekV3.from_pretrained(args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8), None
-    return model, ctx, Tokenizer.from_dir(args.model)
+        model, ctx = DeepSeekV3.from_pretrained(choice.checkpoint, dtype=_torch_dtype(args.dtype), fp8=args.fp8), None
+    return model, ctx, Tokenizer.from_dir(choice.checkpoint)
 
 
 def _run_text_command(args: argparse.Namespace, lead_fn, prog: str) -> int:
@@ -143,8 +199,11 @@ def _run_text_command(args: argparse.Namespace, lead_fn, prog: str) -> int:
     return run()
 
 
-def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, ctx=None):
-    """Yield printable text pieces for one prompt, honouring stop strings; returns (n_tokens, seconds)."""
+def stream_text(
+    model, tok, prompt_ids: list[int], args: argparse.Namespace, ctx=None, max_new_tokens: int | None = None
+):
+    """Yield printable text pieces for one prompt (at most `max_new_tokens`, default --max-new-tokens tokens),
+    honouring stop strings."""
     from .errors import RequestError
     from .inference.generate import stream
     from .inference.sampling import SamplingParams
@@ -158,21 +217,22 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, ctx
             "(a test checkpoint smaller than the tokenizer?)"
         )
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    n_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
     limit = min(vocab, tok.vocab_size)  # never sample the padded ids the tokenizer cannot decode
     if ctx is not None and ctx.distributed:
         if args.speculative:
             raise RequestError("--speculative is not supported under torchrun yet")
         from .distributed.launch import parallel_stream
 
-        steps = parallel_stream(model, ctx, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        steps = parallel_stream(model, ctx, [prompt_ids], n_new, params, args.seed, vocab_limit=limit)
         tokens = (step[0] for step in steps if 0 in step)
     elif args.speculative == "mtp":
         from .inference.speculative import speculative_stream
 
-        steps = speculative_stream(model, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        steps = speculative_stream(model, [prompt_ids], n_new, params, args.seed, vocab_limit=limit)
         tokens = (t for step in steps for t in step.get(0, []))
     else:
-        steps = stream(model, [prompt_ids], args.max_new_tokens, params, args.seed, vocab_limit=limit)
+        steps = stream(model, [prompt_ids], n_new, params, args.seed, vocab_limit=limit)
         tokens = (step[0] for step in steps if 0 in step)
     decoder, stops = StreamDecoder(tok, skip_special_tokens=True), StopStringMatcher(args.stop or [])
     for t in tokens:
@@ -207,35 +267,81 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _chat_lead(model, ctx, tok, args: argparse.Namespace) -> int:
-    messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
-    while True:
+
+    def read_line() -> str | None:
         try:
-            line = input("you> " if interactive else "")
+            return input("you> " if interactive else "")
         except EOFError:
-            return 0
-        if line.strip() in ("/exit", "/quit"):
+            return None
+
+    return chat_loop(model, tok, args, read_line, sys.stdout, sys.stderr, ctx, "assistant> " if interactive else "")
+
+
+def chat_loop(model, tok, args: argparse.Namespace, read_line, out, err, ctx=None, reply_prefix: str = "") -> int:
+    """Chat until `read_line()` returns None or /exit, writing replies to `out` and notes to `err`.
+
+    Each reply may use what the prompt leaves of the model's context (at most --max-new-tokens). When the
+    history leaves less than a quarter of the context (or --max-new-tokens, if smaller), the oldest turns
+    are dropped, with a note; a turn that fails (a message too long for the context, a token outside the
+    vocabulary) is reported and forgotten, and the chat goes on. /reset clears the history.
+    """
+    context = model.config.max_position_embeddings
+    reserve = max(1, min(args.max_new_tokens, context // 4))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict[str, str]] = []  # user, assistant, user, ... (the system prompt is always kept)
+    while True:
+        line = read_line()
+        if line is None or line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            turns = []
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        ids = tok.encode_chat(messages)
-        if interactive:
-            sys.stdout.write("assistant> ")
-        reply = []
-        for piece in stream_text(model, tok, ids, args, ctx):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        message = {"role": "user", "content": line}
+        need = 2 if args.speculative else 1  # room for one new token (a speculative step looks one further)
+        alone = len(tok.encode_chat(system + [message]))
+        if alone + need > context:
+            err.write(
+                f"[turn failed: this message makes a {alone}-token prompt and leaves no room for a reply in the "
+                f"{context}-token context; send a shorter one]\n"
+            )
+            continue
+        turns.append(message)
+        ids = tok.encode_chat(system + turns)
+        dropped = 0
+        while len(ids) + reserve > context and len(turns) > 1:
+            turns = turns[2:]  # the oldest user message and its reply
+            dropped += 1
+            ids = tok.encode_chat(system + turns)
+        if dropped:
+            err.write(f"[dropped the oldest {dropped} exchange(s): the history outgrew the {context}-token context]\n")
+        out.write(reply_prefix)
+        reply: list[str] = []
+        room = context - len(ids) - (need - 1)
+        try:
+            for piece in stream_text(model, tok, ids, args, ctx, max_new_tokens=min(args.max_new_tokens, room)):
+                reply.append(piece)
+                out.write(piece)
+                out.flush()
+        except DsV3Error as e:
+            out.write("\n")
+            err.write(f"[turn failed: {e}]\n")
+            turns.pop()
+            continue
+        out.write("\n")
+        out.flush()
+        turns.append({"role": "assistant", "content": "".join(reply)})
 
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
-    s.add_argument("--model", required=True, help="checkpoint directory (official layout)")
+    s.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (official layout), or random:CONFIG for random weights of a preset "
+        "(default: the shipped stdlib-mini model)",
+    )
     s.add_argument("--max-new-tokens", type=int, default=max_new)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
@@ -272,9 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     s.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("demo", help="account for the seed, then build, save, load and run the small preset")
-    s.add_argument("--config", default="small")
-    s.add_argument("--tokens", type=int, default=16)
+    s = sub.add_parser(
+        "demo", help="account for the seed, then load, save, reload the shipped model and generate text with it"
+    )
+    s.add_argument("--model", default=None, help="checkpoint directory or random:CONFIG (default: stdlib-mini)")
+    s.add_argument(
+        "--config", default=None, help="a preset with random weights instead (same as --model random:CONFIG)"
+    )
+    s.add_argument("--tokens", type=int, default=120, help="tokens generated per prompt")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the shipped model is tiny)")
+    # Sampled, not greedy: greedy decoding of a model this small soon repeats one byte (a run of spaces).
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same text every run)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("generate", help="complete a prompt, streamed to stdout")

@@ -26,7 +26,7 @@ def test_defaults_listen_on_loopback():
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
     args = parser.parse_args(["serve"])
-    assert (args.host, args.port, args.model, args.random, args.dtype) == ("127.0.0.1", 8000, None, "small", "bf16")
+    assert (args.host, args.port, args.model, args.random, args.dtype) == ("127.0.0.1", 8000, None, None, "bf16")
     assert callable(args.fn)
 
 

@@ -1,7 +1,8 @@
-"""`dsv3 serve`: the OpenAI-compatible server on a checkpoint, or on a random-weight model by default.
+"""`dsv3 serve`: the OpenAI-compatible server on a checkpoint, by default the shipped `stdlib-mini` model.
 
-Without `--model` the server builds the `small` preset (SPEC section 5) with random weights in memory:
-every endpoint works, but the text it writes is random. fastapi and uvicorn are imported only when
+Without `--model` the server loads the small model trained on the Python standard library that ships
+with the package (`dsv3.pretrained`). `--model random:CONFIG` (or `--random CONFIG`) builds a preset
+with random weights in memory instead: every endpoint works, but the text it writes is random. fastapi and uvicorn are imported only when
 the command runs (the `serve` extra), so the rest of the CLI works without them.
 
 Under `torchrun --nproc-per-node N -m dsv3 serve --model DIR --tp T --ep E`, rank 0 listens and runs
@@ -32,17 +33,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="OpenAI-compatible HTTP server",
         description="Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI format, streaming), "
-        "/health and /metrics. Without --model, a random-weight model of the --random preset "
-        "(default: small) is built in memory: it works end to end but writes random text.",
+        "/health and /metrics. Without --model, the stdlib-mini model shipped with dsv3; with "
+        "--model random:CONFIG or --random CONFIG, a random-weight model built in memory (it works end to end "
+        "but writes random text).",
     )
-    s.add_argument("--model", metavar="DIR", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    s.add_argument(
+        "--model",
+        metavar="DIR",
+        help="checkpoint directory (config.json, safetensors, tokenizer), or random:CONFIG "
+        "(default: the shipped stdlib-mini model)",
+    )
     s.add_argument(
         "--random",
         metavar="CONFIG",
-        default="small",
-        help="preset or config.json of the random-weight model served without --model (default small)",
+        default=None,
+        help="serve a random-weight model of this preset or config.json (same as --model random:CONFIG)",
     )
-    s.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --model)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights (random models)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
@@ -144,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ..config import ModelConfig
     from ..inference.engine import Engine, ModelRunner
     from ..model.transformer import DeepSeekV3
+    from ..pretrained import resolve_model
     from ..tokenizer import Tokenizer
 
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -152,9 +160,14 @@ def _serve(args: argparse.Namespace) -> int:
     from ..distributed.mesh import launched_world_size
 
     parallel = launched_world_size() > 1
-    if parallel and not args.model:
+    if args.random is not None and args.model is not None:
+        raise DsV3Error("give --model or --random, not both")
+    choice = resolve_model(f"random:{args.random}" if args.random is not None else args.model)
+    if parallel and choice.is_random:
         # A ConfigError: every rank hits it, and run_or_exit lets rank 0 alone say it.
-        raise ConfigError("under torchrun, dsv3 serve needs --model (each rank loads its part of a checkpoint)")
+        raise ConfigError(
+            "under torchrun, dsv3 serve needs a checkpoint --model (each rank loads its part of a checkpoint)"
+        )
     # Bind before loading the model: a busy port is reported in a second, not after minutes of loading.
     # Under torchrun rank 0 alone listens (RANK is set before the process group is joined).
     sock = _listen(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None
@@ -164,25 +177,22 @@ def _serve(args: argparse.Namespace) -> int:
             from ..distributed.launch import parallel_model_from_args
             from ..distributed.serving import ReplicatedRunner, follow_engine
 
-            model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, table[args.dtype])
+            model, ctx = parallel_model_from_args(choice.checkpoint, args.tp, args.ep, table[args.dtype])
             if not ctx.is_main:
                 follow_engine(model.eval(), ctx)  # until rank 0 releases the group
                 return 0
             runner = functools.partial(ReplicatedRunner, ctx=ctx)
-            tokenizer = Tokenizer.from_dir(args.model)
-            name = args.model_name or os.path.basename(os.path.normpath(args.model))
-        elif args.model:
-            model = DeepSeekV3.from_pretrained(args.model, dtype=table[args.dtype])
-            tokenizer = Tokenizer.from_dir(args.model)
-            name = args.model_name or os.path.basename(os.path.normpath(args.model))
+            tokenizer = Tokenizer.from_dir(choice.checkpoint)
+        elif not choice.is_random:
+            model = DeepSeekV3.from_pretrained(choice.checkpoint, dtype=table[args.dtype])
+            tokenizer = Tokenizer.from_dir(choice.checkpoint)
         else:
-            cfg = ModelConfig.from_pretrained(args.random)
+            cfg = ModelConfig.from_pretrained(choice.random_config)
             torch.manual_seed(args.seed)
             model = DeepSeekV3(cfg, dtype=table[args.dtype])
             tokenizer = Tokenizer.from_dir(None)
-            preset = args.random if "/" not in args.random and not args.random.endswith(".json") else "config"
-            name = args.model_name or f"dsv3-{preset}-random"
-            _note(f"serving a random-weight {args.random!r} model: it writes random text")
+            _note(f"serving a random-weight {choice.random_config!r} model: it writes random text")
+        name = args.model_name or choice.name
         model.eval()
         cfg = model.config
         if cfg.vocab_size < tokenizer.vocab_size:

@@ -54,10 +54,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--tokenizer",
-        choices=("auto", "deepseek", "byte"),
         default=None,
+        metavar="{auto,deepseek,byte,DIR}",
         help="deepseek: the V3 tokenizer; byte: UTF-8 bytes + 2, BOS 0, EOS 1; auto: deepseek when "
-        "the config's vocab_size holds it, else byte (default: auto)",
+        "the config's vocab_size holds it, else byte; DIR: a folder with tokenizer.json and "
+        "tokenizer_config.json (default: auto)",
     )
     opt(s, "--steps", int, "optimizer steps")
     opt(s, "--seed", int, "seed of the weights and the data order")

@@ -76,12 +76,35 @@ class DeepSeekTokenizer:
         return self._tok.encode(text, add_bos=False)
 
 
+class DirTokenizer:
+    """The tokenizer of a checkpoint-style folder (tokenizer.json + tokenizer_config.json), without BOS.
+
+    Special-token text in a document (e.g. chat markers) becomes the special id, as at inference, so
+    chat-formatted training text is tokenized exactly as `apply_chat_template` output is.
+    """
+
+    def __init__(self, path: str) -> None:
+        from ..tokenizer import Tokenizer
+
+        self.name = os.path.abspath(path)  # a resumed run finds the same folder again
+        self._tok = Tokenizer.from_dir(path)
+        self.bos_id, self.eos_id = self._tok.bos_id, self._tok.eos_id
+        # ids are 0..vocab_size-1; a tokenizer.json may leave holes, so the largest id counts, not how many.
+        self.vocab_size = int(self._tok.valid_ids_mask(1 << 20).nonzero().max()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_bos=False)
+
+
 def load_tokenizer(name: str, model_vocab_size: int) -> TextTokenizer:
-    """The tokenizer `name` (auto: deepseek when the model's vocabulary holds its ids, else byte)."""
-    if name not in TOKENIZERS:
-        raise RequestError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {name!r}")
-    if name == "auto":
-        tok: TextTokenizer = DeepSeekTokenizer()
+    """The tokenizer `name`: auto (deepseek when the model's vocabulary holds its ids, else byte), deepseek,
+    byte, or a folder holding tokenizer.json and tokenizer_config.json."""
+    if name not in TOKENIZERS and os.path.isdir(name):
+        tok: TextTokenizer = DirTokenizer(name)
+    elif name not in TOKENIZERS:
+        raise RequestError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} or a tokenizer folder, got {name!r}")
+    elif name == "auto":
+        tok = DeepSeekTokenizer()
         if tok.vocab_size > model_vocab_size:
             tok = ByteTokenizer()
     else:
