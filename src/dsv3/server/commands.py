@@ -65,7 +65,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=4096,
         help="tokens per sequence, prompt + completion (capped by the model's context)",
     )
-    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: what the context leaves after the prompt)",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="chat's max_tokens when a request sends none (default: the rest of the context, up to the limit)",
+    )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
@@ -87,8 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_len", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DsV3Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_queue < 0:
         raise DsV3Error(f"--max-queue must be at least 0, got {args.max_queue}")
@@ -162,7 +173,11 @@ def _serve(args: argparse.Namespace) -> int:
             runner=runner,
         )
         try:
-            limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
+            limits = ServerLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_tokens=args.max_tokens_limit,
+                default_max_tokens=args.default_max_tokens,
+            )
             app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
             host, port = sock.getsockname()[:2]
             if not _is_loopback(args.host) and args.api_key is None:
