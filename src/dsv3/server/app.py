@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: maps OpenAI JSON onto `Engine.submit` and the engine's tokens back.
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
-`GET /health`, `GET /metrics`. Everything the model does happens in the engine's loop; the app only
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/responses`
+(all with `stream`), vLLM's `POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`; any
+other path is a 404 that lists these. Everything the model does happens in the engine's loop; the app only
 tokenizes, checks limits, and detokenizes (StreamDecoder, then stop strings, then tool-call markup).
 
 Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,11 +59,13 @@ from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TokenizeRequest,
     ToolCallDelta,
     ToolCallStream,
     TopLogprob,
@@ -69,6 +73,7 @@ from .protocol import (
     assistant_message,
     new_id,
 )
+from .responses import ResponseBuilder, ResponsesRequest
 
 _R = TypeVar("_R", bound=BaseModel)
 
@@ -125,8 +130,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return ApiError(exc.status_code, str(exc.detail), type_=kind).response()
+        if exc.status_code == 404:
+            routes = ", ".join(
+                f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute) for method in sorted(r.methods)
+            )
+            message = f"no route {request.method} {request.url.path}; this server answers {routes}"
+            return ApiError(404, message, code="unknown_route", type_="not_found_error").response()
+        return ApiError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -396,6 +406,86 @@ def create_app(
         return JSONResponse(
             ChatCompletion(id=rid, model=model_name, choices=choices, usage=_usage(usage, handles)).model_dump()
         )
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        authorize(request)
+        req = await parse(request, ResponsesRequest)
+        if req.model != model_name:
+            raise ApiError(
+                400,
+                f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        problem = req.unsupported()
+        if problem is not None:
+            raise ApiError(400, problem[1], param=problem[0], code="unsupported")
+        try:
+            messages = req.chat_messages()
+            ids = await run_in_threadpool(tokenizer.encode_chat, messages, req.chat_tools())
+        except RequestError as e:
+            raise ApiError(400, str(e), param="input") from None
+        chat = ChatCompletionRequest.model_construct(
+            model=req.model, messages=messages, temperature=req.temperature, top_p=req.top_p
+        )
+        max_new = budget(ids, req.max_output_tokens, limits.default_max_tokens, "input")
+        (handle,) = submit_all(chat, [ids], [max_new], "input")
+        out = _TextOutput(tokenizer, handle, [])
+        builder = ResponseBuilder(req, model_name)
+        if req.stream:
+
+            async def texts() -> AsyncIterator[str]:
+                async for piece in out.pieces():
+                    yield piece.text
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async for event in builder.events(
+                        texts(), lambda: (out.finish_reason, (len(ids), len(handle.tokens)))
+                    ):
+                        yield event
+                except ApiError as e:
+                    yield f"event: error\ndata: {json.dumps({'type': 'error', **json.loads(e.response().body)['error']})}\n\n"
+                finally:
+                    handle.cancel()
+
+            return _sse(events())
+        ((text, _),) = await _collect(request, [out])
+        return JSONResponse(builder.finished(text, out.finish_reason, (len(ids), len(handle.tokens))))
+
+    # vLLM's tokenizer endpoints (no /v1 prefix, as vLLM serves them).
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = await parse(request, TokenizeRequest)
+        if req.model is not None and req.model != model_name:
+            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        try:
+            if req.messages is not None:
+                ids = await run_in_threadpool(tokenizer.encode_chat, req.messages, req.tools, req.add_generation_prompt)
+            elif req.prompt is not None:
+                ids = await run_in_threadpool(tokenizer.encode, req.prompt, req.add_special_tokens)
+            else:
+                raise ApiError(400, "send a prompt or messages", param="prompt", code="missing_field")
+        except RequestError as e:
+            raise ApiError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": None}
+        if req.return_token_strs:
+            body["token_strs"] = [tokenizer.decode([t]) for t in ids]
+        return JSONResponse(body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = await parse(request, DetokenizeRequest)
+        if req.model is not None and req.model != model_name:
+            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
     return app
 
