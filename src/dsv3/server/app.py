@@ -408,7 +408,7 @@ def create_app(
         )
 
     @app.post("/v1/responses")
-    async def responses(request: Request) -> Response:
+    async def create_response(request: Request) -> Response:
         authorize(request)
         req = await parse(request, ResponsesRequest)
         if req.model != model_name:
