@@ -599,7 +599,7 @@ class Engine:
         if h.constraint is not None:
             allowed = h.constraint.allowed(logits_V.shape[-1])
             if allowed is not None:
-                logits_V = logits_V.masked_fill(~allowed.to(logits_V.device), float("-inf"))
+                logits_V = torch.where(allowed.to(logits_V.device), logits_V, float("-inf"))
         return logits_V
 
     @staticmethod

@@ -74,6 +74,7 @@ from .protocol import (
     new_id,
 )
 from .responses import ResponseBuilder, ResponsesRequest
+from .structured import Grammar
 
 _R = TypeVar("_R", bound=BaseModel)
 
@@ -382,7 +383,9 @@ def create_app(
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_new = budget(ids, requested, limits.default_max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        handles = submit_all(req, [ids], [max_new], "messages", logprobs=top)
+        grammar = await _grammar_for(tokenizer, req)
+        constraint = grammar.constraint if grammar is not None else None
+        handles = submit_all(req, [ids], [max_new], "messages", logprobs=top, constraint=constraint)
         outputs = [_TextOutput(tokenizer, h, req.stop_strings()) for h in handles]
         usage = Usage.of(len(ids), 0)
         rid = new_id("chatcmpl")
@@ -488,6 +491,33 @@ def create_app(
         return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
     return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Structured outputs
+
+
+async def _grammar_for(tokenizer: Tokenizer, req: ChatCompletionRequest) -> Grammar | None:
+    """The grammar a chat request's response_format or tool_choice asks for (compiled off the event loop), or None."""
+    forced = req.forced_tool()
+    wants_json, schema = req.json_schema()
+    if forced is None and not wants_json:
+        return None
+    from .structured import json_grammar, tool_call_grammar  # llguidance: only when a request needs it
+
+    try:
+        if forced is not None:
+            return await run_in_threadpool(tool_call_grammar, tokenizer, req.tools or [], forced or None)
+        return await run_in_threadpool(json_grammar, tokenizer, schema)
+    except RequestError as e:
+        raise ApiError(400, str(e), param="tool_choice" if forced is not None else "response_format") from None
+    except ImportError:
+        raise ApiError(
+            400,
+            "structured outputs need llguidance on the server (pip install 'dsv3[serve]')",
+            param="tool_choice" if forced is not None else "response_format",
+            code="unsupported",
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -163,10 +163,22 @@ class ChatCompletionRequest(SamplingRequest):
             value = getattr(self, name)
             if value not in (ok if isinstance(ok, tuple) else (ok,)):
                 return name, message
-        if self.tool_choice not in (None, "auto", "none"):
-            return "tool_choice", "tool_choice must be 'auto' or 'none'"
-        if self.response_format not in (None, {"type": "text"}):
-            return "response_format", "only response_format {'type': 'text'} is supported"
+        if self.forced_tool() is False:
+            return (
+                "tool_choice",
+                "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {...}}",
+            )
+        if self.forced_tool() is not None and not self.tools:
+            return "tool_choice", "tool_choice forces a tool call, but no tools were given"
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            return "response_format", f"response_format type must be text, json_object or json_schema; got {kind!r}"
+        if kind == "json_schema" and not isinstance(
+            (self.response_format.get("json_schema") or {}).get("schema"), dict
+        ):
+            return "response_format", "response_format json_schema needs json_schema.schema, a JSON schema object"
+        if kind != "text" and self.forced_tool() is not None:
+            return "response_format", "a JSON response_format and a forced tool call cannot be combined"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
@@ -174,6 +186,30 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def use_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tool(self) -> str | bool | None:
+        """What tool_choice forces: None (nothing), "" (a call to any tool), a function's name; False if malformed."""
+        c = self.tool_choice
+        if c in (None, "auto", "none"):
+            return None
+        if c == "required":
+            return ""
+        if (
+            isinstance(c, dict)
+            and c.get("type") == "function"
+            and isinstance((c.get("function") or {}).get("name"), str)
+        ):
+            return c["function"]["name"]
+        return False
+
+    def json_schema(self) -> tuple[bool, dict[str, Any] | None]:
+        """(whether the answer must be JSON, its schema or None for any object) from response_format."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return True, None
+        if kind == "json_schema":
+            return True, self.response_format["json_schema"]["schema"]
+        return False, None
 
 
 class TokenizeRequest(_Strict):
