@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import os
 import queue
 import threading
 import time
@@ -53,6 +54,7 @@ from .sampling import LogitsProcessor, SamplingParams, sample_tokens
 # Finish reasons, as OpenAI names the first two.
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 _THROUGHPUT_WINDOW_S = 10.0  # tokens/s is measured over this sliding window
+_MIN_PREFIX_REUSE = 16  # tokens: a shorter cached prefix is reused only when no empty slot is free
 _UNLIKELY = -9999.0  # the logprob reported for an id that cannot be sampled (-inf is not JSON)
 
 
@@ -107,8 +109,10 @@ class EngineStats:
     tokens_per_second: float  # over the last _THROUGHPUT_WINDOW_S seconds
     batch_size: int  # rows in the latest decode step
     max_batch_size: int  # most rows seen in one decode step
-    cache_slots_in_use: int
+    cache_slots_in_use: int  # by requests (not by cached prefixes)
     cache_slots: int
+    prefix_tokens_reused: int = 0  # prompt tokens not prefilled because a cached prefix held them
+    cached_prefixes: int = 0  # idle slots holding a finished sequence for reuse
 
 
 class RequestHandle:
@@ -149,6 +153,7 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the slot's cache (a reused prefix counts)
         self._engine = engine
         self._cancelled = False
         # Events (a token id, or None at the end) cross from the engine thread to the reader here;
@@ -273,17 +278,30 @@ class Engine:
         valid_ids: torch.Tensor | None = None,
         start: bool = True,
         runner: Callable[[DeepSeekV3, LatentCache], ModelRunner] = ModelRunner,
+        prefill_chunk: int | None = None,
+        prefix_reuse: bool = False,
     ) -> None:
         """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits;
-        `runner(model, cache)` builds what runs the forward passes (default: this process, plainly)."""
+        `runner(model, cache)` builds what runs the forward passes (default: this process, plainly).
+
+        `prefill_chunk`: prefill at most this many prompt tokens per step, between decode steps of the
+        running requests (None: whole prompts at once). `prefix_reuse`: keep a finished request's cache
+        in its slot while the slot is not needed, and start a new request whose prompt begins with the
+        same tokens from there.
+        """
         cfg = model.config
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_position_embeddings:
             raise RequestError(f"max_len must be in [1, {cfg.max_position_embeddings}], got {max_len}")
         if max_batch < 1 or max_queue < 0:
             raise RequestError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be None or >= 1, got {prefill_chunk}")
         self.model = model
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
+        # Idle slots still holding a finished sequence: slot -> the tokens cached there, least recently used first.
+        self._cached: dict[int, list[int]] = {}
         self.cache = LatentCache(
             cfg, num_slots=max_batch, max_len=max_len, dtype=model_dtype(model), device=model_device(model)
         )
@@ -312,7 +330,7 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()  # submitted, no slot yet
         self._running: list[RequestHandle] = []  # hold a slot; their last token is to be fed next step
         self._closed = False
-        self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0)
+        self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0, reused=0)
         self._finished: dict[str, int] = {STOP: 0, LENGTH: 0, CANCELLED: 0, ERROR: 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
@@ -391,8 +409,10 @@ class Engine:
                 tokens_per_second=rate,
                 batch_size=s["batch"],
                 max_batch_size=s["max_batch"],
-                cache_slots_in_use=self.cache.slots_in_use,
+                cache_slots_in_use=self.cache.slots_in_use - len(self._cached),
                 cache_slots=self.cache.num_slots,
+                prefix_tokens_reused=s["reused"],
+                cached_prefixes=len(self._cached),
             )
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -448,6 +468,7 @@ class Engine:
                     admitted.append(self._waiting.popleft())
             try:
                 self._start(admitted)
+                self._prefill()
                 self._decode()
             except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
                 with self._lock:
@@ -463,62 +484,111 @@ class Engine:
             self._end(h, CANCELLED)
 
     def _start(self, admitted: list[RequestHandle]) -> None:
-        """Prefill newly admitted requests on fresh slots and sample each one's first token.
-
-        Prompts of similar length are prefilled together (one forward pass for a burst of short
-        prompts); a group whose padding would more than double its work is split. If a group's
-        prefill fails, each of its requests is retried alone, so only the culprit fails. A request
-        that wants its prompt's logprobs is prefilled alone, keeping the logits of every position.
-        """
+        """Give each admitted request a slot: the cached prefix that shares most of its prompt, else a free one."""
         with self._lock:
-            live = []
             for h in admitted:
                 if h.cancelled:
                     self._end(h, CANCELLED)
-                else:
-                    h.slot = self.cache.allocate()
-                    self._running.append(h)
-                    live.append(h)
-        for h in [h for h in live if h.prompt_logprobs is not None]:
+                    continue
+                h.slot, h.prefilled = self._take_slot(h.prompt if h.prompt_logprobs is None else None)
+                self._stats["reused"] += h.prefilled
+                self._running.append(h)
+
+    def _take_slot(self, prompt: list[int] | None) -> tuple[int, int]:
+        """(slot, tokens of `prompt` it already holds); `prompt` None: an empty slot. Lock held."""
+        if prompt is not None and self._cached:
+            # At least the last prompt token is prefilled again: its logits pick the first new token.
+            shared = {
+                slot: min(len(os.path.commonprefix([held, prompt])), len(prompt) - 1)
+                for slot, held in self._cached.items()
+            }
+            slot = max(shared, key=shared.__getitem__)  # the oldest of equals
+            # A short match is not worth another cached sequence while an empty slot is free.
+            full = self.cache.slots_in_use == self.cache.num_slots
+            if shared[slot] >= _MIN_PREFIX_REUSE or (full and shared[slot] > 0):
+                del self._cached[slot]
+                self.runner.truncate(slot, shared[slot])
+                return slot, shared[slot]
+        if self.cache.slots_in_use == self.cache.num_slots:  # the free slots all hold prefixes: drop the oldest
+            oldest = next(iter(self._cached))
+            del self._cached[oldest]
+            self.runner.free(oldest)
+        return self.cache.allocate(), 0
+
+    def _prefill(self) -> None:
+        """Prefill the prompt tokens not yet in the cache; each completed prompt samples its first token.
+
+        Without `prefill_chunk`, whole prompts: of similar length together (one forward pass for a
+        burst of short prompts; a group whose padding would more than double its work is split). With
+        it, at most that many tokens this step, oldest request first, so a long prompt is prefilled
+        over several steps while the running requests keep decoding in between. If a batched prefill
+        fails, each of its requests is retried alone, so only the culprit fails. A request that wants
+        its prompt's logprobs is prefilled whole and alone, keeping the logits of every position.
+        """
+        with self._lock:
+            pending = [h for h in self._running if h.prefilled < len(h.prompt) and not h.cancelled]
+        for h in [h for h in pending if h.prompt_logprobs is not None]:
             self._start_alone(h)
-        for group in _length_groups([h for h in live if h.prompt_logprobs is None]):
+        pending = [h for h in pending if h.prompt_logprobs is None]
+        if self.prefill_chunk is None:
+            groups = _length_groups([(h, len(h.prompt) - h.prefilled) for h in pending])
+        else:
+            budget, part = self.prefill_chunk, []
+            for h in pending:
+                if budget == 0:
+                    break
+                n = min(len(h.prompt) - h.prefilled, budget)
+                part.append((h, n))
+                budget -= n
+            groups = [part] if part else []
+        for group in groups:
             if len(group) == 1:
-                self._start_alone(group[0])
+                self._start_alone(*group[0])
                 continue
             try:
-                logits = self.runner.prefill([h.slot for h in group], [h.prompt for h in group])
+                logits = self.runner.prefill(
+                    [h.slot for h, _ in group], [h.prompt[h.prefilled : h.prefilled + n] for h, n in group]
+                )
             except Exception:
-                for h in group:
-                    self._start_alone(h)
+                for h, n in group:
+                    self._start_alone(h, n)
                 continue
-            done = self._sample_rows(logits, group)
-            with self._lock:
-                self._stats["prompt_tokens"] += sum(len(h.prompt) for h in group)
-                self._record(done)
+            self._prefilled(logits, group)
 
-    def _start_alone(self, h: RequestHandle) -> None:
-        self.runner.truncate(h.slot, 0)  # a failed group prefill may have committed some chunks
+    def _prefilled(self, logits: torch.Tensor, group: list[tuple[RequestHandle, int]]) -> None:
+        """Advance each row by its n prompt tokens; the rows whose prompt is complete sample their first token."""
+        for h, n in group:
+            h.prefilled += n
+        complete = [b for b, (h, _) in enumerate(group) if h.prefilled == len(h.prompt)]
+        done = self._sample_rows(logits[complete], [group[b][0] for b in complete]) if complete else []
+        with self._lock:
+            self._stats["prompt_tokens"] += sum(n for _, n in group)
+            self._record(done)
+
+    def _start_alone(self, h: RequestHandle, n: int | None = None) -> None:
+        """Prefill n more prompt tokens of one request (None: the rest; with prompt logprobs: the whole prompt)."""
+        self.runner.truncate(h.slot, h.prefilled)  # a failed batched prefill may have committed some tokens
         try:
             if h.prompt_logprobs is None:
-                logits = self.runner.prefill([h.slot], [h.prompt])
+                n = len(h.prompt) - h.prefilled if n is None else n
+                logits = self.runner.prefill([h.slot], [h.prompt[h.prefilled : h.prefilled + n]])
             else:
                 h.prompt_scores = [None]
                 logits = self.runner.prefill_with_logits(
                     [h.slot], [h.prompt], lambda _, at, rows: self._score_prompt(h, at, rows)
                 )
+                n = len(h.prompt)
         except Exception as e:
             with self._lock:
                 self._end(h, ERROR, e)
             return
         if h.max_new_tokens == 0:  # scoring only
+            h.prefilled = len(h.prompt)
             with self._lock:
-                self._stats["prompt_tokens"] += len(h.prompt)
+                self._stats["prompt_tokens"] += n
                 self._end(h, LENGTH)
             return
-        done = self._sample_rows(logits, [h])
-        with self._lock:
-            self._stats["prompt_tokens"] += len(h.prompt)
-            self._record(done)
+        self._prefilled(logits, [(h, n)])
 
     def _score_prompt(self, h: RequestHandle, at: int, logits: torch.Tensor) -> None:
         """Logprobs of prompt tokens at+1 .. at+n from the logits after tokens at .. at+n-1."""
@@ -530,7 +600,7 @@ class Engine:
     def _decode(self) -> None:
         """One decode step for every running request; if the batched step fails, each row is retried alone."""
         with self._lock:
-            batch = [h for h in self._running if not h.cancelled]
+            batch = [h for h in self._running if not h.cancelled and h.tokens]  # a row still prefilling has none
             if not batch:
                 return
         try:
@@ -636,7 +706,11 @@ class Engine:
         if h in self._running:
             self._running.remove(h)
         if h.slot is not None:
-            self.runner.free(h.slot)
+            held = int(self.cache.lengths[h.slot])
+            if self.prefix_reuse and reason != ERROR and held > 0 and not self._closed:
+                self._cached[h.slot] = (h.prompt + h.tokens)[:held]  # what the slot's cache holds
+            else:
+                self.runner.free(h.slot)
             h.slot = None
         if not h.done:
             self._finished[reason] += 1
@@ -685,17 +759,16 @@ def prefill_all_logits(
     return last
 
 
-def _length_groups(handles: list[RequestHandle]) -> list[list[RequestHandle]]:
-    """Split requests into prefill batches, shortest prompts first, each padded to at most twice its tokens."""
-    groups: list[list[RequestHandle]] = []
+def _length_groups(parts: list[tuple[RequestHandle, int]]) -> list[list[tuple[RequestHandle, int]]]:
+    """Split (request, tokens to prefill) into prefill batches, shortest first, each padded to at most twice its tokens."""
+    groups: list[list[tuple[RequestHandle, int]]] = []
     tokens = 0
-    for h in sorted(handles, key=lambda h: len(h.prompt)):
-        n = len(h.prompt)
+    for h, n in sorted(parts, key=lambda x: x[1]):
         if groups and (len(groups[-1]) + 1) * n <= 2 * (tokens + n):
-            groups[-1].append(h)
+            groups[-1].append((h, n))
             tokens += n
         else:
-            groups.append([h])
+            groups.append([(h, n)])
             tokens = n
     return groups
 

@@ -47,6 +47,11 @@ def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
         return _tokenizers[tokenizer]
 
 
+def prepare(tokenizer: Tokenizer) -> None:
+    """Build llguidance's view of `tokenizer` now (seconds), so the first structured request does not wait for it."""
+    _ll_tokenizer(tokenizer)
+
+
 class GrammarConstraint:
     """One request's grammar as an engine `TokenConstraint`: the ids allowed next, advanced token by token."""
 
