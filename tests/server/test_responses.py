@@ -155,3 +155,32 @@ def test_tokenize_detokenize_and_unknown_routes(server, tokenizer):
     assert missing.status_code == 404 and error["type"] == "not_found_error"
     for route in ("POST /v1/chat/completions", "POST /v1/responses", "POST /tokenize", "GET /v1/models"):
         assert route in error["message"]
+
+
+def test_responses_structured_outputs(client):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    r = client.responses.create(
+        model=MODEL,
+        input="JSON please",
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    value = json.loads(r.output_text)
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+    city_schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}}
+    forced = client.responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[{**TOOL, "parameters": {**city_schema, "required": ["city"], "additionalProperties": False}}],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=100,
+        temperature=0,
+    )
+    (call,) = [item for item in forced.output if item.type == "function_call"]
+    assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}

@@ -430,10 +430,21 @@ def create_app(
         except RequestError as e:
             raise ApiError(400, str(e), param="input") from None
         chat = ChatCompletionRequest.model_construct(
-            model=req.model, messages=messages, temperature=req.temperature, top_p=req.top_p
+            model=req.model,
+            messages=messages,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            tools=req.chat_tools(),
+            tool_choice=req.chat_tool_choice(),
+            response_format=req.chat_response_format(),
         )
+        problem = chat.unsupported()  # a forced call without tools, JSON and a forced call together
+        if problem is not None:
+            raise ApiError(400, problem[1], param="text" if problem[0] == "response_format" else problem[0])
         max_new = budget(ids, req.max_output_tokens, limits.default_max_tokens, "input")
-        (handle,) = submit_all(chat, [ids], [max_new], "input")
+        grammar = await _grammar_for(tokenizer, chat)
+        constraint = grammar.constraint if grammar is not None else None
+        (handle,) = submit_all(chat, [ids], [max_new], "input", constraint=constraint)
         out = _TextOutput(tokenizer, handle, [])
         builder = ResponseBuilder(req, model_name)
         if req.stream:

@@ -85,10 +85,13 @@ class ResponsesRequest(_Strict):
         for name, (ok, message) in _NOOP_ONLY.items():
             if getattr(self, name) not in (ok if isinstance(ok, tuple) else (ok,)):
                 return name, message
-        if self.tool_choice not in (None, "auto", "none"):
-            return "tool_choice", "tool_choice must be 'auto' or 'none' on /v1/responses"
-        if self.text not in (None, {}, {"format": {"type": "text"}}):
-            return "text", "only the text format {'type': 'text'} is supported on /v1/responses"
+        if self.chat_tool_choice() is False:
+            return "tool_choice", "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}"
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if fmt.get("type") not in ("text", "json_object", "json_schema") or (
+            fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict)
+        ):
+            return "text", "text.format must be text, json_object or json_schema with a schema"
         if any(t.get("type") != "function" for t in self.tools or []):
             return "tools", "only function tools are supported"
         return None
@@ -96,6 +99,22 @@ class ResponsesRequest(_Strict):
     @property
     def use_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def chat_tool_choice(self) -> str | dict[str, Any] | None | bool:
+        """tool_choice in the chat API's shape (the Responses API names a function flat); False if malformed."""
+        c = self.tool_choice
+        if c is None or c in ("auto", "none", "required"):
+            return c
+        if isinstance(c, dict) and c.get("type") == "function" and isinstance(c.get("name"), str):
+            return {"type": "function", "function": {"name": c["name"]}}
+        return False
+
+    def chat_response_format(self) -> dict[str, Any] | None:
+        """text.format in the chat API's response_format shape."""
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if fmt["type"] == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "schema"), "schema": fmt["schema"]}}
+        return {"type": fmt["type"]}
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         """The Responses API's flat function tools as chat tools ({"type", "function": {...}})."""
@@ -204,7 +223,7 @@ class ResponseBuilder:
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
-            "text": {"format": {"type": "text"}},
+            "text": req.text or {"format": {"type": "text"}},
             "truncation": "disabled",
             "store": False,
             "usage": None
