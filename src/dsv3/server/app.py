@@ -652,7 +652,7 @@ def _legacy_logprobs(
     def add(token: int, lp: TokenLogprob | None, at: int) -> int:
         result.tokens.append(_token_text(tokenizer, token))
         result.token_logprobs.append(None if lp is None else lp.logprob)
-        result.top_logprobs.append(None if lp is None else {_token_text(tokenizer, t): v for t, v in lp.top})
+        result.top_logprobs.append(None if lp is None else _top_dict(tokenizer, lp))
         result.text_offset.append(at)
         return at + len(tokenizer.decode([token], skip_special_tokens=True))
 
@@ -667,6 +667,14 @@ def _legacy_logprobs(
             inside = min(add(h.tokens[i], h.token_logprobs[i], inside), end)
         at = end
     return result
+
+
+def _top_dict(tokenizer: Tokenizer, lp: TokenLogprob) -> dict[str, float]:
+    """The legacy {token text: logprob} of the alternatives; ids with the same text keep the likeliest's value."""
+    top: dict[str, float] = {}
+    for t, v in lp.top:  # best first
+        top.setdefault(_token_text(tokenizer, t), v)
+    return top
 
 
 def _chat_logprobs(tokenizer: Tokenizer, out: _TextOutput, pieces: list[_Piece]) -> ChatLogprobs:
