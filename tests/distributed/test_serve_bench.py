@@ -103,6 +103,10 @@ def test_torchrun_serve_matches_one_process_and_stops_on_ctrl_c(ckpt):
         (out,) = dsv3.generate(model, [ids], max_new_tokens=budget)  # greedy, stops at EOS (included)
         stopped = bool(out) and out[-1] in eos
         want.append((tok.decode(out[:-1] if stopped else out, skip_special_tokens=True), len(ids), len(out)))
+    scored = tok.encode(PROMPTS[0][0], add_bos=True)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([scored]))[0, :, : tok.vocab_size], dim=-1)
+    want_scores = [float(lp[t - 1, scored[t]]) for t in range(1, len(scored))]
     del model
 
     proc = subprocess.Popen(
@@ -163,6 +167,9 @@ def test_torchrun_serve_matches_one_process_and_stops_on_ctrl_c(ckpt):
             answers = list(pool.map(complete, PROMPTS))
         got = [(a.choices[0].text, a.usage.prompt_tokens, a.usage.completion_tokens) for a in answers]
         assert got == want
+        # Scoring (echo, prompt logprobs): a prefill that projects every position, replayed on rank 1 too.
+        r = client.completions.create(model="tiny", prompt=scored, max_tokens=0, echo=True, logprobs=1)
+        assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want_scores, abs=1e-3)
 
         proc.send_signal(signal.SIGINT)  # torchrun passes it on; rank 0 stops serving and releases rank 1
         proc.wait(timeout=40)

@@ -190,3 +190,38 @@ def test_a_failing_request_fails_alone(tiny_model, monkeypatch):
         stats = eng.stats()
         assert stats.requests_finished[ERROR] == 2 and stats.cache_slots_in_use == 0
         assert eng.alive
+
+
+def test_chunked_prefill_interleaves_decode_steps(tiny_model):
+    short, long_ = prompt(4), prompt(40, start=5)
+    want_short, want_long = offline(tiny_model, short, 30), offline(tiny_model, long_, 5)
+    with Engine(tiny_model, max_batch=2, max_len=64, prefill_chunk=8) as eng:
+        running = eng.submit(short, max_new_tokens=30, stop_token_ids=[])
+        tokens = iter(running)
+        next(tokens)  # the short request is decoding
+        arriving = eng.submit(long_, max_new_tokens=5, stop_token_ids=[])
+        first = next(iter(arriving))
+        seen_by_then = len(running.tokens)
+        assert arriving.result() == want_long and running.result() == want_short
+        assert first == want_long[0]
+    # 40 prompt tokens in chunks of 8 take 5 steps, each followed by a decode step of the running request.
+    assert seen_by_then >= 1 + 4
+
+
+def test_prefix_reuse_skips_the_shared_prefix_and_keeps_the_answer(tiny_model):
+    turn1 = prompt(20)
+    with Engine(tiny_model, max_batch=2, max_len=96, prefix_reuse=True) as eng:
+        answer = eng.submit(turn1, max_new_tokens=6, stop_token_ids=[]).result()
+        wait_for(lambda: eng.stats().cached_prefixes == 1)
+        assert eng.stats().cache_slots_in_use == 0
+        turn2 = turn1 + answer + prompt(9, start=40)[1:]
+        got = eng.submit(turn2, max_new_tokens=8, stop_token_ids=[]).result()
+        stats = eng.stats()
+        # The slot held turn 1's prompt and all but its last answer token (never fed back).
+        assert stats.prefix_tokens_reused == len(turn1) + len(answer) - 1
+        assert stats.prompt_tokens == len(turn1) + len(turn2) - stats.prefix_tokens_reused
+        # A prompt sharing nothing takes the other slot; a third one evicts the oldest cached prefix.
+        other = [eng.submit(prompt(7, start=s), max_new_tokens=3, stop_token_ids=[]).result() for s in (90, 91)]
+        assert other == [offline(tiny_model, prompt(7, start=s), 3) for s in (90, 91)]
+        wait_for(lambda: eng.stats().cached_prefixes == 2)
+    assert got == offline(tiny_model, turn2, 8)

@@ -70,11 +70,14 @@ def test_tool_call_stream_holds_markup_back(piece_len):
 
 def test_request_checks():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "stop": "x"})
-    assert ok.single_prompt() == "hi" and ok.stop_strings() == ["x"] and ok.unsupported() is None
-    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2]]}).single_prompt() == [1, 2]
-    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).single_prompt() is None
-    assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "n": 2}).unsupported()[0] == "n"
-    assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "echo": True}).unsupported()[0] == "echo"
+    assert ok.prompts() == ["hi"] and ok.stop_strings() == ["x"] and ok.unsupported() is None
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "n": 2, "echo": True}).unsupported() is None
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "suffix": "b"}).unsupported()[0] == "suffix"
+    bias = CompletionRequest.model_validate({"model": "m", "prompt": "a", "logit_bias": {"7": -100, "12": 2.5}})
+    assert bias.bias_pairs() == ((7, -100.0), (12, 2.5))
     for bad in (
         {"prompt": "a"},
         {"model": "m", "prompt": 3},
@@ -83,6 +86,8 @@ def test_request_checks():
         {"model": "m", "prompt": "a", "temperature": 3},
         {"model": "m", "prompt": "a", "top_p": 0},
         {"model": "m", "prompt": [True]},
+        {"model": "m", "prompt": "a", "logprobs": True},  # legacy logprobs is a count: true is not 1
+        {"model": "m", "prompt": "a", "no_such_field": 1},
     ):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate(bad)

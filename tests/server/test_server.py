@@ -275,15 +275,25 @@ BAD_REQUESTS = [  # (path, body: bytes or JSON, status, param)
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 9, "n": 4}, 400, "n"),  # 36 choices > 32 places
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, 400, "model"),
     ("/v1/completions", {"model": MODEL, "prompt": [0] * MAX_LEN}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [0] * 150, "max_tokens": 100}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": [0, 10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["one", "two"]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], []]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "stop"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
@@ -294,6 +304,18 @@ BAD_REQUESTS = [  # (path, body: bytes or JSON, status, param)
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
         400,
         "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "high"},
+        400,
+        "reasoning_effort",
     ),
     (
         "/v1/chat/completions",
@@ -318,8 +340,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         r = http.request(method, path)
         assert r.status_code == status and "message" in r.json()["error"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="hi", n=2)
-    assert e.value.status_code == 400 and e.value.param == "n"
+        client.completions.create(model=MODEL, prompt="hi", suffix="!")
+    assert e.value.status_code == 400 and e.value.param == "suffix"
     m = metrics(server)
     assert m['dsv3_http_responses_total{code="400"}'] >= len([b for b in BAD_REQUESTS if b[2] == 400])
     assert m['dsv3_http_responses_total{code="413"}'] >= 1 and m["dsv3_cache_slots_in_use"] == 0

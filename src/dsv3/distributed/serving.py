@@ -26,6 +26,7 @@ never time out; a rank that dies while the server is idle is noticed by the next
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..inference.engine import ModelRunner
+from ..inference.engine import ModelRunner, prefill_all_logits
 from ..inference.generate import decode_step, model_device, model_dtype, prefill
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
@@ -43,6 +44,7 @@ from .mesh import timeout_from_env
 # Messages rank 0 broadcasts: (_OPEN, num_slots, max_len), (_PREFILL | _DECODE, edits, slots, ids),
 # (_KEEPALIVE,), (_STOP,). `edits` is [(slot, length)]: truncate the slot to that length (0 = freed).
 _OPEN, _PREFILL, _DECODE, _KEEPALIVE, _STOP = "open", "prefill", "decode", "keepalive", "stop"
+_PREFILL_LOGITS = "prefill_logits"  # a prefill that also projects every position (prompt logprobs)
 _RELEASE_WAIT_S = 60.0  # how long release() waits for a forward pass still running
 
 
@@ -82,6 +84,12 @@ class ReplicatedRunner(ModelRunner):
 
     def decode_step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         return self._run(_DECODE, slots, tokens, super().decode_step)
+
+    def prefill_with_logits(
+        self, slots: list[int], prompts: list[list[int]], on_logits: Callable[[int, int, torch.Tensor], None]
+    ) -> torch.Tensor:
+        local = functools.partial(super().prefill_with_logits, on_logits=on_logits)
+        return self._run(_PREFILL_LOGITS, slots, prompts, local)
 
     def truncate(self, slot: int, length: int) -> None:
         with self._edits_lock:
@@ -127,7 +135,8 @@ class ReplicatedRunner(ModelRunner):
                 raise ParallelGroupFailed(f"the parallel group failed earlier: {self.error}") from self.error
             with self._edits_lock:
                 edits, self._edits = self._edits, []
-            self._send((op, edits, list(slots), [list(p) for p in ids] if op == _PREFILL else list(ids)))
+            prompts = op in (_PREFILL, _PREFILL_LOGITS)
+            self._send((op, edits, list(slots), [list(p) for p in ids] if prompts else list(ids)))
             try:
                 return local(slots, ids)
             except BaseException as e:
@@ -191,5 +200,7 @@ def follow_engine(model: DeepSeekV3, ctx: ParallelContext) -> None:
                 cache.truncate(slot, length)
             if op == _PREFILL:
                 prefill(model, cache, slots, ids)
+            elif op == _PREFILL_LOGITS:  # the same passes as rank 0's; the logits are rank 0's to use
+                prefill_all_logits(model, cache, slots, ids, lambda *_: None)
             else:
                 decode_step(model, cache, slots, ids)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import os
 import queue
 import threading
 import time
@@ -40,6 +41,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -47,11 +49,42 @@ from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
 from .generate import decode_step, model_device, model_dtype, prefill
-from .sampling import SamplingParams, sample_tokens
+from .sampling import LogitsProcessor, SamplingParams, sample_tokens
 
 # Finish reasons, as OpenAI names the first two.
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 _THROUGHPUT_WINDOW_S = 10.0  # tokens/s is measured over this sliding window
+_MIN_PREFIX_REUSE = 16  # tokens: a shorter cached prefix is reused only when no empty slot is free
+_UNLIKELY = -9999.0  # the logprob reported for an id that cannot be sampled (-inf is not JSON)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely ids at its position, as (id, logprob), best first.
+
+    Log-probabilities are `log_softmax` of the logits the request samples from: the model's, past the
+    engine's vocabulary mask and the request's logit edits (bias, penalties, a grammar's mask), before
+    temperature, top-k, top-p and min-p.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class TokenConstraint(Protocol):
+    """A per-request rule on which ids may come next (e.g. a grammar); the engine calls it from its thread."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """Bool (vocab_size,) of the ids allowed next, or None when any id is."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the sampled `token`."""
+
+    def is_finished(self) -> bool:
+        """True when the constraint allows nothing more but the end (the request then stops)."""
+
+
+_Sampled = tuple["RequestHandle", int, TokenLogprob | None]
 
 
 class QueueFullError(RequestError):
@@ -76,15 +109,19 @@ class EngineStats:
     tokens_per_second: float  # over the last _THROUGHPUT_WINDOW_S seconds
     batch_size: int  # rows in the latest decode step
     max_batch_size: int  # most rows seen in one decode step
-    cache_slots_in_use: int
+    cache_slots_in_use: int  # by requests (not by cached prefixes)
     cache_slots: int
+    prefix_tokens_reused: int = 0  # prompt tokens not prefilled because a cached prefix held them
+    cached_prefixes: int = 0  # idle slots holding a finished sequence for reuse
 
 
 class RequestHandle:
     """One submitted request: iterate it for its new token ids; `finish_reason` is set when it ends.
 
     Iteration ends after the last token; it raises the request's error if the engine failed it.
-    `tokens` holds every id produced so far (a stop id that ended it included, as in `generate()`).
+    `tokens` holds every id produced so far (a stop id that ended it included, as in `generate()`);
+    with `logprobs`, `token_logprobs[i]` is set before `tokens[i]` is delivered, and with
+    `prompt_logprobs`, `prompt_scores` before the first token (or the end, for a request of 0 new tokens).
     """
 
     _ids = itertools.count()
@@ -97,16 +134,26 @@ class RequestHandle:
         max_new_tokens: int,
         stop_token_ids: frozenset[int],
         seed: int | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.id = next(RequestHandle._ids)
         self.prompt, self.params, self.max_new_tokens = prompt, params, max_new_tokens
         self.stop_token_ids = stop_token_ids
+        # Logprobs asked for (None: not computed; n: the sampled token's and the n most likely ids').
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        self.token_logprobs: list[TokenLogprob] = []  # one per entry of `tokens`, filled before it is emitted
+        self.prompt_scores: list[TokenLogprob | None] = []  # one per prompt token (None for the first), if asked
+        self.processor = LogitsProcessor(params, prompt, stop_token_ids) if params.edits_logits else None
+        self.constraint = constraint
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**62))
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the slot's cache (a reused prefix counts)
         self._engine = engine
         self._cancelled = False
         self._cancel_reason = CANCELLED
@@ -206,6 +253,15 @@ class ModelRunner:
         """Append one token per slot; (B, V) next-token logits."""
         return decode_step(self.model, self.cache, slots, tokens)
 
+    def prefill_with_logits(
+        self, slots: list[int], prompts: list[list[int]], on_logits: Callable[[int, int, torch.Tensor], None]
+    ) -> torch.Tensor:
+        """`prefill`, also calling `on_logits(row, position, logits (n, V))` for the logits after every prompt token.
+
+        `position` is the index in the row's prompt of the first of those n tokens; the calls come in order.
+        """
+        return prefill_all_logits(self.model, self.cache, slots, prompts, on_logits)
+
     def truncate(self, slot: int, length: int) -> None:
         """Keep only the first `length` cached tokens of `slot`."""
         self.cache.truncate(slot, length)
@@ -227,17 +283,30 @@ class Engine:
         valid_ids: torch.Tensor | None = None,
         start: bool = True,
         runner: Callable[[DeepSeekV3, LatentCache], ModelRunner] = ModelRunner,
+        prefill_chunk: int | None = None,
+        prefix_reuse: bool = False,
     ) -> None:
         """`max_len` (default: the model's context) bounds prompt + new tokens; `valid_ids` (bool [V]) masks logits;
-        `runner(model, cache)` builds what runs the forward passes (default: this process, plainly)."""
+        `runner(model, cache)` builds what runs the forward passes (default: this process, plainly).
+
+        `prefill_chunk`: prefill at most this many prompt tokens per step, between decode steps of the
+        running requests (None: whole prompts at once). `prefix_reuse`: keep a finished request's cache
+        in its slot while the slot is not needed, and start a new request whose prompt begins with the
+        same tokens from there.
+        """
         cfg = model.config
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_position_embeddings:
             raise RequestError(f"max_len must be in [1, {cfg.max_position_embeddings}], got {max_len}")
         if max_batch < 1 or max_queue < 0:
             raise RequestError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be None or >= 1, got {prefill_chunk}")
         self.model = model
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
+        # Idle slots still holding a finished sequence: slot -> the tokens cached there, least recently used first.
+        self._cached: dict[int, list[int]] = {}
         self.cache = LatentCache(
             cfg, num_slots=max_batch, max_len=max_len, dtype=model_dtype(model), device=model_device(model)
         )
@@ -266,7 +335,7 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()  # submitted, no slot yet
         self._running: list[RequestHandle] = []  # hold a slot; their last token is to be fed next step
         self._closed = False
-        self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0)
+        self._stats = dict(total=0, rejected=0, prompt_tokens=0, generated=0, batch=0, max_batch=0, reused=0)
         self._finished: dict[str, int] = {STOP: 0, LENGTH: 0, CANCELLED: 0, ERROR: 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
@@ -284,15 +353,27 @@ class Engine:
         max_new_tokens: int = 16,
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> RequestHandle:
-        """Queue one request; raise RequestError if it is invalid, QueueFullError if the engine is full."""
+        """Queue one request; raise RequestError if it is invalid, QueueFullError if the engine is full.
+
+        `logprobs=n` records each new token's logprob and the n likeliest alternatives (`token_logprobs`);
+        `prompt_logprobs=n` the same for every prompt token after the first (`prompt_scores`; the prompt
+        is then prefilled whole, and `max_new_tokens=0` scores it without generating). `constraint`
+        restricts which ids each step may sample.
+        """
         prompt = list(prompt)
         self._check(prompt, max_new_tokens)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
             raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        for name, n in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 20):
+                raise RequestError(f"{name} must be None or an integer in [0, 20], got {n!r}")
         params.validate()
         stops = self.default_stop_ids if stop_token_ids is None else frozenset(int(t) for t in stop_token_ids)
-        handle = RequestHandle(self, prompt, params, max_new_tokens, stops, seed)
+        handle = RequestHandle(self, prompt, params, max_new_tokens, stops, seed, logprobs, prompt_logprobs, constraint)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
@@ -304,7 +385,7 @@ class Engine:
                     f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later"
                 )
             self._stats["total"] += 1
-            if max_new_tokens == 0:  # nothing to generate: no slot, no forward pass
+            if max_new_tokens == 0 and prompt_logprobs is None:  # nothing to do: no slot, no forward pass
                 self._finished[LENGTH] += 1
                 handle._finish(LENGTH)
                 return handle
@@ -335,8 +416,10 @@ class Engine:
                 tokens_per_second=rate,
                 batch_size=s["batch"],
                 max_batch_size=s["max_batch"],
-                cache_slots_in_use=self.cache.slots_in_use,
+                cache_slots_in_use=self.cache.slots_in_use - len(self._cached),
                 cache_slots=self.cache.num_slots,
+                prefix_tokens_reused=s["reused"],
+                cached_prefixes=len(self._cached),
             )
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -401,6 +484,7 @@ class Engine:
                     admitted.append(self._waiting.popleft())
             try:
                 self._start(admitted)
+                self._prefill()
                 self._decode()
             except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
                 with self._lock:
@@ -416,53 +500,123 @@ class Engine:
             self._end(h, CANCELLED)
 
     def _start(self, admitted: list[RequestHandle]) -> None:
-        """Prefill newly admitted requests on fresh slots and sample each one's first token.
-
-        Prompts of similar length are prefilled together (one forward pass for a burst of short
-        prompts); a group whose padding would more than double its work is split. If a group's
-        prefill fails, each of its requests is retried alone, so only the culprit fails.
-        """
+        """Give each admitted request a slot: the cached prefix that shares most of its prompt, else a free one."""
         with self._lock:
-            live = []
             for h in admitted:
                 if h.cancelled:
                     self._end(h, CANCELLED)
-                else:
-                    h.slot = self.cache.allocate()
-                    self._running.append(h)
-                    live.append(h)
-        for group in _length_groups(live):
+                    continue
+                h.slot, h.prefilled = self._take_slot(h.prompt if h.prompt_logprobs is None else None)
+                self._stats["reused"] += h.prefilled
+                self._running.append(h)
+
+    def _take_slot(self, prompt: list[int] | None) -> tuple[int, int]:
+        """(slot, tokens of `prompt` it already holds); `prompt` None: an empty slot. Lock held."""
+        if prompt is not None and self._cached:
+            # At least the last prompt token is prefilled again: its logits pick the first new token.
+            shared = {
+                slot: min(len(os.path.commonprefix([held, prompt])), len(prompt) - 1)
+                for slot, held in self._cached.items()
+            }
+            slot = max(shared, key=shared.__getitem__)  # the oldest of equals
+            # A short match is not worth another cached sequence while an empty slot is free.
+            full = self.cache.slots_in_use == self.cache.num_slots
+            if shared[slot] >= _MIN_PREFIX_REUSE or (full and shared[slot] > 0):
+                del self._cached[slot]
+                self.runner.truncate(slot, shared[slot])
+                return slot, shared[slot]
+        if self.cache.slots_in_use == self.cache.num_slots:  # the free slots all hold prefixes: drop the oldest
+            oldest = next(iter(self._cached))
+            del self._cached[oldest]
+            self.runner.free(oldest)
+        return self.cache.allocate(), 0
+
+    def _prefill(self) -> None:
+        """Prefill the prompt tokens not yet in the cache; each completed prompt samples its first token.
+
+        Without `prefill_chunk`, whole prompts: of similar length together (one forward pass for a
+        burst of short prompts; a group whose padding would more than double its work is split). With
+        it, at most that many tokens this step, oldest request first, so a long prompt is prefilled
+        over several steps while the running requests keep decoding in between. If a batched prefill
+        fails, each of its requests is retried alone, so only the culprit fails. A request that wants
+        its prompt's logprobs is prefilled whole and alone, keeping the logits of every position.
+        """
+        with self._lock:
+            pending = [h for h in self._running if h.prefilled < len(h.prompt) and not h.cancelled]
+        for h in [h for h in pending if h.prompt_logprobs is not None]:
+            self._start_alone(h)
+        pending = [h for h in pending if h.prompt_logprobs is None]
+        if self.prefill_chunk is None:
+            groups = _length_groups([(h, len(h.prompt) - h.prefilled) for h in pending])
+        else:
+            budget, part = self.prefill_chunk, []
+            for h in pending:
+                if budget == 0:
+                    break
+                n = min(len(h.prompt) - h.prefilled, budget)
+                part.append((h, n))
+                budget -= n
+            groups = [part] if part else []
+        for group in groups:
             if len(group) == 1:
-                self._start_alone(group[0])
+                self._start_alone(*group[0])
                 continue
             try:
-                logits = self.runner.prefill([h.slot for h in group], [h.prompt for h in group])
+                logits = self.runner.prefill(
+                    [h.slot for h, _ in group], [h.prompt[h.prefilled : h.prefilled + n] for h, n in group]
+                )
             except Exception:
-                for h in group:
-                    self._start_alone(h)
+                for h, n in group:
+                    self._start_alone(h, n)
                 continue
-            done = self._sample_rows(logits, group)
-            with self._lock:
-                self._stats["prompt_tokens"] += sum(len(h.prompt) for h in group)
-                self._record([h for h, _ in done], [t for _, t in done])
+            self._prefilled(logits, group)
 
-    def _start_alone(self, h: RequestHandle) -> None:
-        self.runner.truncate(h.slot, 0)  # a failed group prefill may have committed some chunks
+    def _prefilled(self, logits: torch.Tensor, group: list[tuple[RequestHandle, int]]) -> None:
+        """Advance each row by its n prompt tokens; the rows whose prompt is complete sample their first token."""
+        for h, n in group:
+            h.prefilled += n
+        complete = [b for b, (h, _) in enumerate(group) if h.prefilled == len(h.prompt)]
+        done = self._sample_rows(logits[complete], [group[b][0] for b in complete]) if complete else []
+        with self._lock:
+            self._stats["prompt_tokens"] += sum(n for _, n in group)
+            self._record(done)
+
+    def _start_alone(self, h: RequestHandle, n: int | None = None) -> None:
+        """Prefill n more prompt tokens of one request (None: the rest; with prompt logprobs: the whole prompt)."""
+        self.runner.truncate(h.slot, h.prefilled)  # a failed batched prefill may have committed some tokens
         try:
-            logits = self.runner.prefill([h.slot], [h.prompt])
+            if h.prompt_logprobs is None:
+                n = len(h.prompt) - h.prefilled if n is None else n
+                logits = self.runner.prefill([h.slot], [h.prompt[h.prefilled : h.prefilled + n]])
+            else:
+                h.prompt_scores = [None]
+                logits = self.runner.prefill_with_logits(
+                    [h.slot], [h.prompt], lambda _, at, rows: self._score_prompt(h, at, rows)
+                )
+                n = len(h.prompt)
         except Exception as e:
             with self._lock:
                 self._end(h, ERROR, e)
             return
-        done = self._sample_rows(logits, [h])
-        with self._lock:
-            self._stats["prompt_tokens"] += len(h.prompt)
-            self._record([h for h, _ in done], [t for _, t in done])
+        if h.max_new_tokens == 0:  # scoring only
+            h.prefilled = len(h.prompt)
+            with self._lock:
+                self._stats["prompt_tokens"] += n
+                self._end(h, LENGTH)
+            return
+        self._prefilled(logits, [(h, n)])
+
+    def _score_prompt(self, h: RequestHandle, at: int, logits: torch.Tensor) -> None:
+        """Logprobs of prompt tokens at+1 .. at+n from the logits after tokens at .. at+n-1."""
+        targets = h.prompt[at + 1 : at + 1 + logits.shape[0]]
+        if targets:
+            logits = self._vocab_masked(logits[: len(targets)])
+            h.prompt_scores += _logprobs(logits, targets, h.prompt_logprobs)
 
     def _decode(self) -> None:
         """One decode step for every running request; if the batched step fails, each row is retried alone."""
         with self._lock:
-            batch = [h for h in self._running if not h.cancelled]
+            batch = [h for h in self._running if not h.cancelled and h.tokens]  # a row still prefilling has none
             if not batch:
                 return
         try:
@@ -483,17 +637,32 @@ class Engine:
         with self._lock:
             self._stats["batch"] = len(done)
             self._stats["max_batch"] = max(self._stats["max_batch"], len(done))
-            self._record([h for h, _ in done], [t for _, t in done])
+            self._record(done)
 
-    def _sample_rows(self, logits: torch.Tensor, batch: list[RequestHandle]) -> list[tuple[RequestHandle, int]]:
-        """(request, token) for each row that could sample; a row whose sampling fails is ended with ERROR."""
+    def _vocab_masked(self, logits: torch.Tensor) -> torch.Tensor:
         if self._vocab_limit is not None:
-            logits = logits[:, : self._vocab_limit]
-        elif self._mask is not None:
-            logits = logits + self._mask
+            return logits[..., : self._vocab_limit]
+        if self._mask is not None:
+            return logits + self._mask
+        return logits
+
+    @torch.inference_mode()
+    def _sample_rows(self, logits: torch.Tensor, batch: list[RequestHandle]) -> list[_Sampled]:
+        """(request, token, logprob) for each row that could sample; a row whose sampling fails is ended with ERROR.
+
+        Rows with logit edits (a processor) or a constraint get them applied to their own row only;
+        the other rows' logits are untouched, so they sample exactly as before these existed.
+        """
+        logits = self._vocab_masked(logits)
+        edited = [b for b, h in enumerate(batch) if h.processor is not None or h.constraint is not None]
+        if edited:
+            logits = logits.float().clone()
+            for b in edited:
+                logits[b] = self._edit_row(logits[b], batch[b])
         states = [h.generator.get_state() for h in batch]
         try:
-            return list(zip(batch, sample_tokens(logits, [h.params for h in batch], [h.generator for h in batch])))
+            tokens = sample_tokens(logits, [h.params for h in batch], [h.generator for h in batch])
+            return [self._sampled(h, logits[b], t) for b, (h, t) in enumerate(zip(batch, tokens))]
         except Exception:
             pass
         # Some row cannot sample (e.g. NaN logits): rewind the generators the batched call advanced and
@@ -502,25 +671,48 @@ class Engine:
         for b, (h, state) in enumerate(zip(batch, states)):
             h.generator.set_state(state)
             try:
-                out.append((h, sample_tokens(logits[b : b + 1], [h.params], [h.generator])[0]))
+                token = sample_tokens(logits[b : b + 1], [h.params], [h.generator])[0]
+                out.append(self._sampled(h, logits[b], token))
             except Exception as e:
                 with self._lock:
                     self._end(h, ERROR, e)
         return out
 
-    def _record(self, batch: list[RequestHandle], tokens: list[int]) -> None:
+    @staticmethod
+    def _edit_row(logits_V: torch.Tensor, h: RequestHandle) -> torch.Tensor:
+        if h.processor is not None:
+            logits_V = h.processor(logits_V, h.tokens)
+        if h.constraint is not None:
+            allowed = h.constraint.allowed(logits_V.shape[-1])
+            if allowed is not None:
+                logits_V = torch.where(allowed.to(logits_V.device), logits_V, float("-inf"))
+        return logits_V
+
+    @staticmethod
+    def _sampled(h: RequestHandle, logits_V: torch.Tensor, token: int) -> _Sampled:
+        if h.constraint is not None:
+            h.constraint.accept(token)
+        if h.logprobs is None:
+            return h, token, None
+        return h, token, _logprobs(logits_V[None], [token], h.logprobs)[0]
+
+    def _record(self, sampled: list[_Sampled]) -> None:
         """Deliver one new token per request; finished requests leave and free their slot. Lock held."""
         now = time.monotonic()
-        self._recent.append((now, len(tokens)))
+        self._recent.append((now, len(sampled)))
         self._trim_recent(now)
-        self._stats["generated"] += len(tokens)
-        for h, token in zip(batch, tokens):
+        self._stats["generated"] += len(sampled)
+        for h, token, logprob in sampled:
             if h.cancelled:  # cancelled during the step: the reader is gone, drop the token
                 self._end(h, CANCELLED)
                 continue
+            if logprob is not None:
+                h.token_logprobs.append(logprob)
             h.tokens.append(token)
             h._emit(token)
             if token in h.stop_token_ids:
+                self._end(h, STOP)
+            elif h.constraint is not None and h.constraint.is_finished():
                 self._end(h, STOP)
             elif len(h.tokens) >= h.max_new_tokens:
                 self._end(h, LENGTH)
@@ -530,7 +722,11 @@ class Engine:
         if h in self._running:
             self._running.remove(h)
         if h.slot is not None:
-            self.runner.free(h.slot)
+            held = int(self.cache.lengths[h.slot])
+            if self.prefix_reuse and reason != ERROR and held > 0 and not self._closed:
+                self._cached[h.slot] = (h.prompt + h.tokens)[:held]  # what the slot's cache holds
+            else:
+                self.runner.free(h.slot)
             h.slot = None
         if reason == CANCELLED and h.cancelled:
             reason = h._cancel_reason
@@ -543,19 +739,67 @@ class Engine:
             self._recent.popleft()
 
 
-def _length_groups(handles: list[RequestHandle]) -> list[list[RequestHandle]]:
-    """Split requests into prefill batches, shortest prompts first, each padded to at most twice its tokens."""
-    groups: list[list[RequestHandle]] = []
+@torch.inference_mode()
+def prefill_all_logits(
+    model: DeepSeekV3,
+    cache: LatentCache,
+    slots: list[int],
+    prompts: Sequence[Sequence[int]],
+    on_logits: Callable[[int, int, torch.Tensor], None],
+    chunk: int = 4096,
+    head_chunk: int = 256,
+) -> torch.Tensor:
+    """`generate.prefill` that also hands out the logits after every prompt token, `head_chunk` positions at a time.
+
+    The vocabulary projection runs on `head_chunk` positions at once, so memory stays at
+    head_chunk x V floats however long the prompt (the whole (T, V) would be 2 GB at T=4096, V=129k).
+    """
+    device = model_device(model)
+    lens = [len(p) for p in prompts]
+    T = max(lens)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    ids = ids.to(device)
+    last = torch.empty(len(prompts), model.config.vocab_size, dtype=torch.float32, device=device)
+    for lo in range(0, T, chunk):
+        hi = min(lo + chunk, T)
+        batch = cache.bind(slots, [max(0, min(n, hi) - lo) for n in lens])
+        hidden = model.hidden_states(ids[:, lo:hi], cache=batch)
+        batch.commit()
+        for b, n in enumerate(lens):
+            for a in range(lo, min(n, hi), head_chunk):
+                z = min(a + head_chunk, n, hi)
+                logits = model.logits(hidden[b : b + 1, a - lo : z - lo])[0]
+                on_logits(b, a, logits)
+                if z == n:
+                    last[b] = logits[-1]
+    return last
+
+
+def _length_groups(parts: list[tuple[RequestHandle, int]]) -> list[list[tuple[RequestHandle, int]]]:
+    """Split (request, tokens to prefill) into prefill batches, shortest first, each padded to at most twice its tokens."""
+    groups: list[list[tuple[RequestHandle, int]]] = []
     tokens = 0
-    for h in sorted(handles, key=lambda h: len(h.prompt)):
-        n = len(h.prompt)
+    for h, n in sorted(parts, key=lambda x: x[1]):
         if groups and (len(groups[-1]) + 1) * n <= 2 * (tokens + n):
-            groups[-1].append(h)
+            groups[-1].append((h, n))
             tokens += n
         else:
-            groups.append([h])
+            groups.append([(h, n)])
             tokens = n
     return groups
+
+
+def _logprobs(logits_NV: torch.Tensor, targets: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """TokenLogprob of targets[i] under logits row i, with the top_n likeliest ids of that row."""
+    lp = torch.log_softmax(logits_NV.float(), dim=-1).clamp_(min=_UNLIKELY)
+    V = lp.shape[-1]
+    picked = [lp[i, t].item() if t < V else _UNLIKELY for i, t in enumerate(targets)]  # t >= V: masked off
+    if top_n == 0:
+        return [TokenLogprob(x) for x in picked]
+    values, ids = torch.topk(lp, min(top_n, lp.shape[-1]), dim=-1)
+    return [TokenLogprob(x, tuple(zip(i, v))) for x, i, v in zip(picked, ids.tolist(), values.tolist(), strict=True)]
 
 
 def _close_at_exit(ref: weakref.ReferenceType[Engine]) -> None:

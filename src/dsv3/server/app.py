@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: maps OpenAI JSON onto `Engine.submit` and the engine's tokens back.
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
-`GET /health`, `GET /metrics`. Everything the model does happens in the engine's loop; the app only
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/responses`
+(all with `stream`), vLLM's `POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`; any
+other path is a 404 that lists these. Everything the model does happens in the engine's loop; the app only
 tokenizes, checks limits, and detokenizes (StreamDecoder, then stop strings, then tool-call markup).
 
 Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
@@ -19,13 +20,14 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +35,16 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import RequestError
-from ..inference.engine import CANCELLED, STOP, Engine, EngineClosedError, QueueFullError, RequestHandle
+from ..inference.engine import (
+    CANCELLED,
+    STOP,
+    Engine,
+    EngineClosedError,
+    QueueFullError,
+    RequestHandle,
+    TokenConstraint,
+    TokenLogprob,
+)
 from ..inference.sampling import SamplingParams
 from ..tokenizer import StopStringMatcher, StreamDecoder, Tokenizer
 from .metrics import CONTENT_TYPE, render_metrics
@@ -44,20 +55,28 @@ from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TokenizeRequest,
     ToolCallDelta,
     ToolCallStream,
+    TopLogprob,
     Usage,
     assistant_message,
     new_id,
 )
+from .responses import ResponseBuilder, ResponsesRequest
+from .structured import Grammar
 
 _R = TypeVar("_R", bound=BaseModel)
 _log = logging.getLogger("dsv3.server")
@@ -69,7 +88,8 @@ class ServerLimits:
 
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None  # None: the engine's max_len - 1
-    max_tokens: int = 2048  # the largest max_tokens accepted; also the default for chat
+    max_tokens: int | None = None  # the largest max_tokens accepted (None: what the context leaves)
+    default_max_tokens: int | None = None  # chat's default (None: the rest of the context, up to max_tokens)
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     # Connection limits (applied by `server.http.uvicorn_config`; see docs/reliability.md).
@@ -126,8 +146,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return ApiError(exc.status_code, str(exc.detail), type_=kind).response()
+        if exc.status_code == 404:
+            routes = ", ".join(
+                f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute) for method in sorted(r.methods)
+            )
+            message = f"no route {request.method} {request.url.path}; this server answers {routes}"
+            return ApiError(404, message, code="unknown_route", type_="not_found_error").response()
+        return ApiError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -168,6 +193,10 @@ def create_app(
             param = str(first["loc"][0]) if first["loc"] else None
             where = ".".join(str(x) for x in first["loc"])
             more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            if first["type"] == "extra_forbidden":
+                raise ApiError(
+                    400, f"unrecognized request argument supplied: {where}{more}", param=param, code="unknown_field"
+                ) from None
             raise ApiError(
                 400,
                 f"invalid '{where}': {first['msg']}{more}",
@@ -194,9 +223,27 @@ def create_app(
                 param="stop",
             )
 
-    def submit(
-        req: SamplingRequest, ids: list[int], requested: int | None, default: int, prompt_param: str
-    ) -> RequestHandle:
+    def sampling_params(req: SamplingRequest) -> SamplingParams:
+        bias = req.bias_pairs()
+        if isinstance(bias, str):
+            raise ApiError(400, bias, param="logit_bias")
+        vocab = engine.model.config.vocab_size
+        if any(t >= vocab for t, _ in bias):
+            raise ApiError(400, f"logit_bias names a token id outside [0, {vocab})", param="logit_bias")
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=max(req.top_k or 0, 0),
+            top_p=1.0 if req.top_p is None else req.top_p,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=bias,
+            min_tokens=req.min_tokens or 0,
+        )
+
+    def budget(ids: list[int], requested: int | None, default: int | None, prompt_param: str) -> int:
+        """The request's max new tokens; ApiError when the prompt or the budget does not fit."""
         if not ids:
             raise ApiError(400, "the prompt is empty", param=prompt_param)
         if len(ids) > max_prompt:
@@ -207,13 +254,14 @@ def create_app(
                 code="context_length_exceeded",
             )
         room = engine.max_len - len(ids)
+        cap = room if limits.max_tokens is None else min(room, limits.max_tokens)
         if requested is None:
-            max_new = min(default, limits.max_tokens, room)
-        elif requested > limits.max_tokens:
+            return cap if default is None else min(default, cap)
+        if limits.max_tokens is not None and requested > limits.max_tokens:
             raise ApiError(
                 400, f"max_tokens is {requested}; this server allows at most {limits.max_tokens}", param="max_tokens"
             )
-        elif requested > room:
+        if requested > room:
             raise ApiError(
                 400,
                 f"this model's context is {engine.max_len} tokens, but {len(ids)} prompt tokens "
@@ -221,21 +269,50 @@ def create_app(
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        else:
-            max_new = requested
-        params = SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p,
-        )
+        return requested
+
+    def submit_all(
+        req: SamplingRequest,
+        prompts: list[list[int]],
+        max_new: list[int],
+        prompt_param: str,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        constraint: Callable[[], TokenConstraint] | None = None,
+    ) -> list[RequestHandle]:
+        """n requests per prompt (choice index = prompt index * n + i; a seed s gives choice i seed s + i).
+
+        If one cannot be queued, those already queued are cancelled and the error is raised.
+        """
+        params = sampling_params(req)
+        n = req.n or 1
+        handles: list[RequestHandle] = []
         try:
-            return engine.submit(ids, params, max_new_tokens=max_new, seed=req.seed)
-        except QueueFullError as e:
-            raise ApiError(429, str(e), code="queue_full", type_="rate_limit_error") from None
-        except EngineClosedError as e:
-            raise ApiError(503, str(e), type_="server_error") from None
-        except RequestError as e:
-            raise ApiError(400, str(e), param=prompt_param) from None
+            for ids, budget_ in zip(prompts, max_new):
+                for i in range(n):
+                    handles.append(
+                        engine.submit(
+                            ids,
+                            params,
+                            max_new_tokens=budget_,
+                            stop_token_ids=[] if req.ignore_eos else None,
+                            seed=None if req.seed is None else _choice_seed(req.seed, i),
+                            logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs,
+                            constraint=constraint() if constraint is not None else None,
+                        )
+                    )
+        except BaseException as e:
+            for h in handles:
+                h.cancel()
+            if isinstance(e, QueueFullError):
+                raise ApiError(429, str(e), code="queue_full", type_="rate_limit_error") from None
+            if isinstance(e, EngineClosedError):
+                raise ApiError(503, str(e), type_="server_error") from None
+            if isinstance(e, RequestError):
+                raise ApiError(400, str(e), param=prompt_param) from None
+            raise
+        return handles
 
     # --- routes ------------------------------------------------------------------------------------------------------
 
@@ -268,28 +345,55 @@ def create_app(
         authorize(request)
         req = await parse(request, CompletionRequest)
         check(req)
-        prompt = req.single_prompt()
-        if prompt is None:
-            raise ApiError(400, "send exactly one prompt per request", param="prompt")
+        prompts = req.prompts()
+        if not prompts:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(prompts) * (req.n or 1) > engine.max_batch + engine.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n or 1} is more than this server holds", param="n")
         # BOS first, as the model was trained; a prompt given as ids is taken as is.
         try:
-            ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+            ids = [await run_in_threadpool(tokenizer.encode, p) if isinstance(p, str) else list(p) for p in prompts]
         except RequestError as e:
             raise ApiError(400, str(e), param="prompt") from None
-        handle = submit(req, ids, req.max_tokens, default=16, prompt_param="prompt")  # 16: OpenAI's default
-        text = _TextOutput(tokenizer, handle, req.stop_strings())
+        requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        if requested == 0 and not req.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing; it is allowed only with echo (scoring)", "max_tokens")
+        max_new = [budget(x, requested, 16, "prompt") for x in ids]  # 16: OpenAI's default
+        echo_logprobs = req.logprobs if req.echo else None
+        handles = submit_all(req, ids, max_new, "prompt", logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
+        n = req.n or 1
+        outputs = [
+            _TextOutput(
+                tokenizer,
+                h,
+                req.stop_strings(),
+                echo=(
+                    prompts[k // n]
+                    if isinstance(prompts[k // n], str)
+                    else tokenizer.decode(ids[k // n], skip_special_tokens=True)
+                )
+                if req.echo
+                else None,
+            )
+            for k, h in enumerate(handles)
+        ]
+        usage = Usage.of(sum(len(x) for x in ids), 0)
         rid = new_id("cmpl")
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_completion_chunks(rid, model_name, handle, text, usage))
-        body = await _collect(request, handle, text)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_completion_chunks(rid, model_name, outputs, usage if include_usage else None, req.logprobs))
+        texts = await _collect(request, outputs)
+        choices = [
+            CompletionChoice(
+                index=k,
+                text=text,
+                finish_reason=out.finish_reason,
+                logprobs=_legacy_logprobs(tokenizer, out, pieces) if req.logprobs is not None else None,
+            )
+            for k, (out, (text, pieces)) in enumerate(zip(outputs, texts))
+        ]
         return JSONResponse(
-            Completion(
-                id=rid,
-                model=model_name,
-                choices=[CompletionChoice(text=body, finish_reason=text.finish_reason)],
-                usage=Usage.of(len(handle.prompt), len(handle.tokens)),
-            ).model_dump()
+            Completion(id=rid, model=model_name, choices=choices, usage=_usage(usage, handles)).model_dump()
         )
 
     @app.post("/v1/chat/completions")
@@ -297,65 +401,228 @@ def create_app(
         authorize(request)
         req = await parse(request, ChatCompletionRequest)
         check(req)
+        if (req.n or 1) > engine.max_batch + engine.max_queue:
+            raise ApiError(400, f"n={req.n} is more than this server holds", param="n")
+        # OpenAI's "developer" role is the system prompt under its newer name.
+        messages = [
+            {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in req.messages
+        ]
         try:
             ids = await run_in_threadpool(
                 tokenizer.encode_chat,
-                req.messages,
+                messages,
                 req.tools if req.use_tools else None,
                 special_tokens_in_content=allow_special_tokens_in_content,
             )
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        handle = submit(req, ids, requested, default=limits.max_tokens, prompt_param="messages")
-        text = _TextOutput(tokenizer, handle, req.stop_strings())
+        max_new = budget(ids, requested, limits.default_max_tokens, "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        grammar = await _grammar_for(tokenizer, req)
+        constraint = grammar.constraint if grammar is not None else None
+        handles = submit_all(req, [ids], [max_new], "messages", logprobs=top, constraint=constraint)
+        outputs = [_TextOutput(tokenizer, h, req.stop_strings()) for h in handles]
+        usage = Usage.of(len(ids), 0)
         rid = new_id("chatcmpl")
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_chunks(rid, model_name, handle, text, req.use_tools, usage))
-        body = await _collect(request, handle, text)
-        message, has_calls = assistant_message(body, req.use_tools)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(
+                _chat_chunks(rid, model_name, outputs, req.use_tools, usage if include_usage else None, top is not None)
+            )
+        texts = await _collect(request, outputs)
+        choices = []
+        for k, (out, (text, pieces)) in enumerate(zip(outputs, texts)):
+            message, has_calls = assistant_message(text, req.use_tools)
+            choices.append(
+                ChatChoice(
+                    index=k,
+                    message=message,
+                    finish_reason="tool_calls" if has_calls else out.finish_reason,
+                    logprobs=_chat_logprobs(tokenizer, out, pieces) if top is not None else None,
+                )
+            )
         return JSONResponse(
-            ChatCompletion(
-                id=rid,
-                model=model_name,
-                choices=[ChatChoice(message=message, finish_reason="tool_calls" if has_calls else text.finish_reason)],
-                usage=Usage.of(len(handle.prompt), len(handle.tokens)),
-            ).model_dump()
+            ChatCompletion(id=rid, model=model_name, choices=choices, usage=_usage(usage, handles)).model_dump()
         )
 
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        authorize(request)
+        req = await parse(request, ResponsesRequest)
+        if req.model != model_name:
+            raise ApiError(
+                400,
+                f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        problem = req.unsupported()
+        if problem is not None:
+            raise ApiError(400, problem[1], param=problem[0], code="unsupported")
+        try:
+            messages = req.chat_messages()
+            ids = await run_in_threadpool(tokenizer.encode_chat, messages, req.chat_tools())
+        except RequestError as e:
+            raise ApiError(400, str(e), param="input") from None
+        chat = ChatCompletionRequest.model_construct(
+            model=req.model,
+            messages=messages,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            tools=req.chat_tools(),
+            tool_choice=req.chat_tool_choice(),
+            response_format=req.chat_response_format(),
+        )
+        problem = chat.unsupported()  # a forced call without tools, JSON and a forced call together
+        if problem is not None:
+            raise ApiError(400, problem[1], param="text" if problem[0] == "response_format" else problem[0])
+        max_new = budget(ids, req.max_output_tokens, limits.default_max_tokens, "input")
+        grammar = await _grammar_for(tokenizer, chat)
+        constraint = grammar.constraint if grammar is not None else None
+        (handle,) = submit_all(chat, [ids], [max_new], "input", constraint=constraint)
+        out = _TextOutput(tokenizer, handle, [])
+        builder = ResponseBuilder(req, model_name)
+        if req.stream:
+
+            async def texts() -> AsyncIterator[str]:
+                async for piece in out.pieces():
+                    yield piece.text
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async for event in builder.events(
+                        texts(), lambda: (out.finish_reason, (len(ids), len(handle.tokens)))
+                    ):
+                        yield event
+                except ApiError as e:
+                    yield f"event: error\ndata: {json.dumps({'type': 'error', **json.loads(e.response().body)['error']})}\n\n"
+                finally:
+                    handle.cancel()
+
+            return _sse(events())
+        ((text, _),) = await _collect(request, [out])
+        return JSONResponse(builder.finished(text, out.finish_reason, (len(ids), len(handle.tokens))))
+
+    # vLLM's tokenizer endpoints (no /v1 prefix, as vLLM serves them).
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = await parse(request, TokenizeRequest)
+        if req.model is not None and req.model != model_name:
+            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        try:
+            if req.messages is not None:
+                ids = await run_in_threadpool(tokenizer.encode_chat, req.messages, req.tools, req.add_generation_prompt)
+            elif req.prompt is not None:
+                ids = await run_in_threadpool(tokenizer.encode, req.prompt, req.add_special_tokens)
+            else:
+                raise ApiError(400, "send a prompt or messages", param="prompt", code="missing_field")
+        except RequestError as e:
+            raise ApiError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": None}
+        if req.return_token_strs:
+            body["token_strs"] = [tokenizer.decode([t]) for t in ids]
+        return JSONResponse(body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = await parse(request, DetokenizeRequest)
+        if req.model is not None and req.model != model_name:
+            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
+
     return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Structured outputs
+
+
+async def _grammar_for(tokenizer: Tokenizer, req: ChatCompletionRequest) -> Grammar | None:
+    """The grammar a chat request's response_format or tool_choice asks for (compiled off the event loop), or None."""
+    forced = req.forced_tool()
+    wants_json, schema = req.json_schema()
+    if forced is None and not wants_json:
+        return None
+    from .structured import json_grammar, tool_call_grammar  # llguidance: only when a request needs it
+
+    try:
+        if forced is not None:
+            return await run_in_threadpool(tool_call_grammar, tokenizer, req.tools or [], forced or None)
+        return await run_in_threadpool(json_grammar, tokenizer, schema)
+    except RequestError as e:
+        raise ApiError(400, str(e), param="tool_choice" if forced is not None else "response_format") from None
+    except ImportError:
+        raise ApiError(
+            400,
+            "structured outputs need llguidance on the server (pip install 'dsv3[serve]')",
+            param="tool_choice" if forced is not None else "response_format",
+            code="unsupported",
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokens -> text
 
 
-class _TextOutput:
-    """One request's text: the engine's tokens through StreamDecoder and StopStringMatcher.
+def _choice_seed(seed: int, i: int) -> int:
+    """Choice i's seed: seed + i, wrapped into the range torch.Generator takes."""
+    return seed + i if seed + i < 2**64 else seed + i - 2**64
 
-    The stop id that ends a request is not text. A stop string cancels the request (freeing its slot
-    at once) and is cut from the text, with finish_reason "stop".
+
+def _usage(prompt: Usage, handles: list[RequestHandle]) -> Usage:
+    """Prompt tokens counted once per prompt (not per choice), completion tokens over every choice."""
+    return Usage.of(prompt.prompt_tokens, sum(len(h.tokens) for h in handles))
+
+
+@dataclass
+class _Piece:
+    """Text that became final, and the indices (into the handle's tokens) of the tokens that made it."""
+
+    text: str
+    tokens: list[int]
+
+
+class _TextOutput:
+    """One choice's text: the engine's tokens through StreamDecoder and StopStringMatcher.
+
+    The stop id that ends a request is not text (nor a logprobs entry). A stop string cancels the
+    request (freeing its slot at once) and is cut from the text, with finish_reason "stop". `echo` is
+    the prompt's text, put before the completion (/v1/completions' echo).
     """
 
-    def __init__(self, tokenizer: Tokenizer, handle: RequestHandle, stops: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, handle: RequestHandle, stops: list[str], echo: str | None = None) -> None:
         self.handle = handle
+        self.echo = echo
         self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
         self.matcher = StopStringMatcher(stops)
 
-    async def pieces(self) -> AsyncIterator[str]:
+    async def pieces(self) -> AsyncIterator[_Piece]:
         """Text as it becomes final; raises ApiError if the engine failed or dropped the request."""
         h = self.handle
+        pending: list[int] = []
         try:
             async with aclosing(h.__aiter__()) as tokens:
+                index = -1
                 async for token in tokens:
+                    index += 1
                     if token in h.stop_token_ids:
                         continue
+                    pending.append(index)
                     piece, stopped = self.matcher.push(self.decoder.push(token))
                     if piece:
-                        yield piece
+                        yield _Piece(piece, pending)
+                        pending = []
                     if stopped:
                         h.cancel(STOP)  # frees the slot now; counted as a stop, not a cancellation
+                        if pending:
+                            yield _Piece("", pending)
                         return
         except RequestError as e:
             raise ApiError(500, str(e), type_="server_error") from None
@@ -363,32 +630,104 @@ class _TextOutput:
             raise ApiError(503, "the request was cancelled: the server is shutting down", type_="server_error")
         piece, _ = self.matcher.push(self.decoder.flush())
         piece += self.matcher.flush()
-        if piece:
-            yield piece
+        if piece or pending:
+            yield _Piece(piece, pending)
 
     @property
     def finish_reason(self) -> str:
         return "stop" if self.matcher.stopped or self.handle.finish_reason == STOP else "length"
 
 
-async def _collect(request: Request, handle: RequestHandle, text: _TextOutput) -> str:
-    """The whole text of a non-streamed answer; if the client disconnects first, cancel the request."""
+async def _collect(request: Request, outputs: list[_TextOutput]) -> list[tuple[str, list[_Piece]]]:
+    """Each choice's whole text and pieces; if the client disconnects first, cancel every request."""
 
-    async def read_all() -> str:
-        return "".join([piece async for piece in text.pieces()])
+    async def read_all(out: _TextOutput) -> tuple[str, list[_Piece]]:
+        pieces = [piece async for piece in out.pieces()]
+        return (out.echo or "") + "".join(p.text for p in pieces), pieces
 
-    reader = asyncio.ensure_future(read_all())
+    reader = asyncio.ensure_future(asyncio.gather(*(read_all(out) for out in outputs)))
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not reader.done():
-            handle.cancel()
+            for out in outputs:
+                out.handle.cancel()
             reader.cancel()
         watcher.cancel()
     if not reader.done() or reader.cancelled():
         raise ApiError(499, "client closed the request")  # nobody reads this; it is counted in /metrics
-    return reader.result()
+    try:
+        return reader.result()
+    finally:
+        for out in outputs:  # one choice failed: the others are not waited for
+            out.handle.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logprobs
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def _legacy_logprobs(
+    tokenizer: Tokenizer, out: _TextOutput, pieces: list[_Piece], with_prompt: bool = True, start: int | None = None
+) -> CompletionLogprobs:
+    """/v1/completions' logprobs object for these pieces (first, with echo and `with_prompt`, the prompt's tokens).
+
+    `text_offset` is where each token's text starts in the choice's text: for a prompt token, the sum
+    of the lengths of the texts of the tokens before it (special tokens count as empty, as vLLM does);
+    for a generated token, the same within its piece, from the piece's start (`start`: where the first
+    piece starts; by default, right after the echo).
+    """
+    h = out.handle
+    result = CompletionLogprobs()
+
+    def add(token: int, lp: TokenLogprob | None, at: int) -> int:
+        result.tokens.append(_token_text(tokenizer, token))
+        result.token_logprobs.append(None if lp is None else lp.logprob)
+        result.top_logprobs.append(None if lp is None else _top_dict(tokenizer, lp))
+        result.text_offset.append(at)
+        return at + len(tokenizer.decode([token], skip_special_tokens=True))
+
+    if with_prompt and out.echo is not None:
+        at = 0
+        for token, lp in zip(h.prompt, h.prompt_scores or [None] * len(h.prompt)):
+            at = add(token, lp, at)
+    at = len(out.echo or "") if start is None else start
+    for p in pieces:
+        end, inside = at + len(p.text), at
+        for i in p.tokens:
+            inside = min(add(h.tokens[i], h.token_logprobs[i], inside), end)
+        at = end
+    return result
+
+
+def _top_dict(tokenizer: Tokenizer, lp: TokenLogprob) -> dict[str, float]:
+    """The legacy {token text: logprob} of the alternatives; ids with the same text keep the likeliest's value."""
+    top: dict[str, float] = {}
+    for t, v in lp.top:  # best first
+        top.setdefault(_token_text(tokenizer, t), v)
+    return top
+
+
+def _chat_logprobs(tokenizer: Tokenizer, out: _TextOutput, pieces: list[_Piece]) -> ChatLogprobs:
+    """Chat's logprobs object (`content`: one entry per generated token) for these pieces."""
+
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = _token_text(tokenizer, token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    h = out.handle
+    content = []
+    for p in pieces:
+        for i in p.tokens:
+            lp = h.token_logprobs[i]
+            head = top(h.tokens[i], lp.logprob)
+            content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[top(t, v) for t, v in lp.top]))
+    return ChatLogprobs(content=content)
 
 
 async def _disconnected(request: Request) -> None:
@@ -464,70 +803,128 @@ def _event(data: dict[str, Any]) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
+async def _merged(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """The events of several streams as they come (each stream's own order kept)."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for event in only:
+                yield event
+        return
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[str]) -> None:
+        try:
+            async with aclosing(stream) as events:
+                async for event in events:
+                    await queue.put(event)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        running = len(tasks)
+        while running:
+            event = await queue.get()
+            if event is None:
+                running -= 1
+            else:
+                yield event
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 async def _completion_chunks(
-    rid: str, model: str, handle: RequestHandle, text: _TextOutput, usage: bool
+    rid: str, model: str, outputs: list[_TextOutput], usage: Usage | None, logprobs: int | None
 ) -> AsyncIterator[str]:
-    def chunk(piece: str, finish: str | None = None) -> str:
-        return _event(
-            Completion(id=rid, model=model, choices=[CompletionChoice(text=piece, finish_reason=finish)]).model_dump(
-                exclude={"usage"}
-            )
-        )
+    tokenizer = outputs[0].decoder.tokenizer
+
+    def chunk(k: int, text: str, finish: str | None = None, lp: CompletionLogprobs | None = None) -> str:
+        choice = CompletionChoice(index=k, text=text, finish_reason=finish, logprobs=lp)
+        return _event(Completion(id=rid, model=model, choices=[choice]).model_dump(exclude={"usage"}))
+
+    async def one(k: int, out: _TextOutput) -> AsyncIterator[str]:
+        echoed = out.echo is None
+        offset = len(out.echo or "")
+
+        def echo_chunk() -> str:
+            lp = _legacy_logprobs(tokenizer, out, []) if logprobs is not None else None
+            return chunk(k, out.echo, lp=lp)
+
+        async for piece in out.pieces():
+            if not echoed:  # the prompt's logprobs are ready once the first token is
+                yield echo_chunk()
+                echoed = True
+            lp = None
+            if logprobs is not None:
+                lp = _legacy_logprobs(tokenizer, out, [piece], with_prompt=False, start=offset)
+            offset += len(piece.text)
+            yield chunk(k, piece.text, lp=lp)
+        if not echoed:
+            yield echo_chunk()
+        yield chunk(k, "", out.finish_reason)
 
     try:
-        async for piece in text.pieces():
-            yield chunk(piece)
-        yield chunk("", text.finish_reason)
-        if usage:
-            yield _event(
-                Completion(
-                    id=rid, model=model, choices=[], usage=Usage.of(len(handle.prompt), len(handle.tokens))
-                ).model_dump()
-            )
+        async for event in _merged([one(k, out) for k, out in enumerate(outputs)]):
+            yield event
+        if usage is not None:
+            total = _usage(usage, [out.handle for out in outputs])
+            yield _event(Completion(id=rid, model=model, choices=[], usage=total).model_dump())
         yield _DONE
     except ApiError as e:
         yield _event(json.loads(e.response().body))
     finally:
-        handle.cancel()  # no-op when finished; frees the slot when the client went away mid-stream
+        for out in outputs:
+            out.handle.cancel()  # no-op when finished; frees the slot when the client went away mid-stream
 
 
 async def _chat_chunks(
-    rid: str, model: str, handle: RequestHandle, text: _TextOutput, use_tools: bool, usage: bool
+    rid: str, model: str, outputs: list[_TextOutput], use_tools: bool, usage: Usage | None, logprobs: bool
 ) -> AsyncIterator[str]:
-    def chunk(delta: ChatDelta, finish: str | None = None) -> str:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+    tokenizer = outputs[0].decoder.tokenizer
+
+    def chunk(k: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=lp)
         return _event(ChatCompletionChunk(id=rid, model=model, choices=[choice]).wire())
 
-    tools = ToolCallStream() if use_tools else None
-    try:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for piece in text.pieces():
-            content = tools.push(piece) if tools is not None else piece
-            if content:
-                yield chunk(ChatDelta(content=content))
+    async def one(k: int, out: _TextOutput) -> AsyncIterator[str]:
+        tools = ToolCallStream() if use_tools else None
+        yield chunk(k, ChatDelta(role="assistant", content=""))
+        held: list[_Piece] = []  # pieces whose text the tool-call parser holds back: their logprobs wait too
+        async for piece in out.pieces():
+            content = tools.push(piece.text) if tools is not None else piece.text
+            held.append(piece)
+            if content or (logprobs and not tools):
+                lp = _chat_logprobs(tokenizer, out, held) if logprobs else None
+                held = []
+                yield chunk(k, ChatDelta(content=content), lp=lp)
         calls = []
         if tools is not None:
             rest, calls = tools.finish()
-            if rest:
-                yield chunk(ChatDelta(content=rest))
+            lp = _chat_logprobs(tokenizer, out, held) if logprobs and held else None
+            if rest or lp is not None:
+                yield chunk(k, ChatDelta(content=rest), lp=lp)
             if calls:
                 yield chunk(
+                    k,
                     ChatDelta(
                         tool_calls=[ToolCallDelta(index=i, id=c.id, function=c.function) for i, c in enumerate(calls)]
-                    )
+                    ),
                 )
-        yield chunk(ChatDelta(), "tool_calls" if calls else text.finish_reason)
-        if usage:
-            yield _event(
-                ChatCompletionChunk(
-                    id=rid, model=model, choices=[], usage=Usage.of(len(handle.prompt), len(handle.tokens))
-                ).wire()
-            )
+        yield chunk(k, ChatDelta(), "tool_calls" if calls else out.finish_reason)
+
+    try:
+        async for event in _merged([one(k, out) for k, out in enumerate(outputs)]):
+            yield event
+        if usage is not None:
+            total = _usage(usage, [out.handle for out in outputs])
+            yield _event(ChatCompletionChunk(id=rid, model=model, choices=[], usage=total).wire())
         yield _DONE
     except ApiError as e:
         yield _event(json.loads(e.response().body))
     finally:
-        handle.cancel()
+        for out in outputs:
+            out.handle.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

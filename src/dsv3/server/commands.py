@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from ..errors import ConfigError, DsV3Error
 
@@ -72,7 +73,30 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=4096,
         help="tokens per sequence, prompt + completion (capped by the model's context)",
     )
-    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: what the context leaves after the prompt)",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="chat's max_tokens when a request sends none (default: the rest of the context, up to the limit)",
+    )
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prefill at most this many prompt tokens per engine step, between the running requests' decode "
+        "steps (0: whole prompts at once; default 512)",
+    )
+    s.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        help="do not keep finished sequences' caches for prompts that start with the same tokens",
+    )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     s.add_argument(
         "--allow-special-tokens-in-content",
@@ -118,13 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_len", "max_tokens_limit", "max_body_bytes", "max_connections"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_len", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DsV3Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("header_timeout", "body_timeout", "keep_alive"):
         value = getattr(args, name)
         if not 0 < value < float("inf"):
             raise DsV3Error(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+    if args.prefill_chunk < 0:
+        raise DsV3Error(f"--prefill-chunk must be at least 0, got {args.prefill_chunk}")
     if args.max_queue < 0:
         raise DsV3Error(f"--max-queue must be at least 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
@@ -207,11 +233,16 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             valid_ids=tokenizer.valid_ids_mask(cfg.vocab_size),
             runner=runner,
+            prefill_chunk=args.prefill_chunk or None,
+            prefix_reuse=not args.no_prefix_reuse,
         )
+        # Index the tokenizer for structured outputs now, not on the first request that asks for one.
+        threading.Thread(target=_prepare_grammars, args=(tokenizer,), daemon=True).start()
         try:
             limits = ServerLimits(
                 max_body_bytes=args.max_body_bytes,
                 max_tokens=args.max_tokens_limit,
+                default_max_tokens=args.default_max_tokens,
                 header_timeout_s=args.header_timeout,
                 body_timeout_s=args.body_timeout,
                 keep_alive_s=args.keep_alive,
@@ -259,6 +290,15 @@ def _serve(args: argparse.Namespace) -> int:
         if sock is not None:
             sock.close()
     return 0
+
+
+def _prepare_grammars(tokenizer: object) -> None:
+    try:
+        from .structured import prepare
+
+        prepare(tokenizer)
+    except ImportError:
+        pass  # without llguidance, structured-output requests are refused with a 400 saying so
 
 
 def _listen(host: str, port: int) -> socket.socket:

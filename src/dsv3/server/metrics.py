@@ -46,6 +46,13 @@ def render_metrics(stats: EngineStats, responses: Mapping[int, int]) -> str:
     metric("dsv3_cache_slots_in_use", "gauge", "Latent-cache sequence slots in use.", [("", s.cache_slots_in_use)])
     metric("dsv3_cache_slots", "gauge", "Latent-cache sequence slots in all.", [("", s.cache_slots)])
     metric(
+        "dsv3_prefix_tokens_reused_total",
+        "counter",
+        "Prompt tokens not prefilled because a cached prefix held them.",
+        [("", s.prefix_tokens_reused)],
+    )
+    metric("dsv3_cached_prefixes", "gauge", "Idle cache slots holding a sequence for reuse.", [("", s.cached_prefixes)])
+    metric(
         "dsv3_http_responses_total",
         "counter",
         "HTTP responses by status code.",
