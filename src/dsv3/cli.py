@@ -120,7 +120,10 @@ def _load_for_text(args: argparse.Namespace):
 
         model, ctx = parallel_model_from_args(args.model, args.tp, args.ep, _torch_dtype(args.dtype), fp8=args.fp8)
     else:
-        model, ctx = DeepSeekV3.from_pretrained(args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8), None
+        model = DeepSeekV3.from_pretrained(
+            args.model, dtype=_torch_dtype(args.dtype), fp8=args.fp8, compile=args.compile, quantize=args.quantize
+        )
+        ctx = None
     return model, ctx, Tokenizer.from_dir(args.model)
 
 
@@ -233,6 +236,24 @@ def _chat_lead(model, ctx, tok, args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def add_compile_arg(s: argparse.ArgumentParser) -> None:
+    """--compile / --no-compile and --quantize: the InferenceOptions a command's model is prepared with."""
+    s.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: weight-only int8 with per-channel scales at load (all projections and lm_head; "
+        "faster decode, ~1-3%% logit error, docs/benchmarks.md)",
+    )
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode through the compiled static-shape step (torch.compile, once per process and batch bucket: "
+        "seconds to minutes); default --no-compile, eager (docs/benchmarks.md says why)",
+    )
+
+
 def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--model", required=True, help="checkpoint directory (official layout)")
     s.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -244,6 +265,7 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--speculative", choices=["mtp"], default=None, help="MTP self-speculative decoding")
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
     s.add_argument("--fp8", action="store_true", help="keep FP8 checkpoint weights in FP8 in memory")
+    add_compile_arg(s)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
     s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")

@@ -57,6 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="the model id clients send (default: the checkpoint's directory name, or dsv3-PRESET-random)",
     )
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
+    from ..cli import add_compile_arg  # the flag is spelled the same for every command
+
+    add_compile_arg(s)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument(
@@ -108,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..config import ModelConfig
     from ..inference.engine import Engine, ModelRunner
+    from ..model.options import InferenceOptions
     from ..model.transformer import DeepSeekV3
     from ..tokenizer import Tokenizer
 
@@ -146,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
             preset = args.random if "/" not in args.random and not args.random.endswith(".json") else "config"
             name = args.model_name or f"dsv3-{preset}-random"
             _note(f"serving a random-weight {args.random!r} model: it writes random text")
-        model.eval()
+        model.eval().prepare_for_inference(InferenceOptions(compile=args.compile, quantize=args.quantize))
         cfg = model.config
         if cfg.vocab_size < tokenizer.vocab_size:
             _note(
