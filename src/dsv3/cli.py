@@ -243,7 +243,7 @@ def add_compile_arg(s: argparse.ArgumentParser) -> None:
         choices=["int8"],
         default=None,
         help="int8: weight-only int8 with per-channel scales at load (all projections and lm_head; "
-        "faster decode, ~1-3%% logit error, docs/benchmarks.md)",
+        "1-3%% logit error on the test configs, docs/benchmarks.md)",
     )
     s.add_argument(
         "--compile",
