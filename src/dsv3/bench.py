@@ -1,7 +1,9 @@
 """`dsv3 bench`: dsv3 and HuggingFace transformers side by side, in ONE process, on the same weights.
 
-Rows (SPEC section 5): prefill 1x512 (and 1x4096), decode batch 1 and batch 8 after a 128-token
-prompt, decode batch 1 after a 4096-token prompt, MTP speculative decode, and decode batch 1 as a
+Rows (SPEC section 5; `ROW_HELP`, shown by `dsv3 bench --help`): prefill 1x512 (and 1x4096), time to
+first token through `dsv3.generate` vs transformers' `generate` (what users call), decode batch 1
+and batch 8 after a 128-token prompt, decode batch 1 after a 4096-token prompt, decode batch 1
+with int8 weights, MTP speculative decode, and decode batch 1 as a
 fraction of the memory-bandwidth bound = (measured bandwidth of a large bf16 matrix-vector product)
 / (bytes of weights touched per decoded token). Figures are ratios measured side by side; absolute
 times drift on shared machines.
