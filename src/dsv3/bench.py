@@ -1,7 +1,9 @@
 """`dsv3 bench`: dsv3 and HuggingFace transformers side by side, in ONE process, on the same weights.
 
-Rows (SPEC section 5): prefill 1x512 (and 1x4096), decode batch 1 and batch 8 after a 128-token
-prompt, decode batch 1 after a 4096-token prompt, MTP speculative decode, and decode batch 1 as a
+Rows (SPEC section 5; `ROW_HELP`, shown by `dsv3 bench --help`): prefill 1x512 (and 1x4096), time to
+first token through `dsv3.generate` vs transformers' `generate` (what users call), decode batch 1
+and batch 8 after a 128-token prompt, decode batch 1 after a 4096-token prompt, decode batch 1
+with int8 weights, MTP speculative decode, and decode batch 1 as a
 fraction of the memory-bandwidth bound = (measured bandwidth of a large bf16 matrix-vector product)
 / (bytes of weights touched per decoded token). Figures are ratios measured side by side; absolute
 times drift on shared machines.
@@ -33,7 +35,32 @@ from .inference.speculative import SpeculativeStats, speculative_stream
 from .model.cache import LatentCache
 from .model.transformer import DeepSeekV3
 
-ROWS = ("prefill512", "prefill4096", "decode1", "decode8", "decode1_long", "mtp", "bandwidth")
+ROWS = (
+    "prefill512",
+    "prefill4096",
+    "ttft512",
+    "decode1",
+    "decode8",
+    "decode1_long",
+    "decode1_int8",
+    "mtp",
+    "bandwidth",
+)
+# What each row times, for `dsv3 bench --help` (both sides on the same random weights, one process).
+ROW_HELP = {
+    "prefill512": "prefill 1x512: dsv3 prefill() into the latent cache vs transformers forward (all positions' logits)",
+    "prefill4096": "the same with a 4096-token prompt",
+    "ttft512": "time to first token after a 512-token prompt through what users call: dsv3.generate("
+    "max_new_tokens=1) vs transformers generate(max_new_tokens=1), which keeps only the last logits; "
+    "reported as prompt tokens/s (512 / TTFT)",
+    "decode1": "decode batch 1 after a 128-token prompt: dsv3 decode_step vs transformers forward with its cache",
+    "decode8": "the same with batch 8",
+    "decode1_long": "decode batch 1 after a 4096-token prompt (and both caches' bytes)",
+    "decode1_int8": "decode batch 1 after 128 with dsv3's weight-only int8 (InferenceOptions(quantize='int8'), "
+    "lm_head included) vs transformers bf16",
+    "mtp": "MTP speculative decoding, batch 1 after 128 (acceptance and tokens/step; dsv3 only)",
+    "bandwidth": "decode batch 1 as a fraction of the bound: bf16 matrix-vector bandwidth / weight bytes per token",
+}
 
 
 def measure_bandwidth(mb: int = 512, repeats: int = 10) -> float:
@@ -118,7 +145,40 @@ def ours_mtp(model: DeepSeekV3, context: int, steps: int) -> tuple[float, Specul
     return n / (time.perf_counter() - t0), stats
 
 
+def ours_ttft(model: DeepSeekV3, n: int) -> float:
+    """Prompt tokens/s to the first new token through dsv3.generate, the public API (best of 2 after a warm-up)."""
+    from .inference.generate import generate
+
+    prompt = [_prompt(n, model.config.vocab_size)]
+    run = lambda: generate(model, prompt, max_new_tokens=1)
+    run()
+    return n / _timed(run, repeats=2)
+
+
+def ours_decode_int8(model: DeepSeekV3, batch: int, context: int, steps: int) -> float:
+    """ours_decode on an int8 copy of the model (the bf16 model is left as it is)."""
+    import copy
+
+    from .model.options import InferenceOptions
+
+    quantized = copy.deepcopy(model).prepare_for_inference(InferenceOptions(quantize="int8"))
+    try:
+        return ours_decode(quantized, batch, context, steps)
+    finally:
+        del quantized
+        gc.collect()
+
+
 # ---------------------------------------------------------------------------------------------- transformers side
+def hf_ttft(hf, n: int) -> float:
+    """Prompt tokens/s to the first new token through transformers' generate (it computes only the last logits)."""
+    ids = torch.tensor([_prompt(n, hf.config.vocab_size)])
+    run = lambda: hf.generate(ids, max_new_tokens=1, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        run()
+        return n / _timed(run, repeats=2)
+
+
 def hf_prefill(hf, n: int) -> float:
     ids = torch.tensor([[2 + i % (hf.config.vocab_size - 2) for i in range(n)]])
     with torch.inference_mode():
@@ -188,7 +248,8 @@ def run_bench(
             "(the transformers comparison and the bandwidth row run in one process)"
         )
         with_hf = False
-        rows = tuple(r for r in rows if r != "bandwidth")
+        # One-process rows: the bandwidth bound, and rows that copy (int8) or re-drive (generate) the model.
+        rows = tuple(r for r in rows if r not in ("bandwidth", "decode1_int8", "ttft512"))
     hf = None
     if with_hf:
         from transformers import DeepseekV3ForCausalLM
@@ -219,6 +280,9 @@ def run_bench(
             add("prefill 1x512", ours_prefill(model, 512), hf_prefill(hf, 512) if hf else None)
         if "prefill4096" in rows:
             add("prefill 1x4096", ours_prefill(model, 4096), hf_prefill(hf, 4096) if hf else None)
+        if "ttft512" in rows:
+            n = min(512, cfg.max_position_embeddings - 1)  # room for the one new token (tiny's context is 512)
+            add(f"TTFT 1x{n} (generate)", ours_ttft(model, n), hf_ttft(hf, n) if hf else None, unit="prompt tokens/s")
         if "decode1" in rows:
             ref = hf_decode(hf, 1, 128, steps)[0] if hf else None
             add("decode b=1 after 128", ours_decode(model, 1, 128, steps), ref)
@@ -231,6 +295,11 @@ def run_bench(
             latent = cfg.kv_cache_dim * cfg.num_hidden_layers * 2 * (4096 + steps)
             add("decode b=1 after 4096", ours, ref, cache_bytes_dsv3=latent, cache_bytes_transformers=hf_cache)
             gc.collect()
+        if "decode1_int8" in rows:
+            ref = next((r["transformers"] for r in results if r["row"] == "decode b=1 after 128"), None)
+            if ref is None and hf:
+                ref = hf_decode(hf, 1, 128, steps)[0]
+            add("decode b=1 after 128, int8", ours_decode_int8(model, 1, 128, steps), ref)
         if "mtp" in rows and cfg.num_nextn_predict_layers:
             tps, st = ours_mtp(model, 128, steps * 2)
             add(
@@ -303,7 +372,15 @@ def _bench(args: argparse.Namespace, rows: tuple[str, ...]) -> int:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("bench", help="dsv3 vs transformers side by side (SPEC section 5)")
+    rows_help = "\n".join(f"  {name:13s} {text}" for name, text in ROW_HELP.items())
+    s = sub.add_parser(
+        "bench",
+        help="dsv3 vs transformers side by side (SPEC section 5)",
+        description="dsv3 vs transformers side by side, one process, the same random weights; "
+        "speed rows are tokens/s (higher is better) with the ratio dsv3 / transformers.",
+        epilog=f"rows:\n{rows_help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--config", default="small", help="preset or config.json (default: the benchmark preset)")
     s.add_argument("--rows", default="", help=f"comma-separated subset of {','.join(ROWS)}")
     s.add_argument("--steps", type=int, default=16, help="decode steps timed per row")

@@ -15,6 +15,7 @@ import torch
 from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
+from .compiled import compiled_decoder
 from .request import GenerationRequest
 from .sampling import SamplingParams, sample_tokens
 from .speculative import speculative_stream
@@ -63,7 +64,14 @@ def prefill(
 
 @torch.inference_mode()
 def decode_step(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens: list[int]) -> torch.Tensor:
-    """Append one token per slot; return the next-token logits (B, V)."""
+    """Append one token per slot; return the next-token logits (B, V).
+
+    Through the compiled static-shape step when the model's `InferenceOptions.compile` is on
+    (`inference.compiled`), else eagerly: the reference the compiled step is tested against.
+    """
+    options = model.inference_options
+    if options is not None and options.compile:
+        return compiled_decoder(model)(cache, slots, tokens)
     ids = torch.tensor(tokens, dtype=torch.long, device=model_device(model))[:, None]
     batch = cache.bind(slots, [1] * len(slots))
     logits = model(ids, cache=batch)

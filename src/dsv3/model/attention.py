@@ -100,10 +100,13 @@ class MLA(nn.Module):
 
         FP8 weights are dequantized here once, not on every decode step (the official code does).
         """
+        if torch.compiler.is_compiling() and self._absorbed_cache is not None:
+            return self._absorbed_cache[1], self._absorbed_cache[2]  # prepared eagerly before compiling
         w = self.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, dtype, w.device)
+        # Inference tensors (made under torch.inference_mode, e.g. quantized there) have no version counter.
+        key = (w.data_ptr(), 0 if w.is_inference() else w._version, dtype, w.device)
         if self._absorbed_cache is None or self._absorbed_cache[0] != key or torch.is_grad_enabled():
-            full = self.kv_b_proj.dequantized_weight(dtype) if self.kv_b_proj.is_fp8 else w.to(dtype)
+            full = self.kv_b_proj.dequantized_weight(dtype)  # FP8 / int8 dequantized, else cast
             full = full.view(-1, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk = full[:, : self.nope_dim]
             w_uv_t = full[:, self.nope_dim :].transpose(1, 2)

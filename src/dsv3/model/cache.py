@@ -142,3 +142,32 @@ class CacheBatch:
     def commit(self) -> None:
         """Advance each slot's length by its new tokens (call once, after the forward pass)."""
         self.cache.lengths[self.slots] = self.start + self.n_new
+
+
+class StaticDecodeBatch:
+    """One new token per row, no host sync, shapes fixed by (rows, read length): the cache a compiled decode step sees.
+
+    `kv` is a LatentCache's whole store (layers, slots, max_len, C). Row b writes its new latent in
+    place at (slots[b], start[b]) and reads the first S = mask.shape[-1] positions of its slot;
+    mask (B, 1, S) is j <= start[b]. Padding rows repeat a real row (same slot, position and token),
+    so their writes are the same values at the same place.
+    """
+
+    def __init__(
+        self, kv: torch.Tensor, first_layer: int, slots: torch.Tensor, start: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        self.kv, self.first_layer, self.slots, self.start, self.mask = kv, first_layer, slots, start, mask
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        return self.start[:, None]
+
+    def update(self, layer: int, kv_new: torch.Tensor) -> torch.Tensor:
+        store = self.kv[layer - self.first_layer]
+        store.index_put_((self.slots, self.start), kv_new[:, 0].to(store.dtype))
+        return store[self.slots, : self.mask.shape[-1]]
+
+    def is_fresh(self, num_tokens: int) -> bool:
+        return False
+
+    def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        return self.mask

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8 as fp8_kernels
+from ..kernels import int8 as int8_kernels
 from .options import UNPREPARED
 
 
@@ -23,6 +24,8 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> tor
     oneDNN. torch has no per-call backend argument: the bypass clears `torch.backends.mkldnn.enabled`
     for this one call only (its `flags()` context would also reset the other oneDNN flags).
     """
+    if torch.compiler.is_compiling():  # inductor picks the kernel; flipping a backend flag would break the graph
+        return F.linear(x, weight)
     if matvec == "mkl" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         previous = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
@@ -59,12 +62,31 @@ class Linear(nn.Module):
         grid = (-(-self.out_features // b0), -(-self.in_features // b1))
         self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=dev), requires_grad=False)
 
+    @property
+    def is_int8(self) -> bool:
+        return self.weight.dtype == torch.int8
+
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        if self.is_int8:
+            return int8_kernels.dequantize_int8(self.weight, self.weight_scale, dtype)
         if not self.is_fp8:
             return self.weight.to(dtype)
         return fp8_kernels.dequantize_blocks(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
+    @torch.no_grad()
+    def quantize_int8_(self, scale_dtype: torch.dtype) -> None:
+        """Replace the weight (any precision, FP8 included) by int8 + one `weight_scale` per output channel."""
+        if self.is_int8:
+            return
+        q, scale = int8_kernels.quantize_int8(self.dequantized_weight(torch.float32), scale_dtype)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if hasattr(self, "weight_scale_inv"):
+            del self.weight_scale_inv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_int8:
+            return int8_kernels.linear_int8(x, self.weight, self.weight_scale)
         if self.is_fp8:
             o = self.options
             return fp8_kernels.linear_fp8(
@@ -98,11 +120,39 @@ class ExpertLinear(nn.Module):
         grid = (self.num_experts, -(-self.out_features // b0), -(-self.in_features // b1))
         self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=dev), requires_grad=False)
 
+    @property
+    def is_int8(self) -> bool:
+        return self.weight.dtype == torch.int8
+
     def expert_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert e's [out, in] weight in `dtype` (dequantized when FP8)."""
+        """Expert e's [out, in] weight in `dtype` (dequantized when FP8 or int8)."""
+        return self.gathered_weight(e, dtype)
+
+    def gathered_weight(self, e: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Expert(s) e's weights ([out, in], or [N, out, in] for an index tensor) in `dtype`, dequantized."""
+        if self.is_int8:
+            return int8_kernels.dequantize_int8(self.weight[e], self.weight_scale[e], dtype)
         if not self.is_fp8:
             return self.weight[e].to(dtype)
         return fp8_kernels.dequantize_blocks(self.weight[e], self.weight_scale_inv[e], self.block_size, dtype)
+
+    def expert_matmul(self, e: int, x: torch.Tensor, matvec: str) -> torch.Tensor:
+        """x @ W_e.T; int8 experts multiply through the int8 kernel, without a dequantized copy."""
+        if self.is_int8:
+            return int8_kernels.linear_int8(x, self.weight[e], self.weight_scale[e])
+        return matmul_wt(x, self.expert_weight(e, x.dtype), matvec)
+
+    @torch.no_grad()
+    def quantize_int8_(self, scale_dtype: torch.dtype) -> None:
+        """Replace the stacked weights by int8 + one `weight_scale` per expert and output channel."""
+        if self.is_int8:
+            return
+        w = torch.stack([self.expert_weight(e, torch.float32) for e in range(self.weight.shape[0])])
+        q, scale = int8_kernels.quantize_int8(w, scale_dtype)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if hasattr(self, "weight_scale_inv"):
+            del self.weight_scale_inv
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -113,10 +163,10 @@ def fuse_weights(*layers: Linear | ExpertLinear) -> torch.Tensor | None:
 
     Each layer keeps its own `weight` Parameter (state_dict names and training are unchanged), now a
     view into the fused tensor, so inference can run the projections that read the same input as one
-    matmul: fewer launches and one pass over the input. FP8 or mixed layers are left alone (None).
+    matmul: fewer launches and one pass over the input. FP8, int8 or mixed layers are left alone (None).
     """
     weights = [layer.weight for layer in layers]
-    if any(layer.is_fp8 or w.is_meta for layer, w in zip(layers, weights)):
+    if any(layer.is_fp8 or w.is_meta or not w.is_floating_point() for layer, w in zip(layers, weights)):
         return None
     if len({(w.dtype, w.device, w.shape[:-2], w.shape[-1]) for w in weights}) != 1:
         return None
@@ -130,9 +180,15 @@ def fuse_weights(*layers: Linear | ExpertLinear) -> torch.Tensor | None:
 
 
 def fused_weight(fused: torch.Tensor | None, *layers: Linear | ExpertLinear) -> torch.Tensor | None:
-    """`fused` if it still backs the layers' weights (nothing re-assigned them) and no graph is being built."""
+    """`fused` if it still backs the layers' weights (nothing re-assigned them) and no graph is being built.
+
+    While torch.compile traces, `fused` is trusted as is (data pointers are not traceable): the
+    compiled decode step is built right after `prepare_for_inference` fused the projections.
+    """
     if fused is None or torch.is_grad_enabled():
         return None
+    if torch.compiler.is_compiling():
+        return fused
     offset = 0
     for layer in layers:
         w = layer.weight

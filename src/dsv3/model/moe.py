@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import fp8 as fp8_kernels
 from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
 from .options import UNPREPARED
 
@@ -219,7 +218,9 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     Sorted row n is assignment order_N[n], i.e. token order_N[n] // K.
     """
     idx_N = topk_idx_TK.flatten()
-    return torch.argsort(idx_N, stable=True), torch.bincount(idx_N, minlength=num_experts)
+    # A scatter-add, not bincount: its output size never depends on the ids (compilable, static shapes).
+    counts_E = idx_N.new_zeros(num_experts).scatter_add_(0, idx_N, torch.ones_like(idx_N))
+    return torch.argsort(idx_N, stable=True), counts_E
 
 
 def combine(h_ND: torch.Tensor, order_N: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
@@ -271,9 +272,9 @@ def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) 
         if gate_up is not None:
             g, u = matmul_wt(rows, gate_up[e], matvec).chunk(2, dim=-1)
         else:
-            g = matmul_wt(rows, experts.gate_proj.expert_weight(e, dtype), matvec)
-            u = matmul_wt(rows, experts.up_proj.expert_weight(e, dtype), matvec)
-        out[begin : begin + n] = matmul_wt(F.silu(g) * u, experts.down_proj.expert_weight(e, dtype), matvec)
+            g = experts.gate_proj.expert_matmul(e, rows, matvec)
+            u = experts.up_proj.expert_matmul(e, rows, matvec)
+        out[begin : begin + n] = experts.down_proj.expert_matmul(e, F.silu(g) * u, matvec)
         begin += n
     return out
 
@@ -299,10 +300,8 @@ def _experts_gather(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor
 
 
 def _gathered(proj: ExpertLinear, expert_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[N, out, in] weights of the experts `expert_N` in `dtype` (FP8 ones dequantized after the gather)."""
-    if not proj.is_fp8:
-        return proj.weight[expert_N].to(dtype)
-    return fp8_kernels.dequantize_blocks(proj.weight[expert_N], proj.weight_scale_inv[expert_N], proj.block_size, dtype)
+    """[N, out, in] weights of the experts `expert_N` in `dtype` (8-bit ones dequantized after the gather)."""
+    return proj.gathered_weight(expert_N, dtype)
 
 
 # The ways to run `Experts.compute`; `choose_strategy` is the one place that picks among them.
@@ -318,8 +317,12 @@ GROUPED_MM_MIN_ROWS_PER_EXPERT = 1
 
 def _grouped_mm_fits(experts: Experts, x_ND: torch.Tensor) -> bool:
     w = experts.gate_proj.weight
+    D, F_ = experts.gate_proj.in_features, experts.gate_proj.out_features
     return (
         hasattr(torch, "_grouped_mm")
+        # _grouped_mm wants every row stride a multiple of 16 bytes (bf16 with 20-wide experts is not)
+        and (D * x_ND.element_size()) % 16 == 0
+        and (F_ * x_ND.element_size()) % 16 == 0
         and not experts.gate_proj.is_fp8
         and x_ND.dtype == w.dtype
         and x_ND.dtype in (torch.bfloat16, torch.float32)

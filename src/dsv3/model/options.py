@@ -13,6 +13,10 @@ object (`module.options`):
   tensor, so one matmul reads x once (`linear.fuse_weights`).
 - `matvec`: the CPU backend of single-row bf16 products (batch-1 decode), see `linear.matmul_wt`.
 - `compile`: decode through the compiled static-shape step (`inference.compiled`) instead of eager.
+- `quantize`: "int8" replaces every projection weight (attention, MLPs, experts; bf16, fp32 or FP8)
+  by int8 with one scale per output channel (`kernels.int8`), once and for good: 8-bit weights
+  that decode faster than 16-bit. `quantize_lm_head` includes lm_head (most of a small model's
+  bytes per token) and the MTP head.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ FP8_COMPUTE = ("dequant", "gemm")
 # "auto": resolved by prepare_for_inference (MKL on CPU, see linear.matmul_wt for the measurements).
 MATVEC = ("auto", "mkl", "onednn")
 SCALE_FMTS = (None, "ue8m0")
+QUANTIZE = (None, "int8")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class InferenceOptions:
     fuse_projections: bool = True
     matvec: str = "auto"
     compile: bool = False
+    quantize: str | None = None
+    quantize_lm_head: bool = True
     ue8m0: bool = False  # set from the config by `resolve`, not by users
 
     def validate(self) -> InferenceOptions:
@@ -46,7 +53,9 @@ class InferenceOptions:
             raise ConfigError(f"fp8_compute must be one of {', '.join(FP8_COMPUTE)}, got {self.fp8_compute!r}")
         if self.matvec not in MATVEC:
             raise ConfigError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
-        for name in ("fuse_projections", "compile", "ue8m0"):
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be int8 or none, got {self.quantize!r}")
+        for name in ("fuse_projections", "compile", "quantize_lm_head", "ue8m0"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         return self

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .attention import MLA
 from .cache import CacheBatch
 from .linear import ExpertLinear, Linear
@@ -158,6 +159,11 @@ class DeepSeekV3(nn.Module):
         if options is None:
             options = self.inference_options or InferenceOptions()
         resolved = options.resolve(self.config)
+        quantized = any(isinstance(m, Linear) and m.is_int8 for m in self.modules())
+        if quantized and resolved.quantize is None:
+            raise ConfigError("this model's weights are int8 already (quantize='int8'); reload it to undo that")
+        if resolved.quantize == "int8":
+            self._quantize_int8_(resolved.quantize_lm_head)
         for module in self.modules():
             if hasattr(module, "options"):
                 module.options = resolved
@@ -165,6 +171,19 @@ class DeepSeekV3(nn.Module):
         if resolved.fuse_projections:
             self.fuse_projections_()
         return self
+
+    @torch.no_grad()
+    def _quantize_int8_(self, lm_head: bool) -> None:
+        """Every projection (and lm_head / the MTP head when `lm_head`) to int8 with per-channel scales; idempotent."""
+        heads = {self.lm_head, *(m.shared_head.head for m in self.mtp)}
+        scale_dtype = self.model.embed_tokens.weight.dtype
+        for module in self.modules():
+            # Derived from the high-precision weights: fused projections and absorbed MLA weights go.
+            for name in ("_gate_up", "_x_proj", "_absorbed_cache"):
+                if getattr(module, name, None) is not None:
+                    setattr(module, name, None)
+            if isinstance(module, (Linear, ExpertLinear)) and (lm_head or module not in heads):
+                module.quantize_int8_(scale_dtype)
 
     @torch.no_grad()
     def fuse_projections_(self) -> DeepSeekV3:

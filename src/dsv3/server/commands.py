@@ -65,6 +65,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="the model id clients send (default: the checkpoint's directory name, or dsv3-PRESET-random)",
     )
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
+    from ..cli import add_compile_arg  # the flag is spelled the same for every command
+
+    add_compile_arg(s)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument(
@@ -176,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..config import ModelConfig
     from ..inference.engine import Engine, ModelRunner
+    from ..model.options import InferenceOptions
     from ..model.transformer import DeepSeekV3
     from ..pretrained import resolve_model
     from ..tokenizer import Tokenizer
@@ -219,7 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
             tokenizer = Tokenizer.from_dir(None)
             _note(f"serving a random-weight {choice.random_config!r} model: it writes random text")
         name = args.model_name or choice.name
-        model.eval()
+        model.eval().prepare_for_inference(InferenceOptions(compile=args.compile, quantize=args.quantize))
         cfg = model.config
         if cfg.vocab_size < tokenizer.vocab_size:
             _note(
