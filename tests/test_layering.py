@@ -86,3 +86,40 @@ def test_the_checker_sees_relative_and_function_imports(tmp_path, monkeypatch):
         ("torch.distributed", True),
         ("dsv3.checkpoint.load.load_model", False),
     ]
+
+
+def _unit(module: str) -> str:
+    """The house unit a module belongs to: dsv3.model.moe -> model, dsv3.cli -> cli."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_no_import_cycle_between_units():
+    """Package-level imports form no cycle (cli <-> server, model <-> checkpoint, generate <-> speculative
+    each happened once): a unit that needs something from a higher one gets it passed in instead."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+        unit = module.split(".")[1] if module.count(".") else "dsv3"
+        for name, _ in imports(path):
+            if name.startswith("dsv3.") and _unit(name) != unit:
+                edges.setdefault(unit, set()).add(_unit(name))
+    inference = SRC / "inference"
+    for path in sorted(inference.glob("*.py")):  # inside inference/, module by module
+        module = path.stem
+        for name, _ in imports(path):
+            if name.startswith("dsv3.inference."):
+                edges.setdefault(f"inference.{module}", set()).add("inference." + name.split(".")[2])
+
+    def cycle_from(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == start:
+                return (*seen, nxt)
+            if nxt not in seen:
+                found = cycle_from(start, nxt, (*seen, nxt))
+                if found:
+                    return found
+        return None
+
+    cycles = [c for c in (cycle_from(u, u, (u,)) for u in sorted(edges)) if c]
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)

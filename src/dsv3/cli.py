@@ -342,25 +342,9 @@ def chat_loop(model, tok, args: argparse.Namespace, read_line, out, err, ctx=Non
         turns.append({"role": "assistant", "content": "".join(reply)})
 
 
-def add_compile_arg(s: argparse.ArgumentParser) -> None:
-    """--compile / --no-compile and --quantize: the InferenceOptions a command's model is prepared with."""
-    s.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="int8: weight-only int8 with per-channel scales at load (all projections and lm_head; "
-        "1-3%% logit error on the test configs, docs/benchmarks.md)",
-    )
-    s.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="decode through the compiled static-shape step (torch.compile, once per process and batch bucket: "
-        "seconds to minutes); default --no-compile, eager (docs/benchmarks.md says why)",
-    )
-
-
 def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
+    from .model.options import add_inference_arguments
+
     s.add_argument(
         "--model",
         default=None,
@@ -376,7 +360,7 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--speculative", choices=["mtp"], default=None, help="MTP self-speculative decoding")
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
     s.add_argument("--fp8", action="store_true", help="keep FP8 checkpoint weights in FP8 in memory")
-    add_compile_arg(s)
+    add_inference_arguments(s)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
     s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")

@@ -21,6 +21,7 @@ object (`module.options`):
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
@@ -83,3 +84,21 @@ class InferenceOptions:
 
 # What a module computes with until `prepare_for_inference` hands it the model's (resolved) options.
 UNPREPARED = InferenceOptions(matvec="mkl")
+
+
+def add_inference_arguments(s: argparse.ArgumentParser) -> None:
+    """--quantize and --compile / --no-compile: how every command spells the InferenceOptions it prepares a model with."""
+    s.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: weight-only int8 with per-channel scales at load (all projections and lm_head; "
+        "1-3%% logit error on the test configs, docs/benchmarks.md)",
+    )
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode through the compiled static-shape step (torch.compile, once per process and batch bucket: "
+        "seconds to minutes); default --no-compile, eager (docs/benchmarks.md says why)",
+    )

@@ -65,9 +65,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="the model id clients send (default: the checkpoint's directory name, or dsv3-PRESET-random)",
     )
     s.add_argument("--dtype", default="bf16", help="bf16 or fp32")
-    from ..cli import add_compile_arg  # the flag is spelled the same for every command
+    from ..model.options import add_inference_arguments  # the flags are spelled the same for every command
 
-    add_compile_arg(s)
+    add_inference_arguments(s)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     s.add_argument(
