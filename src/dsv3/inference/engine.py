@@ -49,6 +49,7 @@ from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
 from .generate import decode_step, model_device, model_dtype, prefill
+from .request import GenerationRequest
 from .sampling import LogitsProcessor, SamplingParams, sample_tokens
 
 # Finish reasons, as OpenAI names the first two.
@@ -364,16 +365,16 @@ class Engine:
         is then prefilled whole, and `max_new_tokens=0` scores it without generating). `constraint`
         restricts which ids each step may sample.
         """
-        prompt = list(prompt)
-        self._check(prompt, max_new_tokens)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
-            raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        # The same checks as every other way of generating (GenerationRequest), against this engine's max_len.
+        request = GenerationRequest([list(prompt)], max_new_tokens, params, seed, stop_token_ids)
+        request = request.validate(self.model.config, max_len=self.max_len)
         for name, n in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 20):
                 raise RequestError(f"{name} must be None or an integer in [0, 20], got {n!r}")
-        params.validate()
-        stops = self.default_stop_ids if stop_token_ids is None else frozenset(int(t) for t in stop_token_ids)
-        handle = RequestHandle(self, prompt, params, max_new_tokens, stops, seed, logprobs, prompt_logprobs, constraint)
+        stops = self.default_stop_ids if stop_token_ids is None else request.stop_set
+        handle = RequestHandle(
+            self, request.prompts[0], params, max_new_tokens, stops, request.seed, logprobs, prompt_logprobs, constraint
+        )
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
@@ -441,21 +442,6 @@ class Engine:
         self.close()
 
     # --- the loop ----------------------------------------------------------------------------------------------------
-
-    def _check(self, prompt: list[int], max_new_tokens: int) -> None:
-        vocab = self.model.config.vocab_size
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise RequestError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]!r} is outside [0, {vocab})")
-        if len(prompt) + max_new_tokens > self.max_len:
-            raise RequestError(
-                f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
-                f"length {self.max_len}"
-            )
 
     def _poke(self) -> None:
         with self._lock:
