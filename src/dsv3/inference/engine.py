@@ -48,7 +48,7 @@ import torch
 from ..errors import RequestError
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
-from .generate import decode_step, model_device, model_dtype, prefill
+from .generate import decode_step, model_device, model_dtype, prefill, prefill_chunks
 from .request import GenerationRequest
 from .sampling import LogitsProcessor, SamplingParams, sample_tokens
 
@@ -740,19 +740,9 @@ def prefill_all_logits(
     The vocabulary projection runs on `head_chunk` positions at once, so memory stays at
     head_chunk x V floats however long the prompt (the whole (T, V) would be 2 GB at T=4096, V=129k).
     """
-    device = model_device(model)
     lens = [len(p) for p in prompts]
-    T = max(lens)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    ids = ids.to(device)
-    last = torch.empty(len(prompts), model.config.vocab_size, dtype=torch.float32, device=device)
-    for lo in range(0, T, chunk):
-        hi = min(lo + chunk, T)
-        batch = cache.bind(slots, [max(0, min(n, hi) - lo) for n in lens])
-        hidden = model.hidden_states(ids[:, lo:hi], cache=batch)
-        batch.commit()
+    last = torch.empty(len(prompts), model.config.vocab_size, dtype=torch.float32, device=model_device(model))
+    for lo, hi, hidden in prefill_chunks(model, cache, slots, prompts, chunk):
         for b, n in enumerate(lens):
             for a in range(lo, min(n, hi), head_chunk):
                 z = min(a + head_chunk, n, hi)

@@ -31,6 +31,27 @@ def model_device(model: DeepSeekV3) -> torch.device:
     return model.device
 
 
+def prefill_chunks(
+    model: DeepSeekV3, cache: LatentCache, slots: list[int], prompts: Sequence[Sequence[int]], chunk: int = 4096
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Append the right-padded prompts to their slots `chunk` tokens at a time; yield (lo, hi, hidden (B, hi-lo, D)).
+
+    The one prefill loop: `prefill` keeps each prompt's last position, the engine's scoring keeps them all.
+    """
+    lens = [len(p) for p in prompts]
+    T = max(lens)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    ids = ids.to(model_device(model))
+    for lo in range(0, T, chunk):
+        hi = min(lo + chunk, T)
+        batch = cache.bind(slots, [max(0, min(n, hi) - lo) for n in lens])
+        hidden = model.hidden_states(ids[:, lo:hi], cache=batch)
+        batch.commit()
+        yield lo, hi, hidden
+
+
 @torch.inference_mode()
 def prefill(
     model: DeepSeekV3, cache: LatentCache, slots: list[int], prompts: Sequence[Sequence[int]], chunk: int = 4096
@@ -42,18 +63,8 @@ def prefill(
     """
     device = model_device(model)
     lens = [len(p) for p in prompts]
-    T = max(lens)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    ids = ids.to(device)
     last = torch.empty(len(prompts), model.config.vocab_size, dtype=torch.float32, device=device)
-    for lo in range(0, T, chunk):
-        hi = min(lo + chunk, T)
-        n_new = [max(0, min(n, hi) - lo) for n in lens]
-        batch = cache.bind(slots, n_new)
-        hidden = model.hidden_states(ids[:, lo:hi], cache=batch)
-        batch.commit()
+    for lo, hi, hidden in prefill_chunks(model, cache, slots, prompts, chunk):
         ends = [(b, n - 1 - lo) for b, n in enumerate(lens) if lo <= n - 1 < hi]
         if ends:
             rows = torch.tensor([b for b, _ in ends], device=device)
