@@ -56,7 +56,8 @@ def test_chunked_prefill_equals_single_chunk(model):
     for cache, chunk in zip(caches, [2048, 4]):
         slots = [cache.allocate() for _ in PROMPTS]
         outs.append(prefill(model, cache, slots, PROMPTS, chunk=chunk))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    # fp32 round-off only (chunks of 4 take the absorbed-attention kernels, whole prompts the expanded path)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5 * float(outs[0].abs().max()))
     assert torch.equal(caches[0].lengths, caches[1].lengths)
 
 

@@ -3,10 +3,12 @@
 Why each choice:
 
 - Symmetric, per output channel: scale = amax(row) / 127, q = round(w / scale) in [-127, 127], so
-  every weight is off by at most scale / 2 and one outlier spoils only its own row. The scale is
-  stored in the activation dtype because the kernel below takes it so (a bf16 scale adds at most
-  2**-9 of relative error to its whole row, counted in the tests' accuracy bounds).
-- `linear_int8` is torch's weight-only int8 CPU kernel (`aten._weight_int8pack_mm`): it converts each
+  every weight is off by at most scale / 2 and one outlier spoils only its own row. Models store the
+  scale in float32 (what `kernels.native` multiplies by); torch's kernel below takes it in the input's
+  dtype, so `linear_int8` casts it per call (a bf16 scale adds at most 2**-9 of relative error to its
+  row, counted in the tests' accuracy bounds).
+- `linear_int8` is torch's weight-only int8 CPU kernel (`aten._weight_int8pack_mm`; prefill-sized
+  inputs: decode-sized ones on x86-64 go to `kernels.native` instead): it converts each
   int8 weight in registers and reads each weight byte once, which is what makes 8-bit weights
   faster than 16-bit on a memory-bound decode step (a dequantize-then-matmul reads them three times).
   In torch 2.13 its bf16 path crashes or returns NaN when the input width K is not a multiple of 8

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LATENT_NORM_EPS, ModelConfig
+from ..kernels import native
 from .cache import CacheBatch
-from .linear import Linear, fuse_weights, fused_weight, matmul_wt
+from .linear import Linear, fuse_weights, fused_weight, matmul_wt, uses_native
 from .norm import RMSNorm
 from .options import UNPREPARED
 from .rope import apply_rope
@@ -144,7 +145,13 @@ class MLA(nn.Module):
             mask = None if cache.is_fresh(T) else cache.attention_mask(T, x.device)  # (B, T, S)
         if absorb is None:
             absorb = cache is not None and self._absorbed_is_cheaper(T)
-        out = (self._attend_absorbed if absorb else self._attend_expanded)(q_nope, q_rope, kv.to(x.dtype), mask)
+        if not absorb:
+            attend = self._attend_expanded
+        elif uses_native(x, self.options.matvec) and kv.dtype in (torch.bfloat16, torch.float32):
+            attend = self._attend_absorbed_native
+        else:
+            attend = self._attend_absorbed
+        out = attend(q_nope, q_rope, kv.to(x.dtype), mask)
         return self.o_proj(out.flatten(2))  # (B, T, H*Dv) -> (B, T, D)
 
     def _attend_expanded(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
@@ -188,3 +195,29 @@ class MLA(nn.Module):
         o_latent = o_latent.reshape(B * T, H, R).transpose(0, 1)  # (H, B*T, R)
         out = torch.bmm(o_latent, w_uv_t)  # (H, B*T, Dv)
         return out.transpose(0, 1).reshape(B, T, H, -1)
+
+    def _attend_absorbed_native(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
+        """`_attend_absorbed` through kernels.native: the same four products, each operand read in place.
+
+        Scores and probabilities stay float32 (the torch path rounds probabilities to the cache dtype).
+        """
+        B, T, H, Dn = q_nope.shape
+        S, R, Dr = kv.shape[1], self.kv_lora_rank, self.rope_dim
+        dtype = q_nope.dtype
+        w_uk, w_uv_t = self.absorbed_weights(dtype)  # (H, Dn, R), (H, R, Dv)
+        # [W_UK^T q_nope, q_rope] per (token, head), the latent part written in place: (B*T, H, R+Dr).
+        q = torch.empty(B * T, H, R + Dr, dtype=dtype)
+        native.batched_matmul(q_nope.reshape(B * T, H, Dn).transpose(0, 1), w_uk, q.transpose(0, 1)[..., :R])
+        q[..., R:] = q_rope.reshape(B * T, H, Dr)
+        scores = torch.empty(B, T * H, S, dtype=torch.float32)
+        native.batched_linear(q.view(B, T * H, R + Dr), kv, scores)  # q . [c, k_rope] for every cached key
+        scores *= self.softmax_scale
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None].expand(B, T, S)
+        scores = scores.view(B, T, H, S).masked_fill_(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).view(B, T * H, S)
+        o_latent = torch.empty(B * T, H, R, dtype=dtype)
+        native.batched_matmul(probs, kv[..., :R], o_latent.view(B, T * H, R))  # the rope columns are not read
+        out = torch.empty(B * T, H, self.v_dim, dtype=dtype)
+        native.batched_matmul(o_latent.transpose(0, 1), w_uv_t, out.transpose(0, 1))
+        return out.view(B, T, H, -1)

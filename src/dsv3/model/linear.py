@@ -11,7 +11,23 @@ from torch import nn
 
 from ..kernels import fp8 as fp8_kernels
 from ..kernels import int8 as int8_kernels
+from ..kernels import native
 from .options import UNPREPARED
+
+# Up to this many activation rows the native kernels (one pass over the weight, fp32 accumulators for
+# four rows at a time) beat torch's CPU GEMMs; beyond, the product is compute-bound (prefill).
+NATIVE_MAX_ROWS = 16
+
+
+def uses_native(x: torch.Tensor, matvec: str) -> bool:
+    """Whether a product of `x` runs through `kernels.native` under the `matvec` backend (decode-sized, CPU, no grad)."""
+    return (
+        matvec == "native"
+        and x.device.type == "cpu"
+        and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> torch.Tensor:
@@ -23,9 +39,13 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> tor
     with `matvec="mkl"` (the model's `InferenceOptions.matvec`) only single-row bf16 products bypass
     oneDNN. torch has no per-call backend argument: the bypass clears `torch.backends.mkldnn.enabled`
     for this one call only (its `flags()` context would also reset the other oneDNN flags).
+    With `matvec="native"`, up to NATIVE_MAX_ROWS rows of bf16 weights go through `kernels.native`
+    instead (both torch paths emulate bf16 products on CPUs without BF16 instructions).
     """
     if torch.compiler.is_compiling():  # inductor picks the kernel; flipping a backend flag would break the graph
         return F.linear(x, weight)
+    if uses_native(x, matvec) and native.fits_linear(x, weight):
+        return native.linear(x, weight)
     if matvec == "mkl" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         previous = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
@@ -86,6 +106,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_int8:
+            if uses_native(x, self.options.matvec) and native.fits_linear(x, self.weight):
+                return native.linear(x, self.weight, self.weight_scale)
             return int8_kernels.linear_int8(x, self.weight, self.weight_scale)
         if self.is_fp8:
             o = self.options
@@ -139,6 +161,8 @@ class ExpertLinear(nn.Module):
     def expert_matmul(self, e: int, x: torch.Tensor, matvec: str) -> torch.Tensor:
         """x @ W_e.T; int8 experts multiply through the int8 kernel, without a dequantized copy."""
         if self.is_int8:
+            if uses_native(x, matvec) and native.fits_linear(x, self.weight[e]):
+                return native.linear(x, self.weight[e], self.weight_scale[e])
             return int8_kernels.linear_int8(x, self.weight[e], self.weight_scale[e])
         return matmul_wt(x, self.expert_weight(e, x.dtype), matvec)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import native
 from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
 from .options import UNPREPARED
 
@@ -204,6 +205,8 @@ class Experts(nn.Module):
             raise ValueError(f"unknown expert strategy {name!r}; valid: {sorted(EXPERT_STRATEGIES)}")
         if name == "grouped" and not _grouped_mm_fits(self, x_ND):
             raise ValueError("expert strategy 'grouped' needs torch._grouped_mm and bf16/fp32 weights in x's dtype")
+        if name == "native" and not _native_fits(self, x_ND):
+            raise ValueError("expert strategy 'native' needs the native CPU kernels and fp32, bf16 or int8 weights")
         return EXPERT_STRATEGIES[name](self, x_ND, counts_E)
 
     def gate_up_weights(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -299,6 +302,30 @@ def _experts_gather(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor
     return torch.bmm(_gathered(experts.down_proj, expert_N, dtype), h).squeeze(-1)
 
 
+def _experts_native(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """One call into kernels.native for all active experts: each chosen expert's weights read once (decode)."""
+    gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+    scales = (gate.weight_scale, up.weight_scale, down.weight_scale) if gate.is_int8 else (None, None, None)
+    return native.experts(x_ND, counts_E, gate.weight, up.weight, down.weight, *scales)
+
+
+def _native_fits(experts: Experts, x_ND: torch.Tensor) -> bool:
+    """Whether `_experts_native` takes these weights: fp32, bf16 or int8, rows contiguous, gate and up alike."""
+    gate, up, down = (p.weight for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    D, F_ = experts.gate_proj.in_features, experts.gate_proj.out_features
+    return (
+        native.available()
+        and x_ND.device.type == "cpu"
+        and x_ND.dtype in (torch.bfloat16, torch.float32)
+        and gate.dtype in (torch.float32, torch.bfloat16, torch.int8)
+        and gate.dtype == up.dtype == down.dtype
+        and gate.stride()[1:] == up.stride()[1:] == (D, 1)
+        and gate.stride(0) == up.stride(0)
+        and down.stride()[1:] == (F_, 1)
+        and gate.device.type == "cpu"
+    )
+
+
 def _gathered(proj: ExpertLinear, expert_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[N, out, in] weights of the experts `expert_N` in `dtype` (8-bit ones dequantized after the gather)."""
     return proj.gathered_weight(expert_N, dtype)
@@ -309,6 +336,7 @@ EXPERT_STRATEGIES: dict[str, Callable[[Experts, torch.Tensor, torch.Tensor], tor
     "grouped": _experts_grouped,
     "loop": _experts_loop,
     "gather": _experts_gather,
+    "native": _experts_native,
     "reference": experts_reference,
 }
 # Average rows per expert from which the grouped GEMM beats the loop over active experts.
@@ -335,12 +363,15 @@ def choose_strategy(experts: Experts, x_ND: torch.Tensor) -> str:
 
     - while torch.compile traces: "gather" (the others read the counts on the host: a graph break);
     - one grouped GEMM once experts see several rows each (prefill, large batches), where it fits;
-    - otherwise a loop over the active experts, which reads only their weights (decode).
+    - otherwise the active experts only, each one's weights read once: in one call into the native
+      kernels where the model's `matvec` is "native" and they take these weights, else a loop (decode).
     """
     if torch.compiler.is_compiling():
         return "gather"
     if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * experts.num_experts and _grouped_mm_fits(experts, x_ND):
         return "grouped"
+    if experts.options.matvec == "native" and not torch.is_grad_enabled() and _native_fits(experts, x_ND):
+        return "native"
     return "loop"
 
 

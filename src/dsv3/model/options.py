@@ -11,7 +11,10 @@ object (`module.options`):
   (DeepSeek-V3.1), never by hand: that is how the checkpoint was calibrated.
 - `fuse_projections`: back the projections that read the same input (q_a + kv_a, gate + up) by one
   tensor, so one matmul reads x once (`linear.fuse_weights`).
-- `matvec`: the CPU backend of single-row bf16 products (batch-1 decode), see `linear.matmul_wt`.
+- `matvec`: the CPU backend of small-batch products (decode), see `linear.matmul_wt`: "native" (the
+  AVX2 kernels of `kernels.native`, which read each bf16 or int8 weight once, for up to
+  `linear.NATIVE_MAX_ROWS` rows: projections, experts, the absorbed attention), "mkl" or "onednn"
+  (torch's two paths); "auto" is native where those kernels build and run, else mkl.
 - `compile`: decode through the compiled static-shape step (`inference.compiled`) instead of eager.
 - `quantize`: "int8" replaces every projection weight (attention, MLPs, experts; bf16, fp32 or FP8)
   by int8 with one scale per output channel (`kernels.int8`), once and for good: 8-bit weights
@@ -27,11 +30,13 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..kernels import native
 
 FP8_COMPUTE = ("dequant", "gemm")
-# "mkl": torch's MKL path (oneDNN bypassed for that call); "onednn": torch's default dispatch;
-# "auto": resolved by prepare_for_inference (MKL on CPU, see linear.matmul_wt for the measurements).
-MATVEC = ("auto", "mkl", "onednn")
+# "native": kernels.native (AVX2, each weight byte read once); "mkl": torch's MKL path (oneDNN bypassed
+# for that call); "onednn": torch's default dispatch; "auto": resolved by prepare_for_inference
+# (native where it builds, else MKL; see linear.matmul_wt and docs/benchmarks.md for the measurements).
+MATVEC = ("auto", "native", "mkl", "onednn")
 SCALE_FMTS = (None, "ue8m0")
 QUANTIZE = (None, "int8")
 
@@ -68,9 +73,12 @@ class InferenceOptions:
         scale_fmt = q.get("scale_fmt")
         if scale_fmt not in SCALE_FMTS:
             raise ConfigError(f"quantization_config.scale_fmt {scale_fmt!r} is not supported (supported: ue8m0)")
-        return dataclasses.replace(
-            self, ue8m0=scale_fmt == "ue8m0", matvec="mkl" if self.matvec == "auto" else self.matvec
-        )
+        matvec = self.matvec
+        if matvec == "auto":
+            matvec = "native" if native.available() else "mkl"
+        elif matvec == "native" and not native.available():
+            raise ConfigError("matvec 'native' needs an x86-64 CPU with AVX2 and a C compiler (kernels/native.py)")
+        return dataclasses.replace(self, ue8m0=scale_fmt == "ue8m0", matvec=matvec)
 
     @classmethod
     def from_kwargs(cls, **options: object) -> InferenceOptions:

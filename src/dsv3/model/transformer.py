@@ -176,7 +176,7 @@ class DeepSeekV3(nn.Module):
     def _quantize_int8_(self, lm_head: bool) -> None:
         """Every projection (and lm_head / the MTP head when `lm_head`) to int8 with per-channel scales; idempotent."""
         heads = {self.lm_head, *(m.shared_head.head for m in self.mtp)}
-        scale_dtype = self.model.embed_tokens.weight.dtype
+        scale_dtype = torch.float32  # kernels.native takes fp32 scales; linear_int8 casts to the input's dtype
         for module in self.modules():
             # Derived from the high-precision weights: fused projections and absorbed MLA weights go.
             for name in ("_gate_up", "_x_proj", "_absorbed_cache"):

@@ -1,0 +1,202 @@
+"""The CPU kernels of `cpu_kernels.c`: built with the system C compiler on first use, cached, called through ctypes.
+
+Why a C file and not torch ops: a decode step multiplies a handful of activation rows by every weight
+it touches, so its speed is the speed at which weights stream from memory. torch's bf16 path emulates
+bf16 products on CPUs without BF16 instructions and its int8 path reads int8 weights slower than bf16
+ones; these kernels widen each weight vector in registers and read it once (docs/benchmarks.md has the
+measurements). They are plain C with AVX2/FMA intrinsics and OpenMP (the process's libgomp, the one
+torch loaded), compiled in about two seconds, so no torch headers and no build step at install time.
+
+`available()` says whether they can run here: an x86-64 CPU with AVX2 and FMA, a C compiler (`CC`, else
+`cc`/`gcc`) that builds the file. Everything else (other CPUs, no compiler, a failed build) keeps
+torch's own kernels, with one note on stderr when a build fails. The shared object is cached under
+`$DSV3_CACHE` (default `~/.cache/dsv3`) by a hash of the source and flags, written atomically.
+
+Every function here has a plain-torch reference in the tests; callers check `fits_*` first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSV3_CACHE") or Path.home() / ".cache" / "dsv3") / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_supported() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - an old torch without the query: assume nothing
+        return False
+    return capability in ("AVX2", "AVX512", "AVX512_BF16", "AMX", "AVX10") or capability.startswith("AVX512")
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile cpu_kernels.c (if not cached) and return the shared object's path; RuntimeError on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    target = out_dir / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[:1]}")
+        os.replace(tmp, target)  # atomic: a concurrent builder finds a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DSV3_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        print(f"dsv3: note: native CPU kernels unavailable ({e}); using torch's", file=sys.stderr)
+        return None
+    lib.dsv3_linear.argtypes = [_i64] * 4 + [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64]
+    lib.dsv3_linear.argtypes += [_ptr, _int, _i64, _i64, _int]
+    lib.dsv3_matmul.argtypes = [_i64] * 4 + [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _int]
+    lib.dsv3_matmul.argtypes += [_i64, _i64, _int]
+    lib.dsv3_experts.argtypes = [_i64] * 4 + [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64]
+    lib.dsv3_experts.argtypes += [_ptr, _ptr, _int, _int]
+    return lib
+
+
+def available() -> bool:
+    """True when the native kernels can run in this process (x86-64 with AVX2, a compiler, a good build)."""
+    return _library() is not None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"native {what} kernel failed (code {rc})")
+
+
+def _inner_contiguous(*tensors: Tensor | None) -> bool:
+    return all(t is None or (t.stride(-1) == 1 and t.device.type == "cpu") for t in tensors)
+
+
+def fits_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether `linear(x, weight)` runs natively: CPU tensors, bf16/fp32 input, bf16 or int8 weight."""
+    return (
+        x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype in (torch.bfloat16, torch.int8)
+        and weight.dim() == 2
+        and x.numel() > 0
+        and _inner_contiguous(x, weight)
+        and not torch.is_grad_enabled()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8)).T -> [..., N] in x's dtype."""
+    K, N = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    y = torch.empty(x2.shape[0], N, dtype=x.dtype)
+    batched_linear(x2[None], weight[None], y[None], None if scale is None else scale[None])
+    return y.view(*x.shape[:-1], N)
+
+
+def batched_linear(x: Tensor, weight: Tensor, out: Tensor, scale: Tensor | None = None) -> Tensor:
+    """out[g] = x[g] @ weight[g].T (* scale[g]) for x [G, M, K], weight [G, N, K], out [G, M, N] (strided)."""
+    G, M, K = x.shape
+    N = weight.shape[1]
+    if scale is not None and (scale.dtype != torch.float32 or scale.stride(-1) != 1):
+        scale = scale.float().contiguous()
+    rc = _library().dsv3_linear(
+        G, M, N, K,
+        x.data_ptr(), _TYPE[x.dtype], x.stride(0), x.stride(1),
+        weight.data_ptr(), _TYPE[weight.dtype], weight.stride(0), weight.stride(1),
+        None if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
+        out.data_ptr(), _TYPE[out.dtype], out.stride(0), out.stride(1),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "linear")
+    return out
+
+
+def batched_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """out[g] = x[g] @ weight[g] for x [G, M, S], weight [G, S, C] (bf16/fp32), out [G, M, C] (strided)."""
+    G, M, S = x.shape
+    C = weight.shape[2]
+    rc = _library().dsv3_matmul(
+        G, M, S, C,
+        x.data_ptr(), _TYPE[x.dtype], x.stride(0), x.stride(1),
+        weight.data_ptr(), _TYPE[weight.dtype], weight.stride(0), weight.stride(1),
+        out.data_ptr(), _TYPE[out.dtype], out.stride(0), out.stride(1),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "matmul")
+    return out
+
+
+def experts(
+    x: Tensor,
+    counts: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    gate_scale: Tensor | None = None,
+    up_scale: Tensor | None = None,
+    down_scale: Tensor | None = None,
+) -> Tensor:
+    """Unweighted SwiGLU of rows sorted by expert (`Experts.compute`'s contract) -> [R, D] in x's dtype.
+
+    gate/up [E, F, D] (views of one fused [E, 2F, D] tensor allowed: same expert stride), down [E, D, F];
+    int8 weights take fp32 scales [E, F] / [E, D].
+    """
+    R, D = x.shape
+    E, F_ = gate.shape[0], gate.shape[1]
+    x = x.contiguous()
+    counts = counts.to(torch.int64).contiguous()
+    scales = [None if s is None else s.float().contiguous() for s in (gate_scale, up_scale, down_scale)]
+    y = torch.empty(R, D, dtype=x.dtype)
+    rc = _library().dsv3_experts(
+        R, D, F_, E, counts.data_ptr(),
+        x.data_ptr(), _TYPE[x.dtype],
+        gate.data_ptr(), up.data_ptr(), _TYPE[gate.dtype], gate.stride(0),
+        *(None if s is None else s.data_ptr() for s in scales[:2]),
+        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(),
+        y.data_ptr(), _TYPE[y.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "experts")
+    return y

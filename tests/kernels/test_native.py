@@ -1,0 +1,146 @@
+"""The native CPU kernels against float64 references: every shape class, strided operands, bf16 rounding."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels import native
+from dsv3.kernels.int8 import dequantize_int8, quantize_int8
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2 and a C compiler")
+
+
+def _close(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """fp32 outputs within fp32 summation error; bf16 outputs within one rounding (2**-8 relative) of exact."""
+    exact = exact.double()
+    if got.dtype == torch.bfloat16:
+        assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6 * exact.abs().max()).all())
+    else:
+        assert bool(((got.double() - exact).abs() <= 1e-5 * exact.abs().max()).all())
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("N, K", [(1, 8), (7, 33), (40, 64), (33, 300), (130, 1000)])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_linear_bf16_weight_matches_float64(M, N, K, xdtype):
+    torch.manual_seed(M * 1000 + N + K)
+    w = torch.randn(N, K).to(torch.bfloat16)
+    x = torch.randn(M, K).to(xdtype)
+    got = native.linear(x, w)
+    assert got.shape == (M, N) and got.dtype == xdtype
+    _close(got, x.double() @ w.double().T)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 9])
+@pytest.mark.parametrize("N, K", [(5, 17), (64, 256), (129, 1032)])
+def test_linear_int8_weight_matches_float64(M, N, K):
+    torch.manual_seed(N + K + M)
+    q, scale = quantize_int8(torch.randn(N, K) * torch.logspace(-2, 1, N)[:, None])
+    x = torch.randn(2, M, K).to(torch.bfloat16)
+    got = native.linear(x, q, scale)
+    assert got.shape == (2, M, N)
+    _close(got, x.double() @ dequantize_int8(q, scale, torch.float64).T)
+
+
+def test_batched_linear_reads_strided_operands_in_place():
+    """Views with a contiguous last dim (cache slots, head slices, transposed outputs) are read as they are."""
+    torch.manual_seed(0)
+    big_w = torch.randn(3, 50, 300).to(torch.bfloat16)
+    w = big_w[:, 5:45, :288]  # [G=3, N=40, K=288], rows strided
+    x = torch.randn(16, 3, 288)[:, :, :].transpose(0, 1)  # [3, 16, 288] with a non-contiguous batch dim
+    storage = torch.zeros(3, 16, 60)
+    out = storage[..., 10:50]  # a column window: written in place, its neighbours untouched
+    native.batched_linear(x, w, out)
+    _close(out, torch.einsum("gmk,gnk->gmn", x.double(), w.double()))
+    assert bool(storage[..., :10].eq(0).all() and storage[..., 50:].eq(0).all())
+
+
+@pytest.mark.parametrize("C", [16, 64, 20, 3])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_batched_matmul_matches_float64(C, wdtype):
+    torch.manual_seed(C)
+    G, M, S = 4, 5, 37
+    x = torch.randn(G, M, S)
+    w = torch.randn(G, S, C + 7).to(wdtype)[..., 2 : 2 + C]  # a column window of a wider tensor
+    out = torch.empty(G, M, C, dtype=torch.bfloat16)
+    native.batched_matmul(x, w, out)
+    _close(out, x.double() @ w.double())
+
+
+def _experts_reference(x, counts, gate, up, down):
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        rows = x[start : start + n].double()
+        h = F.silu(rows @ gate[e].double().T) * (rows @ up[e].double().T)
+        out.append(h @ down[e].double().T)
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("counts", [[0, 1, 0, 0, 2, 3], [1, 1, 1, 1, 1, 1], [0, 0, 9, 0, 0, 0]])
+def test_experts_bf16_match_float64(fused, counts):
+    torch.manual_seed(sum(counts))
+    E, D, Fh = 6, 72, 40  # neither a multiple of 16
+    if fused:
+        gate_up = torch.randn(E, 2 * Fh, D).to(torch.bfloat16)
+        gate, up = gate_up[:, :Fh], gate_up[:, Fh:]
+    else:
+        gate, up = torch.randn(E, Fh, D).to(torch.bfloat16), torch.randn(E, Fh, D).to(torch.bfloat16)
+    down = torch.randn(E, D, Fh).to(torch.bfloat16)
+    counts_t = torch.tensor(counts)
+    x = torch.randn(int(counts_t.sum()), D).to(torch.bfloat16)
+    got = native.experts(x, counts_t, gate, up, down)
+    exact = _experts_reference(x, counts_t, gate, up, down)
+    assert got.dtype == torch.bfloat16
+    # the intermediate stays fp32 (torch's path rounds it to bf16 twice): compare at bf16 output precision
+    assert bool(((got.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-5 * exact.abs().max()).all())
+
+
+def test_experts_int8_match_float64():
+    torch.manual_seed(3)
+    E, D, Fh = 5, 64, 48
+    ws = [quantize_int8(torch.randn(E, o, i)) for o, i in ((Fh, D), (Fh, D), (D, Fh))]
+    counts = torch.tensor([2, 0, 1, 0, 3])
+    x = torch.randn(6, D)
+    got = native.experts(x, counts, ws[0][0], ws[1][0], ws[2][0], ws[0][1], ws[1][1], ws[2][1])
+    deq = [dequantize_int8(q, s, torch.float64) for q, s in ws]
+    _close(got, _experts_reference(x, counts, *deq))
+
+
+def test_nan_and_inf_propagate_like_torch():
+    w = torch.ones(4, 16, dtype=torch.bfloat16)
+    x = torch.ones(1, 16, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")
+    assert bool(native.linear(x, w).isnan().all())
+    x[0, 3] = float("inf")
+    assert bool(native.linear(x, w).isinf().all())
+
+
+def test_a_failed_build_falls_back_with_one_note(tmp_path):
+    """No compiler: the process keeps torch's kernels and says so once; `matvec='native'` is then refused."""
+    code = (
+        "import torch; from dsv3.kernels import native; from dsv3.model.options import InferenceOptions;"
+        "from dsv3.config import ModelConfig; from dsv3.errors import ConfigError\n"
+        "assert not native.available()\n"
+        "assert InferenceOptions().resolve(ModelConfig.from_pretrained('tiny')).matvec == 'mkl'\n"
+        "try:\n    InferenceOptions(matvec='native').resolve(ModelConfig.from_pretrained('tiny'))\n"
+        "except ConfigError as e:\n    print('refused:', e)\n"
+    )
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), DSV3_CACHE=str(tmp_path / "cache"), PATH="/nonexistent")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "refused: matvec 'native' needs" in run.stdout
+    notes = [line for line in run.stderr.splitlines() if "native CPU kernels unavailable" in line]
+    assert len(notes) == 1
+
+
+def test_build_is_cached_by_source_hash(tmp_path):
+    first = native.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
