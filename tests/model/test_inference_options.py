@@ -30,6 +30,7 @@ def _fp8_model(cfg: dsv3.ModelConfig) -> dsv3.DeepSeekV3:
         (dict(fp8_compute="fast"), "fp8_compute must be one of dequant, gemm"),
         (dict(matvec="blas"), "matvec must be one of"),
         (dict(compile="yes"), "compile must be true or false"),
+        (dict(matmul_dtype="fp16"), "matmul_dtype must be one of auto, bf16, fp32"),
     ],
 )
 def test_bad_options_are_config_errors(tiny_cfg, bad, match):
@@ -106,3 +107,45 @@ def test_matvec_backends_agree_and_leave_the_global_flag_alone(tiny_cfg, matvec)
         got = model.prepare_for_inference(InferenceOptions(matvec=matvec))(ids)
     assert torch.backends.mkldnn.enabled == before
     assert torch.allclose(got, eager, atol=2e-2 * eager.abs().max())
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_matmul_dtype_auto_follows_the_cpu(tiny_cfg, monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(native, "cpu_has_bf16_products", lambda: has_bf16)
+    assert InferenceOptions().resolve(tiny_cfg).matmul_dtype == expected
+    assert InferenceOptions(matmul_dtype="bf16").resolve(tiny_cfg).matmul_dtype == "bf16"  # asked for: kept
+
+
+def test_widened_linear_equals_fp32_products_in_blocks(monkeypatch):
+    """A weight wider than the block bound is widened a slice at a time: same values as one fp32 product."""
+    import dsv3.model.linear as linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 33).to(torch.bfloat16)
+    w = torch.randn(50, 33).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), w.float()).to(torch.bfloat16)
+    monkeypatch.setattr(linear, "WIDEN_MAX_ELEMENTS", 33 * 8)  # 8 rows per block, a ragged last block
+    blocked = linear.widened_linear(x, w)
+    assert blocked.dtype == torch.bfloat16 and torch.equal(blocked, exact)
+
+
+def test_fp32_products_of_a_bf16_model_match_its_bf16_products(tiny_cfg):
+    """matmul_dtype only changes how a product is computed, not what: prefill logits agree to bf16 precision."""
+    from dsv3.inference.generate import prefill
+    from dsv3.model.cache import LatentCache
+    from dsv3.model.moe import choose_strategy
+
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval()
+    prompts = [[3 + (7 * i) % (tiny_cfg.vocab_size - 3) for i in range(60)], [9, 8, 7]]
+    out = {}
+    for dtype in ("bf16", "fp32"):
+        model.prepare_for_inference(InferenceOptions(matmul_dtype=dtype))
+        cache = LatentCache(tiny_cfg, 2, 64, dtype=torch.bfloat16)
+        out[dtype] = prefill(model, cache, [cache.allocate(), cache.allocate()], prompts)
+    experts = model.model.layers[1].mlp.experts
+    rows = torch.zeros(experts.num_experts * 4, tiny_cfg.hidden_size, dtype=torch.bfloat16)
+    assert choose_strategy(experts, rows) == "loop"  # fp32: one widened expert at a time, not the grouped GEMM
+    ref, got = out["bf16"].float(), out["fp32"].float()
+    assert (got - ref).norm() / ref.norm() < 0.02
+    assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -58,6 +58,14 @@ def _cpu_supported() -> bool:
     return capability in ("AVX2", "AVX512", "AVX512_BF16", "AMX", "AVX10") or capability.startswith("AVX512")
 
 
+def cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); False where torch emulates it (AVX2)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # not measured elsewhere: leave torch's choice alone
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def build(out_dir: Path | None = None) -> Path:
     """Compile cpu_kernels.c (if not cached) and return the shared object's path; RuntimeError on failure."""
     cc = _compiler()

@@ -77,7 +77,7 @@ class MLA(nn.Module):
         fused = fused_weight(self._x_proj, q_layer, kv_layer)
         if fused is None:
             return q_layer(x), kv_layer(x)
-        return matmul_wt(x, fused, self.options.matvec).split([q_layer.out_features, kv_layer.out_features], dim=-1)
+        return matmul_wt(x, fused, self.options).split([q_layer.out_features, kv_layer.out_features], dim=-1)
 
     # ------------------------------------------------------------------ pieces
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

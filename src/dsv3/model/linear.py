@@ -12,7 +12,7 @@ from torch import nn
 from ..kernels import fp8 as fp8_kernels
 from ..kernels import int8 as int8_kernels
 from ..kernels import native
-from .options import UNPREPARED
+from .options import UNPREPARED, InferenceOptions
 
 # Up to this many activation rows the native kernels (one pass over the weight, fp32 accumulators for
 # four rows at a time) beat torch's CPU GEMMs; beyond, the product is compute-bound (prefill).
@@ -30,7 +30,24 @@ def uses_native(x: torch.Tensor, matvec: str) -> bool:
     )
 
 
-def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> torch.Tensor:
+# Widening a bf16 weight to fp32 takes a temporary copy: at most this many elements (64 MiB) at a time.
+WIDEN_MAX_ELEMENTS = 1 << 24
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T computed in fp32 and rounded to x's dtype, the weight widened a block of rows at a time."""
+    xf = x.float()
+    N, K = weight.shape
+    rows = max(1, WIDEN_MAX_ELEMENTS // max(1, K))
+    if rows >= N:
+        return F.linear(xf, weight.float()).to(x.dtype)
+    out = x.new_empty(*x.shape[:-1], N)
+    for n0 in range(0, N, rows):
+        out[..., n0 : n0 + rows] = F.linear(xf, weight[n0 : n0 + rows].float())
+    return out
+
+
+def matmul_wt(x: torch.Tensor, weight: torch.Tensor, options: InferenceOptions = UNPREPARED) -> torch.Tensor:
     """x @ weight.T for a high-precision weight; the one place that picks the CPU matmul backend.
 
     A single row (batch-1 decode) is a matrix-VECTOR product bound by reading the weight. For bf16
@@ -40,12 +57,21 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> tor
     oneDNN. torch has no per-call backend argument: the bypass clears `torch.backends.mkldnn.enabled`
     for this one call only (its `flags()` context would also reset the other oneDNN flags).
     With `matvec="native"`, up to NATIVE_MAX_ROWS rows of bf16 weights go through `kernels.native`
-    instead (both torch paths emulate bf16 products on CPUs without BF16 instructions).
+    instead (both torch paths emulate bf16 products on CPUs without BF16 instructions), and with
+    `matmul_dtype="fp32"` larger bf16 products are computed in fp32 (`widened_linear`).
     """
     if torch.compiler.is_compiling():  # inductor picks the kernel; flipping a backend flag would break the graph
         return F.linear(x, weight)
+    matvec = options.matvec
     if uses_native(x, matvec) and native.fits_linear(x, weight):
         return native.linear(x, weight)
+    if (
+        options.matmul_dtype == "fp32"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+    ):
+        return widened_linear(x, weight)
     if matvec == "mkl" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         previous = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
@@ -54,6 +80,15 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor, matvec: str = "mkl") -> tor
         finally:
             torch.backends.mkldnn.enabled = previous
     return F.linear(x, weight)
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
+    """x @ (q * scale).T for int8 weights: native kernels for decode-sized x, else torch's (fp32 per `matmul_dtype`)."""
+    if uses_native(x, options.matvec) and native.fits_linear(x, q):
+        return native.linear(x, q, scale)
+    if options.matmul_dtype == "fp32" and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return int8_kernels.linear_int8(x.float(), q, scale).to(x.dtype)
+    return int8_kernels.linear_int8(x, q, scale)
 
 
 class Linear(nn.Module):
@@ -106,15 +141,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_int8:
-            if uses_native(x, self.options.matvec) and native.fits_linear(x, self.weight):
-                return native.linear(x, self.weight, self.weight_scale)
-            return int8_kernels.linear_int8(x, self.weight, self.weight_scale)
+            return int8_matmul(x, self.weight, self.weight_scale, self.options)
         if self.is_fp8:
             o = self.options
             return fp8_kernels.linear_fp8(
                 x, self.weight, self.weight_scale_inv, self.block_size, o.fp8_compute, ue8m0=o.ue8m0
             )
-        return matmul_wt(x, self.weight, self.options.matvec)
+        return matmul_wt(x, self.weight, self.options)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -158,13 +191,11 @@ class ExpertLinear(nn.Module):
             return self.weight[e].to(dtype)
         return fp8_kernels.dequantize_blocks(self.weight[e], self.weight_scale_inv[e], self.block_size, dtype)
 
-    def expert_matmul(self, e: int, x: torch.Tensor, matvec: str) -> torch.Tensor:
+    def expert_matmul(self, e: int, x: torch.Tensor, options: InferenceOptions = UNPREPARED) -> torch.Tensor:
         """x @ W_e.T; int8 experts multiply through the int8 kernel, without a dequantized copy."""
         if self.is_int8:
-            if uses_native(x, matvec) and native.fits_linear(x, self.weight[e]):
-                return native.linear(x, self.weight[e], self.weight_scale[e])
-            return int8_kernels.linear_int8(x, self.weight[e], self.weight_scale[e])
-        return matmul_wt(x, self.expert_weight(e, x.dtype), matvec)
+            return int8_matmul(x, self.weight[e], self.weight_scale[e], options)
+        return matmul_wt(x, self.expert_weight(e, x.dtype), options)
 
     @torch.no_grad()
     def quantize_int8_(self, scale_dtype: torch.dtype) -> None:

@@ -54,7 +54,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_weight(self._gate_up, self.gate_proj, self.up_proj)
         if gate_up is not None:
-            g, u = matmul_wt(x, gate_up, self.options.matvec).chunk(2, dim=-1)
+            g, u = matmul_wt(x, gate_up, self.options).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -265,7 +265,7 @@ def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) 
     One host sync for the counts, none per expert. A one-token batch is K rows on K experts: this path.
     """
     out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
-    dtype, matvec = x_ND.dtype, experts.options.matvec
+    dtype, options = x_ND.dtype, experts.options
     gate_up = experts.gate_up_weights(dtype)
     begin = 0
     for e, n in enumerate(counts_E.tolist()):
@@ -273,11 +273,11 @@ def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) 
             continue
         rows = x_ND[begin : begin + n]
         if gate_up is not None:
-            g, u = matmul_wt(rows, gate_up[e], matvec).chunk(2, dim=-1)
+            g, u = matmul_wt(rows, gate_up[e], options).chunk(2, dim=-1)
         else:
-            g = experts.gate_proj.expert_matmul(e, rows, matvec)
-            u = experts.up_proj.expert_matmul(e, rows, matvec)
-        out[begin : begin + n] = experts.down_proj.expert_matmul(e, F.silu(g) * u, matvec)
+            g = experts.gate_proj.expert_matmul(e, rows, options)
+            u = experts.up_proj.expert_matmul(e, rows, options)
+        out[begin : begin + n] = experts.down_proj.expert_matmul(e, F.silu(g) * u, options)
         begin += n
     return out
 
@@ -362,13 +362,18 @@ def choose_strategy(experts: Experts, x_ND: torch.Tensor) -> str:
     """The strategy `Experts.compute` runs by default for these rows.
 
     - while torch.compile traces: "gather" (the others read the counts on the host: a graph break);
-    - one grouped GEMM once experts see several rows each (prefill, large batches), where it fits;
+    - one grouped GEMM once experts see several rows each (prefill, large batches), where it fits,
+      unless bf16 products are to run in fp32 (`InferenceOptions.matmul_dtype`): then the loop, which
+      widens one expert's weights at a time (the grouped GEMM would need all experts' in fp32);
     - otherwise the active experts only, each one's weights read once: in one call into the native
       kernels where the model's `matvec` is "native" and they take these weights, else a loop (decode).
     """
     if torch.compiler.is_compiling():
         return "gather"
-    if x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * experts.num_experts and _grouped_mm_fits(experts, x_ND):
+    many_rows = x_ND.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * experts.num_experts
+    if many_rows and experts.options.matmul_dtype == "fp32" and x_ND.dtype == torch.bfloat16:
+        return "loop"  # fp32 products expert by expert: one expert's widened weights at a time
+    if many_rows and _grouped_mm_fits(experts, x_ND):
         return "grouped"
     if experts.options.matvec == "native" and not torch.is_grad_enabled() and _native_fits(experts, x_ND):
         return "native"

@@ -15,6 +15,11 @@ object (`module.options`):
   AVX2 kernels of `kernels.native`, which read each bf16 or int8 weight once, for up to
   `linear.NATIVE_MAX_ROWS` rows: projections, experts, the absorbed attention), "mkl" or "onednn"
   (torch's two paths); "auto" is native where those kernels build and run, else mkl.
+- `matmul_dtype`: what bf16 products too large for the native kernels (prefill, big batches) compute
+  in on CPU: "bf16" (torch's bf16 GEMM) or "fp32" (widen both operands to fp32 first, the weight a
+  slice at a time; the result is rounded back to bf16 as the bf16 GEMM rounds its fp32 accumulators);
+  "auto" is fp32 on x86 CPUs without BF16 instructions, where torch emulates bf16 products at about a
+  fifth of its fp32 speed (docs/benchmarks.md), else bf16.
 - `compile`: decode through the compiled static-shape step (`inference.compiled`) instead of eager.
 - `quantize`: "int8" replaces every projection weight (attention, MLPs, experts; bf16, fp32 or FP8)
   by int8 with one scale per output channel (`kernels.int8`), once and for good: 8-bit weights
@@ -37,6 +42,7 @@ FP8_COMPUTE = ("dequant", "gemm")
 # for that call); "onednn": torch's default dispatch; "auto": resolved by prepare_for_inference
 # (native where it builds, else MKL; see linear.matmul_wt and docs/benchmarks.md for the measurements).
 MATVEC = ("auto", "native", "mkl", "onednn")
+MATMUL_DTYPES = ("auto", "bf16", "fp32")
 SCALE_FMTS = (None, "ue8m0")
 QUANTIZE = (None, "int8")
 
@@ -48,6 +54,7 @@ class InferenceOptions:
     fp8_compute: str = "dequant"
     fuse_projections: bool = True
     matvec: str = "auto"
+    matmul_dtype: str = "auto"
     compile: bool = False
     quantize: str | None = None
     quantize_lm_head: bool = True
@@ -59,6 +66,8 @@ class InferenceOptions:
             raise ConfigError(f"fp8_compute must be one of {', '.join(FP8_COMPUTE)}, got {self.fp8_compute!r}")
         if self.matvec not in MATVEC:
             raise ConfigError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be int8 or none, got {self.quantize!r}")
         for name in ("fuse_projections", "compile", "quantize_lm_head", "ue8m0"):
@@ -78,7 +87,10 @@ class InferenceOptions:
             matvec = "native" if native.available() else "mkl"
         elif matvec == "native" and not native.available():
             raise ConfigError("matvec 'native' needs an x86-64 CPU with AVX2 and a C compiler (kernels/native.py)")
-        return dataclasses.replace(self, ue8m0=scale_fmt == "ue8m0", matvec=matvec)
+        matmul_dtype = self.matmul_dtype
+        if matmul_dtype == "auto":
+            matmul_dtype = "bf16" if native.cpu_has_bf16_products() else "fp32"
+        return dataclasses.replace(self, ue8m0=scale_fmt == "ue8m0", matvec=matvec, matmul_dtype=matmul_dtype)
 
     @classmethod
     def from_kwargs(cls, **options: object) -> InferenceOptions:
@@ -91,7 +103,7 @@ class InferenceOptions:
 
 
 # What a module computes with until `prepare_for_inference` hands it the model's (resolved) options.
-UNPREPARED = InferenceOptions(matvec="mkl")
+UNPREPARED = InferenceOptions(matvec="mkl", matmul_dtype="bf16")
 
 
 def add_inference_arguments(s: argparse.ArgumentParser) -> None:
