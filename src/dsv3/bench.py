@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -209,6 +210,67 @@ def hf_decode(hf, batch: int, context: int, steps: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def bench_model(cfg: ModelConfig) -> DeepSeekV3:
+    """The benchmark's random bf16 model: seed 0, a random routing bias (the same weights every run)."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return model
+
+
+def bench_checkpoint(config: str) -> Path:
+    """The benchmark model saved under the dsv3 cache (`$DSV3_CACHE`, default ~/.cache/dsv3): what llama.cpp converts."""
+    from .kernels.native import cache_dir
+
+    path = cache_dir().parent / f"bench-{Path(config).stem}"
+    bench_model(ModelConfig.from_pretrained(config)).save_pretrained(path)
+    return path
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def with_llamacpp(
+    args: argparse.Namespace, rows: tuple[str, ...], first: dict, log: Callable[[str], None] = print
+) -> dict:
+    """Alternate dsv3 rounds with llama.cpp rounds on the same weights; add llama.cpp's medians and ratios to `first`.
+
+    Round 1 is `first` (already measured), then llama.cpp; each further round re-runs the dsv3 rows
+    (without transformers) and then llama.cpp again. dsv3 figures become the median over the rounds.
+    """
+    from . import llamacpp
+
+    threads = args.threads or torch.get_num_threads()
+    quick = not {"prefill4096", "decode8", "decode1_long"} & set(rows)
+    types = tuple(t.strip() for t in args.llamacpp_types.split(",") if t.strip())
+    ckpt = bench_checkpoint(args.config)
+    ours: dict[str, list[float]] = {r["row"]: [r["dsv3"]] for r in first["rows"]}
+    anchors = []
+    for round_no in range(args.rounds):
+        if round_no:
+            again = run_bench(args.config, rows, args.steps, args.threads, with_hf=False, log=_silent)
+            for r in again["rows"]:
+                ours.setdefault(r["row"], []).append(r["dsv3"])
+        log(f"llama.cpp round {round_no + 1}/{args.rounds}: {', '.join(types)} on {ckpt} ({threads} threads)")
+        anchors.append(llamacpp.run_anchor(args.llamacpp, ckpt, types, threads, quick))
+    log("")
+    log(f"{'row':34s} {'dsv3':>9s} {'llama.cpp':>10s}  {'ratio':>7s}  llama.cpp test")
+    for r in first["rows"]:
+        r["dsv3"] = _median(ours[r["row"]])
+        values = [v for v in (llamacpp.counterpart(a, r["row"]) for a in anchors) if v is not None]
+        if not values or "fraction" in r:
+            continue
+        ref = _median([v for _, v in values])
+        r.update(llamacpp=ref, llamacpp_test=values[0][0], llamacpp_ratio=r["dsv3"] / ref)
+        log(f"{r['row']:34s} {r['dsv3']:9.1f} {ref:10.1f}  {r['dsv3'] / ref:6.2f}x  {values[0][0]}")
+    first["meta"].update(llamacpp_rounds=args.rounds, llamacpp_raw=anchors, llamacpp_checkpoint=str(ckpt))
+    return first
 
 
 def run_bench(
@@ -229,12 +291,7 @@ def run_bench(
     if threads:
         torch.set_num_threads(threads)
     cfg = ModelConfig.from_pretrained(config)
-    torch.manual_seed(0)
-    model = DeepSeekV3(cfg, dtype=torch.bfloat16).eval().prepare_for_inference()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.05)
+    model = bench_model(cfg).prepare_for_inference()
     layout = None
     if launched_world_size() > 1:
         from .distributed.launch import parallelize
@@ -359,11 +416,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rows: tuple[str, ...]) -> int:
+    if args.rounds < 1:
+        from .errors import RequestError
+
+        raise RequestError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.llamacpp and launched_world_size() > 1:
+        from .errors import RequestError
+
+        raise RequestError("--llamacpp runs in one process (llama.cpp is timed on one machine, not under torchrun)")
+    if args.llamacpp and not os.path.isfile(args.llamacpp):
+        from .errors import RequestError
+
+        raise RequestError(
+            f"--llamacpp: no such script {args.llamacpp!r} (the anchor is ../shared/anchors/llamacpp.sh)"
+        )
     result = run_bench(
         args.config, rows, args.steps, args.threads, with_hf=not args.no_transformers, tp=args.tp, ep=args.ep
     )
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 alone writes the results
+    if args.llamacpp:
+        result = with_llamacpp(args, rows, result)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -387,6 +460,18 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--json", default=None, help="also write the results here")
     s.add_argument("--no-transformers", action="store_true", help="dsv3 rows only")
+    s.add_argument(
+        "--llamacpp",
+        metavar="SCRIPT",
+        default=None,
+        help="also time llama.cpp on the same weights with this anchor script (../shared/anchors/llamacpp.sh: builds "
+        "llama.cpp once, converts the benchmark model to GGUF) and print dsv3 / llama.cpp per row; quick "
+        "(pp512, tg128) unless a 4096 or batch-8 row is asked for",
+    )
+    s.add_argument("--llamacpp-types", default="bf16,q8_0", help="GGUF types for --llamacpp (int8 rows use q8_0)")
+    s.add_argument(
+        "--rounds", type=int, default=1, help="with --llamacpp: alternate this many dsv3 and llama.cpp rounds (medians)"
+    )
     s.add_argument("--tp", type=int, default=None, help="under torchrun: tensor-parallel size (1 or N; default N)")
     s.add_argument("--ep", type=int, default=None, help="under torchrun: expert-parallel size (1 or N; default N)")
     s.set_defaults(fn=cmd_bench)

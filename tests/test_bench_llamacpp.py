@@ -1,0 +1,79 @@
+"""`dsv3 bench --llamacpp SCRIPT`: the anchor script's tables are read, matched to rows, and divided into."""
+
+import json
+import subprocess
+import sys
+
+from dsv3.llamacpp import counterpart, parse_tables
+
+# What the anchor script printed for a `small` checkpoint here (llama.cpp 0c1e570): llama-bench's markdown and
+# llama-batched-bench's table, under the script's `## llama.cpp TYPE` headings.
+ANCHOR_OUTPUT = """\
+## llama.cpp bf16, 2 threads (bench-small)
+| model                          |       size |     params | backend    | threads |            test |                  t/s |
+| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |
+| deepseek2 ?B BF16              |   1.22 GiB |   654.53 M | CPU        |       2 |           pp512 |        266.80 ± 3.10 |
+| deepseek2 ?B BF16              |   1.22 GiB |   654.53 M | CPU        |       2 |           tg128 |         33.04 ± 0.20 |
+| deepseek2 ?B BF16              |   1.22 GiB |   654.53 M | CPU        |       2 |     tg16 @ d128 |         31.50 ± 0.40 |
+
+build: 0c1e570 (1)
+batch 8 decode (llama-batched-bench, 128-token prompts, 32 new tokens each): S_TG t/s is decode tokens/s
+|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
+|   128 |     32 |    1 |    160 |    0.479 |   267.22 |    0.968 |    33.06 |    1.447 |   110.57 |
+|   128 |     32 |    8 |   1280 |    3.827 |   267.56 |    2.341 |   109.35 |    6.168 |   207.52 |
+## llama.cpp q8_0, 2 threads (bench-small)
+| deepseek2 ?B Q8_0              |   654.00 MiB |   654.53 M | CPU        |       2 |           tg128 |         58.50 ± 1.00 |
+"""
+
+
+def test_parse_tables_reads_every_figure():
+    tables = parse_tables(ANCHOR_OUTPUT)
+    assert tables == {
+        "bf16": {"pp512": 266.8, "tg128": 33.04, "tg16 @ d128": 31.5, "batched b=1": 33.06, "batched b=8": 109.35},
+        "q8_0": {"tg128": 58.5},
+    }
+
+
+def test_rows_meet_their_counterparts():
+    tables = parse_tables(ANCHOR_OUTPUT)
+    assert counterpart(tables, "decode b=1 after 128") == ("bf16 tg16 @ d128", 31.5)  # the same depth first
+    assert counterpart(tables, "decode b=1 after 128, int8") == ("q8_0 tg128", 58.5)  # else the quick run's
+    assert counterpart(tables, "decode b=8 after 128") == ("bf16 batched b=8", 109.35)
+    assert counterpart(tables, "prefill 1x4096") is None  # not run
+    assert counterpart(tables, "MTP speculative b=1 after 128") is None  # llama.cpp has no such row
+
+
+def test_bench_divides_by_the_anchor_figures(tmp_path):
+    """End to end with a stand-in anchor: the ratio printed and saved is dsv3's figure over the script's."""
+    script = tmp_path / "anchor.sh"
+    script.write_text(f"#!/usr/bin/env bash\ntest -f \"$1/config.json\" || exit 3\ncat <<'EOF'\n{ANCHOR_OUTPUT}EOF\n")
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1", "--steps", "2"]
+        + ["--no-transformers", "--llamacpp", str(script), "--rounds", "2", "--json", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["row"] == "decode b=1 after 128" and row["llamacpp"] == 31.5
+    assert abs(row["llamacpp_ratio"] - row["dsv3"] / 31.5) < 1e-9
+    assert "llama.cpp round 2/2" in run.stdout and "bf16 tg16 @ d128" in run.stdout
+    assert (tmp_path / "cache" / "bench-tiny" / "config.json").is_file()  # the checkpoint llama.cpp was given
+
+
+def test_a_missing_anchor_script_is_one_error_line(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1", "--steps", "1"]
+        + ["--no-transformers", "--llamacpp", str(tmp_path / "nope.sh")],
+        capture_output=True,
+        text=True,
+        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("dsv3 bench: error: --llamacpp: no such script")
+    assert "decode b=1" not in run.stdout  # refused before anything was timed
