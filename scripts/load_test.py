@@ -52,7 +52,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def one_request(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+def token_prompts(n: int, count: int = 64) -> list[list[int]]:
+    """`count` prompts of `n` token ids that differ from their first token on (no cached prefix to reuse)."""
+    return [[1000 + (7 * i + 13 * j) % 20000 for j in range(n)] for i in range(count)]
+
+
+def one_request(http: httpx.Client, model: str, prompt: str | list[int], max_tokens: int) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed greedy completion."""
     body = {
         "model": model,
@@ -82,7 +87,14 @@ def one_request(http: httpx.Client, model: str, prompt: str, max_tokens: int) ->
 
 
 def run_level(
-    url: str, model: str, api_key: str | None, clients: int, requests: int, duration: float, max_tokens: int
+    url: str,
+    model: str,
+    api_key: str | None,
+    clients: int,
+    requests: int,
+    duration: float,
+    max_tokens: int,
+    prompts: list = PROMPTS,
 ) -> dict:
     """`requests` requests from `clients` threads, none started after `duration` seconds."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -99,7 +111,7 @@ def run_level(
                     return
                 next_id[0] += 1
             try:
-                res = one_request(http, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+                res = one_request(http, model, prompts[i % len(prompts)], max_tokens)
                 with lock:
                     results.append(res)
             except Exception as e:  # counted and reported, the run goes on
@@ -201,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16, help=f"requests per level (at most {MAX_REQUESTS})")
     p.add_argument("--duration", type=float, default=120.0, help=f"seconds per level (at most {MAX_DURATION_S:.0f})")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="send prompts of this many token ids (each different from its first token: no prefix reuse) instead "
+        "of the short texts; with --max-tokens 1 and --concurrency 1 the TTFT columns are the server's time to "
+        "first token for that prompt length (raise --max-len above it)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per level instead of a table")
     args = p.parse_args(argv)
     requests = max(1, min(args.requests, MAX_REQUESTS))
@@ -237,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}"
             )
         for clients in levels:
-            r = run_level(url, model, args.api_key, clients, requests, duration, args.max_tokens)
+            prompts = token_prompts(args.prompt_tokens) if args.prompt_tokens > 0 else PROMPTS
+            r = run_level(url, model, args.api_key, clients, requests, duration, args.max_tokens, prompts)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:

@@ -144,3 +144,41 @@ def test_build_is_cached_by_source_hash(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_module(dtype):
+    from dsv3.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(72, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = (torch.randn(3, 2, 72) * 3).to(dtype)
+        ref = norm(x)  # torch ops (the module's options are UNPREPARED)
+        got = native.rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    else:  # fp32 sums in another order: at most one bf16 rounding step apart, and mostly identical
+        assert bool(((got.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all())
+        assert (got == ref).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_apply_rope_on_strided_views(dtype):
+    from dsv3.model.rope import apply_rope
+
+    torch.manual_seed(0)
+    B, T, H, Dn, Dr = 2, 3, 4, 16, 8
+    q = torch.randn(B, T, H, Dn + Dr).to(dtype)
+    q_rope = q.split([Dn, Dr], dim=-1)[1]  # a view: rows and heads strided, as the attention passes it
+    kv = torch.randn(B, T, 40 + Dr).to(dtype)
+    k_rope = kv.split([40, Dr], dim=-1)[1]
+    angles = torch.rand(B, T, Dr // 2) * 6
+    cos, sin = angles.cos() * 1.3, angles.sin() * 1.3
+    for x in (q_rope, k_rope):
+        ref, got = apply_rope(x, cos, sin), native.rope(x, cos, sin)
+        assert got.shape == x.shape and got.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 2**-7
+        assert bool(((got.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all())

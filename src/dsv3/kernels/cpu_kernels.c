@@ -308,3 +308,41 @@ int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *coun
     free(xf), free(h), free(hh), free(start), free(active);
     return 0;
 }
+
+// RMSNorm of R rows of D values (row strides x_rs, y_rs): n = x * rsqrt(mean(x^2) + eps) in fp32, rounded to
+// the activation type, then times the weight (same type) and rounded again: what `RMSNorm.forward` does in
+// torch ops (HF's order: the weight multiplies the normalised value in the activation dtype).
+int dsv3_rms_norm(int64_t R, int64_t D, const void *x, int type, int64_t x_rs, const void *w, float eps, void *y,
+                  int64_t y_rs) {
+    for (int64_t r = 0; r < R; r++) {
+        float ss = 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            const float v = load1(x, r * x_rs + d, type);
+            ss += v * v;
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) {
+            float n = load1(x, r * x_rs + d, type) * inv;
+            if (type == T_BF16) n = bf16_to_f32(f32_to_bf16(n));
+            store1(y, r * y_rs + d, type, load1(w, d, type) * n);
+        }
+    }
+    return 0;
+}
+
+// Rotary embedding of R rows (row stride x_rs) of H heads (head stride x_hs) of d = 2*P values: each adjacent
+// pair (a, b) becomes (a c - b s, a s + b c) in fp32 with the row's cos/sin (P floats each, row stride cs_rs),
+// rounded to the activation type; written to y (same layout as x, contiguous: R x H x 2P).
+int dsv3_rope(int64_t R, int64_t H, int64_t P, const void *x, int type, int64_t x_rs, int64_t x_hs, const float *cos_,
+              const float *sin_, int64_t cs_rs, void *y) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t p = 0; p < P; p++) {
+                const int64_t i = r * x_rs + h * x_hs + 2 * p, o = (r * H + h) * 2 * P + 2 * p;
+                const float a = load1(x, i, type), b = load1(x, i + 1, type);
+                const float c = cos_[r * cs_rs + p], s = sin_[r * cs_rs + p];
+                store1(y, o, type, a * c - b * s);
+                store1(y, o + 1, type, a * s + b * c);
+            }
+    return 0;
+}

@@ -106,6 +106,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_matmul.argtypes += [_i64, _i64, _int]
     lib.dsv3_experts.argtypes = [_i64] * 4 + [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64]
     lib.dsv3_experts.argtypes += [_ptr, _ptr, _int, _int]
+    lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
+    lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr]
     return lib
 
 
@@ -137,11 +139,23 @@ def fits_linear(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
     """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8)).T -> [..., N] in x's dtype."""
-    K, N = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, K)
-    y = torch.empty(x2.shape[0], N, dtype=x.dtype)
-    batched_linear(x2[None], weight[None], y[None], None if scale is None else scale[None])
-    return y.view(*x.shape[:-1], N)
+    N, K = weight.shape
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        scale = scale.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    # Called ~40 times per decode step: straight to the kernel, no views of the operands (each costs an op).
+    rc = _library().dsv3_linear(
+        1, x.numel() // K, N, K,
+        x.data_ptr(), _TYPE[x.dtype], 0, K,
+        weight.data_ptr(), _TYPE[weight.dtype], 0, weight.stride(0),
+        None if scale is None else scale.data_ptr(), 0,
+        y.data_ptr(), _TYPE[y.dtype], 0, N,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "linear")
+    return y
 
 
 def batched_linear(x: Tensor, weight: Tensor, out: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -208,3 +222,47 @@ def experts(
     )  # fmt: skip
     _check(rc, "experts")
     return y
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`RMSNorm.forward` for a few rows: normalise in fp32, round to x's dtype, times weight (x's dtype), round."""
+    D = x.shape[-1]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    rc = _library().dsv3_rms_norm(
+        x.numel() // D, D, x.data_ptr(), _TYPE[x.dtype], D, weight.data_ptr(), eps, y.data_ptr(), D
+    )
+    _check(rc, "rms_norm")
+    return y
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rope.apply_rope` for x [B, T, H, d] or [B, T, d] with float32 cos/sin [B, T, d/2]; a new contiguous tensor."""
+    B, T = x.shape[0], x.shape[1]
+    heads = x.shape[2] if x.dim() == 4 else 1
+    d = x.shape[-1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    x_rs = x.stride(1)
+    if x.stride(0) != T * x_rs:  # the (B, T) rows must be evenly spaced: one row stride for both
+        x = x.contiguous()
+        x_rs = x.stride(1)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    x_hs = x.stride(2) if x.dim() == 4 else 0
+    rc = _library().dsv3_rope(
+        B * T, heads, d // 2, x.data_ptr(), _TYPE[x.dtype], x_rs, x_hs, cos.data_ptr(), sin.data_ptr(), d // 2,
+        y.data_ptr(),
+    )  # fmt: skip
+    _check(rc, "rope")
+    return y
+
+
+def fits_elementwise(x: Tensor, *others: Tensor) -> bool:
+    """Whether rms_norm / rope take x (bf16 or fp32 on CPU, last dim contiguous) with `others` of the types they need."""
+    return (
+        x.dtype in (torch.float32, torch.bfloat16)
+        and x.device.type == "cpu"
+        and x.stride(-1) == 1
+        and all(o.device.type == "cpu" for o in others)
+        and not torch.is_grad_enabled()
+    )

@@ -80,7 +80,15 @@ class MLA(nn.Module):
         return matmul_wt(x, fused, self.options).split([q_layer.out_features, kv_layer.out_features], dim=-1)
 
     # ------------------------------------------------------------------ pieces
-    def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool) -> torch.Tensor:
+        """apply_rope, through kernels.native for decode-sized inputs (`fast`): one call instead of ~8 ops."""
+        if fast and native.fits_elementwise(x, cos, sin) and cos.dtype == sin.dtype == torch.float32:
+            return native.rope(x, cos, sin)
+        return apply_rope(x, cos, sin)
+
+    def _queries(
+        self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q_proj(x) or q_a_proj(x) -> (q_nope (B,T,H,Dn), rotated q_rope (B,T,H,Dr)).
 
         The head count comes from the tensor, so tensor parallelism can shard q_b_proj by heads.
@@ -89,12 +97,12 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (-1, self.qk_head_dim))
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, self._rope(q_rope, cos, sin, fast)
 
-    def _latent(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _latent(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """kv_a_proj_with_mqa(x) -> what the cache stores: [normed latent (R), rotated rope key (Dr)]."""
         c, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos, sin)], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c), self._rope(k_rope, cos, sin, fast)], dim=-1)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK (H, Dn, R), W_UV^T (H, R, Dv)) from kv_b_proj, contiguous, prepared once per weight version.
@@ -135,8 +143,9 @@ class MLA(nn.Module):
         """x (B, T, D) -> (B, T, D). With a cache, the new latents are appended and all cached keys used."""
         B, T, _ = x.shape
         q, kv_a = self._project_input(x)
-        q_nope, q_rope = self._queries(q, cos, sin)
-        kv_new = self._latent(kv_a, cos, sin)  # (B, T, R+Dr)
+        fast = uses_native(x, self.options.matvec)  # decode-sized: the native kernels where they apply
+        q_nope, q_rope = self._queries(q, cos, sin, fast)
+        kv_new = self._latent(kv_a, cos, sin, fast)  # (B, T, R+Dr)
         if cache is None:
             kv, mask = kv_new, None  # causal over the T tokens
         else:
@@ -147,7 +156,7 @@ class MLA(nn.Module):
             absorb = cache is not None and self._absorbed_is_cheaper(T)
         if not absorb:
             attend = self._attend_expanded
-        elif uses_native(x, self.options.matvec) and kv.dtype in (torch.bfloat16, torch.float32):
+        elif fast and kv.dtype in (torch.bfloat16, torch.float32):
             attend = self._attend_absorbed_native
         else:
             attend = self._attend_absorbed
