@@ -157,6 +157,26 @@ def test_tokenize_detokenize_and_unknown_routes(server, tokenizer):
         assert route in error["message"]
 
 
+def test_tokenizer_info_serves_lm_eval_remote_tokenizer(server, tokenizer):
+    # lm-eval's `tokenizer_backend=remote` (lm_eval.utils.RemoteTokenizer) checks GET /tokenizer_info, reads the
+    # special tokens' text there, and gets their ids and every encoding from POST /tokenize with
+    # add_special_tokens false: its context/continuation split then matches the ids the server scores.
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=60)
+    assert info.status_code == 200, info.text
+    body = info.json()
+    assert body["bos_token"] == tokenizer.bos_token and body["eos_token"] == tokenizer.eos_token
+    assert body["chat_template"] == tokenizer.chat_template and body["model_max_length"] == 256
+    for text, want in ((body["eos_token"], [tokenizer.eos_id]), (body["bos_token"], [tokenizer.bos_id])):
+        r = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+        assert r.json()["tokens"] == want
+    context, whole = "The sky is", "The sky is blue"
+    enc = [
+        httpx.post(f"{server.url}/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"]
+        for t in (context, whole)
+    ]
+    assert enc == [tokenizer.encode(context, add_bos=False), tokenizer.encode(whole, add_bos=False)]
+
+
 def test_responses_structured_outputs(client):
     schema = {
         "type": "object",

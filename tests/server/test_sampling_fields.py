@@ -78,7 +78,12 @@ CHAT_FIELDS = {
     "verbosity": ("low", False),
     "web_search_options": ({}, False),
 }
-COMPANIONS = {"top_logprobs": {"logprobs": True}, "tool_choice": {"tools": CHAT_FIELDS["tools"][0]}}
+COMPANIONS = {
+    "top_logprobs": {"logprobs": True},
+    "tool_choice": {"tools": CHAT_FIELDS["tools"][0]},
+    # false is honoured when a call is forced or no tool can be called (test_structured.py); refused with tool_choice auto
+    "parallel_tool_calls": {"tools": CHAT_FIELDS["tools"][0]},
+}
 
 
 def sdk_fields(typed_dict) -> set[str]:

@@ -170,3 +170,43 @@ def test_unconstrained_rows_batched_with_constrained_ones_are_unchanged(model, c
     assert plain.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)
     for text in results.values():
         check_person(json.loads(text))
+
+
+def test_parallel_tool_calls_false_with_a_forced_call(client, server):
+    # langchain-openai's with_structured_output(Schema, method="function_calling") sends the schema as the only
+    # tool, tool_choice naming it and parallel_tool_calls false; bind_tools(tool_choice="any") may send it with
+    # "required". A forced call is exactly one call, so false holds; with tool_choice auto nothing would hold it.
+    for choice_arg in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            tool_choice=choice_arg,
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=100,
+        )
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city", "days"}
+    plain = client.chat.completions.create(model=MODEL, messages=USER, parallel_tool_calls=False, max_tokens=2)
+    assert plain.choices[0].message.tool_calls is None
+    for extra in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": "auto"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=USER, parallel_tool_calls=False, max_tokens=2, **extra)
+        assert e.value.param == "parallel_tool_calls" and e.value.code == "unsupported"
+    responses = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300).responses
+    flat = {"type": "function", **WEATHER["function"]}
+    forced = responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[flat],
+        tool_choice={"type": "function", "name": "get_weather"},
+        parallel_tool_calls=False,
+        max_output_tokens=100,
+        temperature=0,
+    )
+    (call,) = [item for item in forced.output if item.type == "function_call"]
+    assert call.name == "get_weather" and forced.parallel_tool_calls is False
+    with pytest.raises(openai.BadRequestError) as e:
+        responses.create(model=MODEL, input="Weather?", tools=[flat], parallel_tool_calls=False, max_output_tokens=2)
+    assert e.value.param == "parallel_tool_calls"

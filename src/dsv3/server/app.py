@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP app: maps OpenAI JSON onto `Engine.submit` and the engine's tokens back.
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/responses`
-(all with `stream`), vLLM's `POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`; any
-other path is a 404 that lists these. Everything the model does happens in the engine's loop; the app only
-tokenizes, checks limits, and detokenizes (StreamDecoder, then stop strings, then tool-call markup).
+(all with `stream`), vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`, `GET /health`,
+`GET /metrics`; any other path is a 404 that lists these. Everything the model does happens in the engine's
+loop; the app only tokenizes, checks limits, and detokenizes (StreamDecoder, then stop strings, then tool-call
+markup).
 
 Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 request, 401 without the API key (when one is set; /health and /metrics stay open for probes and
@@ -536,6 +537,22 @@ def create_app(
         if any(not 0 <= t < vocab for t in req.tokens):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        # vLLM's; lm-eval's tokenizer_backend=remote needs it (the special tokens' text, the chat template) and
+        # then tokenizes through /tokenize, so a client needs no copy of the tokenizer files.
+        authorize(request)
+        return JSONResponse(
+            {
+                "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token,
+                "pad_token": tokenizer.pad_token,
+                "add_bos_token": tokenizer.add_bos_token,
+                "chat_template": tokenizer.chat_template,
+                "model_max_length": engine.max_len,
+            }
+        )
 
     return app
 

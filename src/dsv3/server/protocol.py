@@ -121,10 +121,15 @@ _CHAT_NOOP_ONLY = {
     "verbosity": (None, "verbosity is not supported"),
     "web_search_options": (None, "web search is not supported"),
     "store": ((None, False), "store is not supported: answers are not stored"),
-    "parallel_tool_calls": ((None, True), "parallel_tool_calls=false is not supported"),
     "service_tier": ((None, "auto", "default"), "only the default service_tier is served"),
     "modalities": ((None, ["text"]), "only the text modality is supported"),
 }
+# parallel_tool_calls=false ("at most one call") holds by construction when no tool can be called or when
+# tool_choice forces one (its grammar writes exactly one call); with tool_choice auto nothing enforces it.
+PARALLEL_TOOL_CALLS_MESSAGE = (
+    "parallel_tool_calls=false is supported only with tool_choice 'required' or a named function "
+    "(which make exactly one call) or without tools"
+)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -170,6 +175,10 @@ class ChatCompletionRequest(SamplingRequest):
             )
         if self.forced_tool() is not None and not self.tools:
             return "tool_choice", "tool_choice forces a tool call, but no tools were given"
+        if self.parallel_tool_calls not in (None, True) and (
+            self.parallel_tool_calls is not False or (self.use_tools and self.forced_tool() is None)
+        ):
+            return "parallel_tool_calls", PARALLEL_TOOL_CALLS_MESSAGE
         kind = (self.response_format or {}).get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):
             return "response_format", f"response_format type must be text, json_object or json_schema; got {kind!r}"

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import RequestError
-from .protocol import ToolCall, ToolCallStream, _Strict, assistant_message, new_id
+from .protocol import PARALLEL_TOOL_CALLS_MESSAGE, ToolCall, ToolCallStream, _Strict, assistant_message, new_id
 
 # Fields accepted only at these no-op values, and why the others are refused.
 _NOOP_ONLY = {
@@ -32,7 +32,6 @@ _NOOP_ONLY = {
     "include": ((None, []), "include is not supported"),
     "prompt": (None, "prompt templates are not supported"),
     "max_tool_calls": (None, "max_tool_calls is not supported"),
-    "parallel_tool_calls": ((None, True), "parallel_tool_calls=false is not supported"),
     "truncation": ((None, "disabled"), "only truncation 'disabled' is supported"),
     "service_tier": ((None, "auto", "default"), "only the default service_tier is served"),
     "top_logprobs": ((None, 0), "top_logprobs is not supported on /v1/responses; use /v1/chat/completions"),
@@ -87,6 +86,11 @@ class ResponsesRequest(_Strict):
                 return name, message
         if self.chat_tool_choice() is False:
             return "tool_choice", "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}"
+        forced = self.chat_tool_choice() not in (None, "auto", "none")
+        if self.parallel_tool_calls not in (None, True) and (
+            self.parallel_tool_calls is not False or (self.use_tools and not forced)
+        ):
+            return "parallel_tool_calls", PARALLEL_TOOL_CALLS_MESSAGE
         fmt = (self.text or {}).get("format") or {"type": "text"}
         if fmt.get("type") not in ("text", "json_object", "json_schema") or (
             fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict)
@@ -218,7 +222,7 @@ class ResponseBuilder:
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
             "metadata": req.metadata or {},
-            "parallel_tool_calls": True,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "tool_choice": req.tool_choice or "auto",
