@@ -5,7 +5,7 @@
 // the weights on the way (and on CPUs without BF16 instructions emulate bf16 products), streaming at a
 // fraction of the machine's read bandwidth. Here each weight vector is loaded once, widened to fp32 in
 // registers (bf16: a 16-bit shift; int8: sign-extend and convert) and multiplied into fp32 accumulators
-// for up to two activation rows at a time. Results are rounded once to the output type (round to
+// for up to four activation rows at a time. Results are rounded once to the output type (round to
 // nearest even for bf16), as torch's bf16 products are.
 //
 // Types: 0 = float32, 1 = bfloat16, 2 = int8 (weights only, with one float32 scale per output row).
@@ -103,6 +103,35 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         }                                                                                               \
     }
 
+// Three or four rows: one accumulator set is enough to hide the FMA latency, and each widened weight
+// vector then feeds four FMAs (the widening, not the FMA, limits batched decode).
+#define DEFINE_DOT2_WIDE(NAME, WTYPE, LOAD, MT)                                                         \
+    static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
+                            float out[4][2]) {                                                          \
+        __m256 a0[MT], a1[MT];                                                                          \
+        for (int m = 0; m < MT; m++) a0[m] = a1[m] = _mm256_setzero_ps();                               \
+        int64_t k = 0;                                                                                  \
+        for (; k + 8 <= K; k += 8) {                                                                    \
+            _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
+            for (int m = 0; m < MT; m++) {                                                              \
+                __m256 xv = _mm256_loadu_ps(x + m * xs + k);                                            \
+                a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
+                a1[m] = _mm256_fmadd_ps(v1, xv, a1[m]);                                                 \
+            }                                                                                           \
+        }                                                                                               \
+        for (int m = 0; m < MT; m++) {                                                                  \
+            float s0 = hsum(a0[m]), s1 = hsum(a1[m]);                                                   \
+            for (int64_t kk = k; kk < K; kk++) {                                                        \
+                s0 += x[m * xs + kk] * (float)LOAD##_1(w0 + kk);                                       \
+                s1 += x[m * xs + kk] * (float)LOAD##_1(w1 + kk);                                       \
+            }                                                                                           \
+            out[m][0] = s0;                                                                             \
+            out[m][1] = s1;                                                                             \
+        }                                                                                               \
+    }
+
 #define load8_bf16_1(p) bf16_to_f32(*(p))
 #define load8_i8_1(p) ((float)*(p))
 #define _mm256_loadu_ps_1(p) (*(p))
@@ -110,12 +139,16 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define DEFINE_DOT2_ALL(SUFFIX, WTYPE, LOAD)                 \
     DEFINE_DOT2(dot2_##SUFFIX##_1, WTYPE, LOAD, 1)           \
     DEFINE_DOT2(dot2_##SUFFIX##_2, WTYPE, LOAD, 2)           \
+    DEFINE_DOT2_WIDE(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)      \
+    DEFINE_DOT2_WIDE(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)      \
     static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
                                      int64_t K, float out[4][2]) {                                         \
-        if (mt == 1)                                                                                       \
-            dot2_##SUFFIX##_1(x, xs, w0, w1, K, out);                                                      \
-        else                                                                                               \
-            dot2_##SUFFIX##_2(x, xs, w0, w1, K, out);                                                      \
+        switch (mt) {                                                                                      \
+            case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, out); break;                                       \
+            case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, out); break;                                       \
+            case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, out); break;                                       \
+            default: dot2_##SUFFIX##_4(x, xs, w0, w1, K, out); break;                                      \
+        }                                                                                                  \
     }
 
 DEFINE_DOT2_ALL(bf16, uint16_t, load8_bf16)
@@ -129,8 +162,8 @@ static void rows_times_weight(const float *x, int64_t xs, int64_t M, const void 
     float out[4][2];
     for (int64_t n = n0; n < n1; n += 2) {
         const int64_t n_b = n + 1 < n1 ? n + 1 : n;  // an odd tail row is computed twice, stored once
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {  // two rows at a time: 8 accumulators + 6 operands in 16 registers
-            const int mt = (int)(M - m0 < 2 ? M - m0 : 2);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {  // up to four rows at a time (dot2_*_N keep them in registers)
+            const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
             const float *xm = x + m0 * xs;
             if (wtype == T_BF16)
                 dot2_bf16(xm, xs, mt, (const uint16_t *)w + n * ws, (const uint16_t *)w + n_b * ws, K, out);

@@ -30,6 +30,21 @@ def uses_native(x: torch.Tensor, matvec: str) -> bool:
     )
 
 
+def widens(x: torch.Tensor, options: InferenceOptions) -> bool:
+    """Whether a product of bf16 `x` computes in fp32 (`matmul_dtype="fp32"`): CPU, no grad, more than decode-sized.
+
+    Decode-sized products stay bf16 (native kernels or torch's matrix-vector paths): widening the whole
+    weight for a few rows would cost more than the product.
+    """
+    return (
+        options.matmul_dtype == "fp32"
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.numel() > NATIVE_MAX_ROWS * x.shape[-1]
+        and not torch.is_grad_enabled()
+    )
+
+
 # Widening a bf16 weight to fp32 takes a temporary copy: at most this many elements (64 MiB) at a time.
 WIDEN_MAX_ELEMENTS = 1 << 24
 
@@ -65,12 +80,7 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor, options: InferenceOptions =
     matvec = options.matvec
     if uses_native(x, matvec) and native.fits_linear(x, weight):
         return native.linear(x, weight)
-    if (
-        options.matmul_dtype == "fp32"
-        and x.dtype == weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-    ):
+    if widens(x, options) and weight.dtype == torch.bfloat16:
         return widened_linear(x, weight)
     if matvec == "mkl" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         previous = torch.backends.mkldnn.enabled
@@ -86,7 +96,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, options: 
     """x @ (q * scale).T for int8 weights: native kernels for decode-sized x, else torch's (fp32 per `matmul_dtype`)."""
     if uses_native(x, options.matvec) and native.fits_linear(x, q):
         return native.linear(x, q, scale)
-    if options.matmul_dtype == "fp32" and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    if widens(x, options):
         return int8_kernels.linear_int8(x.float(), q, scale).to(x.dtype)
     return int8_kernels.linear_int8(x, q, scale)
 
