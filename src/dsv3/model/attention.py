@@ -24,7 +24,7 @@ from torch import nn
 from ..config import LATENT_NORM_EPS, ModelConfig
 from ..kernels import native
 from .cache import CacheBatch
-from .linear import Linear, fuse_weights, fused_weight, matmul_wt, uses_native
+from .linear import Linear, fuse_weights, fused_weight, matmul_wt, uses_native, widens
 from .norm import RMSNorm
 from .options import UNPREPARED
 from .rope import apply_rope
@@ -177,11 +177,14 @@ class MLA(nn.Module):
             # Zero-pad v to the q/k head dim: torch's fused (flash) CPU kernel needs equal head dims,
             # and without it a 4096-token prefill materialises every (T, S) score matrix: 5x slower.
             v = F.pad(v, (0, self.qk_head_dim - self.v_dim))
+        dtype = q.dtype
+        if widens(q_nope.reshape(B * T, -1), self.options):  # bf16 flash attention is emulated on AVX2: fp32
+            q, k, v = q.float(), k.float(), v.float()
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
-        return out[..., : self.v_dim].transpose(1, 2)  # (B, T, H, Dv)
+        return out[..., : self.v_dim].transpose(1, 2).to(dtype)  # (B, T, H, Dv)
 
     def _attend_absorbed(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
