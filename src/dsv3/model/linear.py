@@ -152,6 +152,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_int8:
             return int8_matmul(x, self.weight, self.weight_scale, self.options)
+        if self.is_fp8 and self.options.fp8_compute == "dequant":
+            # Through the same product as a weight dequantized at load: bit-identical to it (InferenceOptions).
+            return matmul_wt(x, self.dequantized_weight(x.dtype), self.options)
         if self.is_fp8:
             o = self.options
             return fp8_kernels.linear_fp8(
