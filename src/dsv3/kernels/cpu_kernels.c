@@ -60,10 +60,12 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 }
 
 // Dot products of MT fp32 rows (x, row stride xs) with two weight rows w0, w1 of length K:
-// out[m][j] = x[m] . w_j. Generated per weight type and MT so the accumulators stay in registers. Each
-// iteration takes 16 weights per row into two accumulator sets (independent FMA chains: with one set a
-// single row is bound by the FMA latency, not by memory) and prefetches 2 KiB ahead in both rows
-// (measured: 1.6x the bandwidth of the plain loop on a 265 MB bf16 matrix-vector product).
+// out[m][j] = x[m] . w_j. Generated per weight type and MT so the accumulators stay in registers; every
+// iteration prefetches 2 KiB ahead in both rows. One or two rows take 16 weights per iteration into two
+// accumulator sets (independent FMA chains: with one set a single row is bound by the FMA latency, not by
+// memory; 1.6x the bandwidth of the plain loop on a 265 MB bf16 matrix-vector product). Three or four rows
+// hide the latency by themselves and need the registers: one set, and each widened weight vector feeds
+// four FMAs (the widening, not the FMA, limits batched decode).
 #define PREFETCH_AHEAD 2048
 #define DEFINE_DOT2(NAME, WTYPE, LOAD, MT)                                                              \
     static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
@@ -71,7 +73,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         __m256 a0[MT], a1[MT], b0[MT], b1[MT];                                                          \
         for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps();               \
         int64_t k = 0;                                                                                  \
-        for (; k + 16 <= K; k += 16) {                                                                  \
+        for (; MT <= 2 && k + 16 <= K; k += 16) {                                                       \
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
@@ -85,6 +87,8 @@ static inline void store1(void *p, int64_t i, int type, float v) {
             }                                                                                           \
         }                                                                                               \
         for (; k + 8 <= K; k += 8) {                                                                    \
+            _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
             for (int m = 0; m < MT; m++) {                                                              \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k);                                            \
@@ -103,35 +107,6 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         }                                                                                               \
     }
 
-// Three or four rows: one accumulator set is enough to hide the FMA latency, and each widened weight
-// vector then feeds four FMAs (the widening, not the FMA, limits batched decode).
-#define DEFINE_DOT2_WIDE(NAME, WTYPE, LOAD, MT)                                                         \
-    static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
-                            float out[4][2]) {                                                          \
-        __m256 a0[MT], a1[MT];                                                                          \
-        for (int m = 0; m < MT; m++) a0[m] = a1[m] = _mm256_setzero_ps();                               \
-        int64_t k = 0;                                                                                  \
-        for (; k + 8 <= K; k += 8) {                                                                    \
-            _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
-            _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
-            __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
-            for (int m = 0; m < MT; m++) {                                                              \
-                __m256 xv = _mm256_loadu_ps(x + m * xs + k);                                            \
-                a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
-                a1[m] = _mm256_fmadd_ps(v1, xv, a1[m]);                                                 \
-            }                                                                                           \
-        }                                                                                               \
-        for (int m = 0; m < MT; m++) {                                                                  \
-            float s0 = hsum(a0[m]), s1 = hsum(a1[m]);                                                   \
-            for (int64_t kk = k; kk < K; kk++) {                                                        \
-                s0 += x[m * xs + kk] * (float)LOAD##_1(w0 + kk);                                       \
-                s1 += x[m * xs + kk] * (float)LOAD##_1(w1 + kk);                                       \
-            }                                                                                           \
-            out[m][0] = s0;                                                                             \
-            out[m][1] = s1;                                                                             \
-        }                                                                                               \
-    }
-
 #define load8_bf16_1(p) bf16_to_f32(*(p))
 #define load8_i8_1(p) ((float)*(p))
 #define _mm256_loadu_ps_1(p) (*(p))
@@ -139,8 +114,8 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define DEFINE_DOT2_ALL(SUFFIX, WTYPE, LOAD)                 \
     DEFINE_DOT2(dot2_##SUFFIX##_1, WTYPE, LOAD, 1)           \
     DEFINE_DOT2(dot2_##SUFFIX##_2, WTYPE, LOAD, 2)           \
-    DEFINE_DOT2_WIDE(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)      \
-    DEFINE_DOT2_WIDE(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)      \
+    DEFINE_DOT2(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)           \
+    DEFINE_DOT2(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)           \
     static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
                                      int64_t K, float out[4][2]) {                                         \
         switch (mt) {                                                                                      \
