@@ -28,10 +28,12 @@ def _model(cfg: dsv3.ModelConfig, dtype: torch.dtype) -> dsv3.DeepSeekV3:
     return model
 
 
-def _decode_logits(model: dsv3.DeepSeekV3, options: InferenceOptions, dtype: torch.dtype, steps: int = 6):
+def _decode_logits(
+    model: dsv3.DeepSeekV3, options: InferenceOptions, dtype: torch.dtype, steps: int = 6, cache_dtype=None
+):
     """Logits of a ragged batch of 3: prefill, then `steps` teacher-forced decode steps (the same tokens for both)."""
     model.prepare_for_inference(options)
-    cache = LatentCache(model.config, 3, 32, dtype=dtype)
+    cache = LatentCache(model.config, 3, 32, dtype=cache_dtype or dtype)
     slots = [cache.allocate() for _ in PROMPTS]
     out = [prefill(model, cache, slots, PROMPTS)]
     for step in range(steps):
@@ -61,3 +63,12 @@ def test_native_decode_in_fp32_is_exact_to_fp32_round_off(tiny_cfg):
     torch_out = _decode_logits(_model(tiny_cfg, dtype), InferenceOptions(matvec="mkl"), dtype)
     native_out = _decode_logits(_model(tiny_cfg, dtype), InferenceOptions(matvec="native"), dtype)
     assert torch.allclose(native_out, torch_out, atol=1e-5 * float(torch_out.abs().max()), rtol=0)
+
+
+def test_a_float16_model_decodes_through_torch_where_the_kernels_do_not_apply(tiny_cfg):
+    """The native kernels take bf16/fp32 activations only: an fp16 model (here with a bf16 cache) falls back."""
+    dtype, cache = torch.float16, torch.bfloat16
+    native_out = _decode_logits(_model(tiny_cfg, dtype), InferenceOptions(matvec="native"), dtype, 2, cache)
+    torch_out = _decode_logits(_model(tiny_cfg, dtype), InferenceOptions(matvec="mkl"), dtype, 2, cache)
+    assert torch.isfinite(native_out).all()
+    assert torch.allclose(native_out, torch_out, atol=1e-3 * float(torch_out.abs().max()))

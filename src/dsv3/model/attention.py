@@ -156,7 +156,7 @@ class MLA(nn.Module):
             absorb = cache is not None and self._absorbed_is_cheaper(T)
         if not absorb:
             attend = self._attend_expanded
-        elif fast and kv.dtype in (torch.bfloat16, torch.float32):
+        elif fast and x.dtype in (torch.bfloat16, torch.float32):  # the kernels' activation types
             attend = self._attend_absorbed_native
         else:
             attend = self._attend_absorbed
