@@ -149,6 +149,9 @@ def test_tokenize_detokenize_and_unknown_routes(server, tokenizer):
     assert back == {"prompt": tokenizer.decode(r["tokens"])}
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [-1]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    for route, body in (("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [5]})):
+        other = httpx.post(f"{server.url}{route}", json={"model": "not-" + MODEL, **body})
+        assert other.status_code == 400 and other.json()["error"]["code"] == "model_not_found", route
 
     missing = httpx.post(f"{server.url}/v1/embeddings", json={})
     error = missing.json()["error"]

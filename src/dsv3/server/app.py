@@ -507,12 +507,16 @@ def create_app(
 
     # vLLM's tokenizer endpoints (no /v1 prefix, as vLLM serves them).
 
+    def require_served_model(name: str | None) -> None:
+        """The tokenizer endpoints' `model` field is optional; when given it must name the served model (400)."""
+        if name is not None and name != model_name:
+            raise ApiError(400, f"model {name!r} does not exist", param="model", code="model_not_found")
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = await parse(request, TokenizeRequest)
-        if req.model is not None and req.model != model_name:
-            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        require_served_model(req.model)
         try:
             if req.messages is not None:
                 ids = await run_in_threadpool(tokenizer.encode_chat, req.messages, req.tools, req.add_generation_prompt)
@@ -531,8 +535,7 @@ def create_app(
     async def detokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = await parse(request, DetokenizeRequest)
-        if req.model is not None and req.model != model_name:
-            raise ApiError(400, f"model {req.model!r} does not exist", param="model", code="model_not_found")
+        require_served_model(req.model)
         vocab = engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
