@@ -259,21 +259,21 @@ int dsv3_matmul(int64_t G, int64_t M, int64_t S, int64_t C, const void *x, int x
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-// The routed experts' SwiGLU for rows sorted by expert: rows [start_e, start_e + counts[e]) of x go to
-// expert e; y[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])) (unweighted). Weights of expert e start at
-// e * *_es elements; gate and up may be two halves of one fused [2F, D] tensor (then up = gate + F*D).
-// Two parallel phases (gate/up, then down), each over blocks of output rows of every active expert, so
+// The routed experts' SwiGLU for rows sorted by expert, x already fp32 (xf, R x D): rows [start_e, start_e +
+// counts[e]) go to expert e; y[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])) (unweighted). Weights of expert
+// e start at e * *_es elements; gate and up may be two halves of one fused [2F, D] tensor (then up = gate +
+// F*D). Two parallel phases (gate/up, then down), each over blocks of output rows of every active expert, so
 // each chosen expert's weights are read once whatever the number of rows it got.
-int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *counts, const void *x, int xtype,
-                 const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
-                 const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
-                 int ytype, int nthreads) {
-    float *xf = widen_rows(x, xtype, 1, R, D, 0, D);
+static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *counts, const float *xf,
+                        const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
+                        const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
+                        int ytype, int nthreads) {
     float *h = (float *)aligned_alloc(64, (size_t)((R * 2 * F * 4 + 63) / 64 * 64 + 64));
     float *hh = (float *)aligned_alloc(64, (size_t)((R * F * 4 + 63) / 64 * 64 + 64));
     int64_t *start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(E + 1));
-    if (!xf || !h || !hh || !start) {
-        free(xf), free(h), free(hh), free(start);
+    int64_t *active = (int64_t *)malloc(sizeof(int64_t) * (size_t)(E + 1));
+    if (!h || !hh || !start || !active) {
+        free(h), free(hh), free(start), free(active);
         return 1;
     }
     start[0] = 0;
@@ -281,7 +281,6 @@ int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *coun
     const int64_t block = 16;
     const int64_t fblocks = (F + block - 1) / block, dblocks = (D + block - 1) / block;
     // Active experts, so the parallel loops run over work only.
-    int64_t *active = (int64_t *)malloc(sizeof(int64_t) * (size_t)(E + 1));
     int64_t na = 0;
     for (int64_t e = 0; e < E; e++)
         if (counts[e] > 0) active[na++] = e;
@@ -313,8 +312,268 @@ int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *coun
                               (char *)y + (size_t)(start[e] * D) * ysize, ytype, D);
         }
     }
-    free(xf), free(h), free(hh), free(start), free(active);
+    free(h), free(hh), free(start), free(active);
     return 0;
+}
+
+// `experts_rows` for x of any activation type (R x D, contiguous).
+int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *counts, const void *x, int xtype,
+                 const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
+                 const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
+                 int ytype, int nthreads) {
+    float *xf = widen_rows(x, xtype, 1, R, D, 0, D);
+    if (!xf) return 1;
+    const int rc = experts_rows(R, D, F, E, counts, xf, gate, up, wtype, gu_es, gate_scale, up_scale, down, down_es,
+                                down_scale, y, ytype, nthreads);
+    free(xf);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------------------------- routing
+// What dsv3.model.moe.Router does for one token, on its float32 affinity logits: the same selection rules
+// (module docstring there), with torch.sort's order: descending, equal values to the lower expert id,
+// NaN above everything.
+
+enum { SCORE_SIGMOID = 0, SCORE_SOFTMAX = 1 };
+enum { ROUTE_GREEDY = 0, ROUTE_NOAUX_TC = 1, ROUTE_GROUP_MAX = 2 };
+
+static inline int ranks_above(float a, float b) { return (isnan(a) && !isnan(b)) || a > b; }
+
+// The k largest of v[0..n) (stable: ties to the lower index) -> out[0..k); taken is scratch of n bytes.
+static void topk_stable(const float *v, int64_t n, int64_t k, int64_t *out, unsigned char *taken) {
+    memset(taken, 0, (size_t)n);
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < n; i++)
+            if (!taken[i] && (best < 0 || ranks_above(v[i], v[best]))) best = i;
+        out[j] = best;
+        taken[best] = 1;
+    }
+}
+
+// One token: logits (E, overwritten by the affinities) -> expert ids idx[K] and combine weights w[K].
+// scratch holds 5E floats.
+static void route_one(float *s, int64_t E, int64_t K, const float *bias, int scoring, int method, int64_t n_group,
+                      int64_t topk_group, int norm_topk, float scaling, int64_t *idx, float *w, float *scratch) {
+    if (scoring == SCORE_SOFTMAX) {
+        float mx = s[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
+        for (int64_t e = 0; e < E; e++) s[e] /= sum;
+    } else {
+        for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+    }
+    float *sel = scratch, *group_score = scratch + E;
+    int64_t *kept = (int64_t *)(scratch + 2 * E);  // up to E group ids
+    unsigned char *taken = (unsigned char *)(scratch + 4 * E);
+    for (int64_t e = 0; e < E; e++) sel[e] = bias ? s[e] + bias[e] : s[e];
+    const int grouped = method == ROUTE_GROUP_MAX || (method == ROUTE_NOAUX_TC && n_group > 1);
+    if (grouped) {
+        const int64_t gs = E / n_group;
+        for (int64_t g = 0; g < n_group; g++) {
+            const float *v = sel + g * gs;
+            if (method == ROUTE_GROUP_MAX) {  // V2: the group's max (NaN propagates, as torch.amax)
+                float m = v[0];
+                for (int64_t i = 1; i < gs; i++) m = ranks_above(v[i], m) ? v[i] : m;
+                group_score[g] = m;
+            } else {  // V3: the sum of the group's two largest
+                int64_t top2[2];
+                topk_stable(v, gs, 2, top2, taken);
+                group_score[g] = v[top2[0]] + v[top2[1]];
+            }
+        }
+        topk_stable(group_score, n_group, topk_group, kept, taken);
+        memset(taken, 0, (size_t)n_group);
+        for (int64_t j = 0; j < topk_group; j++) taken[kept[j]] = 1;
+        for (int64_t g = 0; g < n_group; g++)
+            if (!taken[g])
+                for (int64_t i = 0; i < gs; i++) sel[g * gs + i] = -INFINITY;
+    }
+    topk_stable(sel, E, K, idx, taken);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; k++) sum += (w[k] = s[idx[k]]);  // the unbiased affinities
+    for (int64_t k = 0; k < K; k++) w[k] = (norm_topk ? w[k] / (sum + 1e-20f) : w[k]) * scaling;
+}
+
+// The routed half of a MoE layer for T tokens (x: T x D, contiguous): route each token (router_w [E, D]
+// float32, bias [E] or NULL), run its K experts (`experts_rows`' weights) and write
+// y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) in x's type. Rounds where `Experts.forward` does in torch
+// ops: each expert output to x's type, the weight to x's type, each product to x's type, the sum (fp32) once.
+// idx_out / w_out (T x K) receive the routing when not NULL.
+int dsv3_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const void *x, int xtype, const float *router_w,
+             const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group, int norm_topk,
+             float scaling, const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
+             const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
+             int64_t *idx_out, float *w_out, int nthreads) {
+    const int grouped = method == ROUTE_GROUP_MAX || (method == ROUTE_NOAUX_TC && n_group > 1);
+    if (K > E || (grouped && (n_group < 1 || E % n_group || topk_group > n_group || topk_group < 1)) ||
+        (method == ROUTE_NOAUX_TC && grouped && E / n_group < 2))
+        return 2;
+    const int64_t N = T * K;
+    float *xf = widen_rows(x, xtype, 1, T, D, 0, D);
+    float *logits = (float *)malloc(sizeof(float) * (size_t)(T * E));
+    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)((5 * E + 31) / 16 * 16));
+    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)N);
+    float *w = (float *)malloc(sizeof(float) * (size_t)N);
+    int64_t *counts = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *fill = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * (size_t)N);
+    float *xs = (float *)aligned_alloc(64, (size_t)((N * D * 4 + 63) / 64 * 64 + 64));
+    const size_t asize = xtype == T_F32 ? 4 : 2;
+    void *h = malloc(asize * (size_t)(N * D) + 64);
+    int rc = 1;
+    if (!xf || !logits || !scratch || !idx || !w || !counts || !fill || !pos || !xs || !h) goto done;
+    const int64_t eblocks = (E + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads_for(T * E * D, nthreads))
+    for (int64_t b = 0; b < eblocks; b++)
+        rows_times_weight(xf, D, T, router_w, T_F32, D, NULL, b * 16, b * 16 + 16 < E ? b * 16 + 16 : E, D, logits,
+                          T_F32, E);
+    for (int64_t t = 0; t < T; t++)
+        route_one(logits + t * E, E, K, bias, scoring, method, n_group, topk_group, norm_topk, scaling, idx + t * K,
+                  w + t * K, scratch);
+    // Assignments sorted by expert, stable (`sort_by_expert`): assignment n = t*K + k lands in row pos[n].
+    for (int64_t n = 0; n < N; n++) counts[idx[n]]++;
+    for (int64_t e = 0, acc = 0; e < E; e++) fill[e] = acc, acc += counts[e];
+    for (int64_t n = 0; n < N; n++) {
+        pos[n] = fill[idx[n]]++;
+        memcpy(xs + pos[n] * D, xf + (n / K) * D, sizeof(float) * (size_t)D);
+    }
+    rc = experts_rows(N, D, F, E, counts, xs, gate, up, wtype, gu_es, gate_scale, up_scale, down, down_es,
+                      down_scale, h, xtype, nthreads);
+    if (rc) goto done;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                float wk = w[t * K + k];
+                float p = load1(h, pos[t * K + k] * D + d, xtype);
+                if (xtype == T_BF16) wk = bf16_to_f32(f32_to_bf16(wk)), p = bf16_to_f32(f32_to_bf16(p * wk));
+                else p *= wk;
+                acc += p;
+            }
+            store1(y, t * D + d, xtype, acc);
+        }
+    if (idx_out) memcpy(idx_out, idx, sizeof(int64_t) * (size_t)N);
+    if (w_out) memcpy(w_out, w, sizeof(float) * (size_t)N);
+done:
+    free(xf), free(logits), free(scratch), free(idx), free(w), free(counts), free(fill), free(pos), free(xs), free(h);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------------------------- attention
+// MLA's absorbed attention for a few query tokens against the latent cache (dsv3.model.attention,
+// `_attend_absorbed`), one call per layer. Per row b, query token t and head h:
+//   q = [W_UK[h]^T q_nope (rounded to the activation type), q_rope]        (R + Dr)
+//   p = softmax(scale * q . kv[b, j] over the visible keys j), in fp32     (S)
+//   o = sum_j p_j kv[b, j, :R] (rounded), out[b, t, h] = W_UV[h] o (rounded) (Dv)
+// kv[b] holds S cached rows [latent (R), rope key (Dr)] (row stride kv_ss, row b at kv + b * kv_bs). Key j is
+// visible iff mask[b, t, j] (bool, strides m_bs, m_ts, contiguous in j) or, with mask NULL, j <= S - T + t.
+// q_nope / q_rope / out are [B, T, H, d] with the given (b, t, h) strides; w_uk [H, Dn, R], w_uv_t [H, R, Dv]
+// contiguous (bf16 or fp32). One work item is one (b, block of up to 4 heads): every cached row is read once
+// per item with four query rows in registers.
+int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
+                    const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
+                    int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs, int64_t kv_ss,
+                    const void *w_uk, const void *w_uv_t, int wtype, float scale, const unsigned char *mask,
+                    int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs, int64_t o_ts, int64_t o_hs, int nthreads) {
+    const int64_t HB = 4, hblocks = (H + HB - 1) / HB, C = R + Dr, M_max = T * HB;
+    const size_t ksize = kvtype == T_F32 ? 4 : 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads_for(B * H * T * S * 2 * C + B * H * T * R * (Dn + Dv), nthreads))
+    {
+        float *q = (float *)aligned_alloc(64, (size_t)((M_max * C * 4 + 63) / 64 * 64 + 64));
+        float *p = (float *)aligned_alloc(64, (size_t)((M_max * S * 4 + 63) / 64 * 64 + 64));
+        float *o = (float *)aligned_alloc(64, (size_t)((M_max * R * 4 + 63) / 64 * 64 + 64));
+        if (!q || !p || !o) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < B * hblocks; it++) {
+            if (failed) continue;
+            const int64_t b = it / hblocks, h0 = (it % hblocks) * HB, nh = H - h0 < HB ? H - h0 : HB;
+            const int64_t M = T * nh;  // query rows of this item, m = t * nh + (h - h0)
+            const char *kvb = (const char *)kv + (size_t)(b * kv_bs) * ksize;
+            // q rows: the absorbed latent query (rounded to the activation type), then the rope query.
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t hh = 0; hh < nh; hh++) {
+                    const int64_t h = h0 + hh, m = t * nh + hh;
+                    float *qm = q + m * C;
+                    for (int64_t r = 0; r < R; r++) qm[r] = 0.0f;
+                    for (int64_t d = 0; d < Dn; d++) {
+                        const float a = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
+                        const int64_t w0 = (h * Dn + d) * R;
+                        int64_t r = 0;
+                        const __m256 av = _mm256_set1_ps(a);
+                        for (; r + 8 <= R; r += 8) {
+                            const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w_uk + w0 + r)
+                                                              : _mm256_loadu_ps((const float *)w_uk + w0 + r);
+                            _mm256_storeu_ps(qm + r, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(qm + r)));
+                        }
+                        for (; r < R; r++) qm[r] += a * load1(w_uk, w0 + r, wtype);
+                    }
+                    if (xtype == T_BF16)
+                        for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
+                    for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
+                }
+            // Scores of every row against every cached key (each key row streamed once for the M rows).
+            rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, 0, S, C, p, T_F32, S);
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t t = m / nh;
+                float *pm = p + m * S, mx = -INFINITY, sum = 0.0f;
+                const unsigned char *vis = mask ? mask + b * m_bs + t * m_ts : NULL;
+                const int64_t last = S - T + t;  // causal: keys 0..last
+                for (int64_t j = 0; j < S; j++) {
+                    const int visible = vis ? vis[j] : j <= last;
+                    pm[j] = visible ? pm[j] * scale : -INFINITY;
+                    mx = pm[j] > mx ? pm[j] : mx;
+                }
+                for (int64_t j = 0; j < S; j++) sum += (pm[j] = expf(pm[j] - mx));
+                const float inv = 1.0f / sum;
+                for (int64_t j = 0; j < S; j++) pm[j] *= inv;
+            }
+            // o = p @ kv[:, :R] for the M rows at once, then rounded.
+            for (int64_t i = 0; i < M * R; i++) o[i] = 0.0f;
+            for (int64_t j = 0; j < S; j++) {
+                const char *row = kvb + (size_t)(j * kv_ss) * ksize;
+                int64_t r = 0;
+                for (; r + 8 <= R; r += 8) {
+                    const __m256 kvv = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + r)
+                                                        : _mm256_loadu_ps((const float *)row + r);
+                    for (int64_t m = 0; m < M; m++)
+                        _mm256_storeu_ps(o + m * R + r, _mm256_fmadd_ps(_mm256_set1_ps(p[m * S + j]), kvv,
+                                                                        _mm256_loadu_ps(o + m * R + r)));
+                }
+                for (; r < R; r++) {
+                    const float v = load1(row, r, kvtype);
+                    for (int64_t m = 0; m < M; m++) o[m * R + r] += p[m * S + j] * v;
+                }
+            }
+            if (xtype == T_BF16)
+                for (int64_t i = 0; i < M * R; i++) o[i] = bf16_to_f32(f32_to_bf16(o[i]));
+            // out = o @ W_UV^T per head.
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t t = m / nh, h = h0 + m % nh;
+                float acc[Dv > 0 ? Dv : 1];
+                for (int64_t v = 0; v < Dv; v++) acc[v] = 0.0f;
+                for (int64_t r = 0; r < R; r++) {
+                    const float a = o[m * R + r];
+                    const int64_t w0 = (h * R + r) * Dv;
+                    int64_t v = 0;
+                    const __m256 av = _mm256_set1_ps(a);
+                    for (; v + 8 <= Dv; v += 8) {
+                        const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w_uv_t + w0 + v)
+                                                          : _mm256_loadu_ps((const float *)w_uv_t + w0 + v);
+                        _mm256_storeu_ps(acc + v, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(acc + v)));
+                    }
+                    for (; v < Dv; v++) acc[v] += a * load1(w_uv_t, w0 + v, wtype);
+                }
+                for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
+            }
+        }
+        free(q), free(p), free(o);
+    }
+    return failed;
 }
 
 // RMSNorm of R rows of D values (row strides x_rs, y_rs): n = x * rsqrt(mean(x^2) + eps) in fp32, rounded to

@@ -106,6 +106,10 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_matmul.argtypes += [_i64, _i64, _int]
     lib.dsv3_experts.argtypes = [_i64] * 4 + [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64]
     lib.dsv3_experts.argtypes += [_ptr, _ptr, _int, _int]
+    lib.dsv3_moe.argtypes = [_i64] * 5 + [_ptr, _int, _ptr, _ptr, _int, _int, _i64, _i64, _int, ctypes.c_float]
+    lib.dsv3_moe.argtypes += [_ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.dsv3_mla_attend.argtypes = [_i64] * 8 + [_ptr, _ptr, _int] + [_i64] * 6 + [_ptr, _int, _i64, _i64]
+    lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr]
     return lib
@@ -222,6 +226,85 @@ def experts(
     )  # fmt: skip
     _check(rc, "experts")
     return y
+
+
+ROUTING_METHODS = {"greedy": 0, "noaux_tc": 1, "group_limited_greedy": 2}
+SCORING_FUNCS = {"sigmoid": 0, "softmax": 1}
+
+
+def moe(
+    x: Tensor,
+    router_weight: Tensor,
+    bias: Tensor | None,
+    routing: dict,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    scales: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+    with_routing: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """The routed experts of a MoE layer for a few tokens in one call: `Router` + `Experts.forward` -> [T, D].
+
+    `routing` holds the Router's rules: scoring_func, topk_method, n_group, topk_group, top_k,
+    norm_topk_prob, scaling. router_weight [E, D] and bias [E] are float32; expert weights as `experts`.
+    With `with_routing` also returns the chosen ids [T, K] (int64) and combine weights [T, K] (float32).
+    """
+    T, D = x.shape
+    E, F_, K = gate.shape[0], gate.shape[1], routing["top_k"]
+    x = x.contiguous()
+    scales = [None if s is None else s.float().contiguous() for s in scales]
+    y = torch.empty(T, D, dtype=x.dtype)
+    idx = torch.empty(T, K, dtype=torch.int64) if with_routing else None
+    weights = torch.empty(T, K, dtype=torch.float32) if with_routing else None
+    rc = _library().dsv3_moe(
+        T, D, F_, E, K, x.data_ptr(), _TYPE[x.dtype],
+        router_weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        SCORING_FUNCS[routing["scoring_func"]], ROUTING_METHODS[routing["topk_method"]],
+        routing["n_group"], routing["topk_group"], int(routing["norm_topk_prob"]), routing["scaling"],
+        gate.data_ptr(), up.data_ptr(), _TYPE[gate.dtype], gate.stride(0),
+        *(None if s is None else s.data_ptr() for s in scales[:2]),
+        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(),
+        y.data_ptr(), None if idx is None else idx.data_ptr(), None if weights is None else weights.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        raise ValueError(f"native moe: routing rules it does not take: {routing}")
+    _check(rc, "moe")
+    return (y, idx, weights) if with_routing else y
+
+
+def mla_attend(
+    q_nope: Tensor,
+    q_rope: Tensor,
+    kv: Tensor,
+    w_uk: Tensor,
+    w_uv_t: Tensor,
+    scale: float,
+    mask: Tensor | None,
+) -> Tensor:
+    """MLA's absorbed attention in one call (`MLA._attend_absorbed`'s contract) -> [B, T, H, Dv] in q's dtype.
+
+    q_nope [B, T, H, Dn], q_rope [B, T, H, Dr], kv [B, S, R+Dr] (the cache as stored, q's dtype), w_uk
+    [H, Dn, R], w_uv_t [H, R, Dv] (contiguous); mask [B, T, S] bool, or None for causal (key j <= S-T+t).
+    """
+    B, T, H, Dn = q_nope.shape
+    S, C = kv.shape[1], kv.shape[2]
+    R, Dv = w_uk.shape[2], w_uv_t.shape[2]
+    Dr = C - R
+    out = torch.empty(B, T, H, Dv, dtype=q_nope.dtype)
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    rc = _library().dsv3_mla_attend(
+        B, T, H, S, Dn, Dr, R, Dv,
+        q_nope.data_ptr(), q_rope.data_ptr(), _TYPE[q_nope.dtype], *q_nope.stride()[:3], *q_rope.stride()[:3],
+        kv.data_ptr(), _TYPE[kv.dtype], kv.stride(0), kv.stride(1),
+        w_uk.data_ptr(), w_uv_t.data_ptr(), _TYPE[w_uk.dtype], scale,
+        None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+        0 if mask is None else mask.stride(1),
+        out.data_ptr(), *out.stride()[:3], torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "attention")
+    return out
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

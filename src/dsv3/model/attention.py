@@ -156,7 +156,7 @@ class MLA(nn.Module):
             absorb = cache is not None and self._absorbed_is_cheaper(T)
         if not absorb:
             attend = self._attend_expanded
-        elif fast and x.dtype in (torch.bfloat16, torch.float32):  # the kernels' activation types
+        elif fast and x.dtype in (torch.bfloat16, torch.float32):  # the kernel's activation types
             attend = self._attend_absorbed_native
         else:
             attend = self._attend_absorbed
@@ -209,27 +209,9 @@ class MLA(nn.Module):
         return out.transpose(0, 1).reshape(B, T, H, -1)
 
     def _attend_absorbed_native(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
-        """`_attend_absorbed` through kernels.native: the same four products, each operand read in place.
+        """`_attend_absorbed` in one call into kernels.native: the same four products, each operand read in place.
 
         Scores and probabilities stay float32 (the torch path rounds probabilities to the cache dtype).
         """
-        B, T, H, Dn = q_nope.shape
-        S, R, Dr = kv.shape[1], self.kv_lora_rank, self.rope_dim
-        dtype = q_nope.dtype
-        w_uk, w_uv_t = self.absorbed_weights(dtype)  # (H, Dn, R), (H, R, Dv)
-        # [W_UK^T q_nope, q_rope] per (token, head), the latent part written in place: (B*T, H, R+Dr).
-        q = torch.empty(B * T, H, R + Dr, dtype=dtype)
-        native.batched_matmul(q_nope.reshape(B * T, H, Dn).transpose(0, 1), w_uk, q.transpose(0, 1)[..., :R])
-        q[..., R:] = q_rope.reshape(B * T, H, Dr)
-        scores = torch.empty(B, T * H, S, dtype=torch.float32)
-        native.batched_linear(q.view(B, T * H, R + Dr), kv, scores)  # q . [c, k_rope] for every cached key
-        scores *= self.softmax_scale
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None].expand(B, T, S)
-        scores = scores.view(B, T, H, S).masked_fill_(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).view(B, T * H, S)
-        o_latent = torch.empty(B * T, H, R, dtype=dtype)
-        native.batched_matmul(probs, kv[..., :R], o_latent.view(B, T * H, R))  # the rope columns are not read
-        out = torch.empty(B * T, H, self.v_dim, dtype=dtype)
-        native.batched_matmul(o_latent.transpose(0, 1), w_uv_t, out.transpose(0, 1))
-        return out.view(B, T, H, -1)
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)  # (H, Dn, R), (H, R, Dv)
+        return native.mla_attend(q_nope, q_rope, kv, w_uk, w_uv_t, self.softmax_scale, mask)

@@ -94,7 +94,7 @@ class CacheBatch:
         s = slots.tolist()
         # Rows on consecutive slots (the usual generate() case) read a view instead of a gather.
         self._slot_range = (s[0], s[-1] + 1) if s and s == list(range(s[0], s[0] + len(s))) else None
-        self._mask_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._per_pass: dict[tuple, object] = {}  # attention masks and write indices, per pass
         self._starts_empty = not bool(start.any())
 
     def positions(self, num_tokens: int) -> torch.Tensor:
@@ -103,20 +103,33 @@ class CacheBatch:
 
     def update(self, layer: int, kv_new: torch.Tensor) -> torch.Tensor:
         """Write kv_new (B, T, C) for the real new tokens, return this layer's cache (B, S, C)."""
-        B, T, _ = kv_new.shape
         store = self.cache.kv[layer - self.cache.first_layer]
-        t = torch.arange(T, device=kv_new.device)
-        if bool((self.n_new == T).all()):
-            pos = self.start[:, None] + t  # (B, T)
-            store[self.slots[:, None].expand(B, T), pos] = kv_new.to(store.dtype)
-        else:
-            real = t[None, :] < self.n_new[:, None]  # (B, T): right padding is not written
-            b_idx, t_idx = real.nonzero(as_tuple=True)
-            store[self.slots[b_idx], self.start[b_idx] + t_idx] = kv_new[b_idx, t_idx].to(store.dtype)
+        slot_idx, pos_idx, real = self._write_index(kv_new.shape[1], kv_new.device)
+        rows = kv_new if real is None else kv_new[real]
+        store.index_put_((slot_idx, pos_idx), rows.to(store.dtype))
         if self._slot_range is not None:
             lo, hi = self._slot_range
             return store[lo:hi, : self.read_len]
         return store[self.slots, : self.read_len]
+
+    def _write_index(self, num_tokens: int, device: torch.device) -> tuple:
+        """(slot, position) indices of the real new tokens, and which (b, t) they are (None: all of them).
+
+        The same for every layer of the pass: computed once (each layer then writes with one op).
+        """
+        key = ("write", num_tokens, device)
+        if key not in self._per_pass:
+            T = num_tokens
+            t = torch.arange(T, device=device)
+            if bool((self.n_new == T).all()):
+                B = self.slots.shape[0]
+                entry = (self.slots[:, None].expand(B, T), self.start[:, None] + t, None)
+            else:
+                real = t[None, :] < self.n_new[:, None]  # (B, T): right padding is not written
+                b_idx, t_idx = real.nonzero(as_tuple=True)
+                entry = (self.slots[b_idx], self.start[b_idx] + t_idx, (b_idx, t_idx))
+            self._per_pass[key] = entry
+        return self._per_pass[key]
 
     def is_fresh(self, num_tokens: int) -> bool:
         """True when every row starts at position 0 and the pass reads exactly its T new tokens.
@@ -129,15 +142,15 @@ class CacheBatch:
     def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(B, T, S) bool: query t of row b sees cached key j iff j <= start_b + t and j < start_b + n_new_b."""
         key = (num_tokens, device)
-        if key not in self._mask_cache:
+        if key not in self._per_pass:
             j = torch.arange(self.read_len, device=device)
             q_pos = self.positions(num_tokens).to(device)  # (B, T)
             end = (self.start + self.n_new).to(device)
             mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < end[:, None, None])
             # Key 0 always visible: a padded row with nothing cached must not softmax over nothing (NaN).
             mask[:, :, 0] = True
-            self._mask_cache[key] = mask
-        return self._mask_cache[key]
+            self._per_pass[key] = mask
+        return self._per_pass[key]
 
     def commit(self) -> None:
         """Advance each slot's length by its new tokens (call once, after the forward pass)."""

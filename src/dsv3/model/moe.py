@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import native
-from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt
+from .linear import ExpertLinear, Linear, fuse_weights, fused_weight, matmul_wt, uses_native
 from .options import UNPREPARED
 
 
@@ -394,8 +394,53 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        topk_idx_TK, topk_weight_TK = self.gate(x_TD)
-        y_TD = self.experts(x_TD, topk_idx_TK, topk_weight_TK)
+        if self._routes_natively(x_TD):
+            y_TD = self.routed_native(x_TD)
+        else:
+            topk_idx_TK, topk_weight_TK = self.gate(x_TD)
+            y_TD = self.experts(x_TD, topk_idx_TK, topk_weight_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)
+
+    def routed_native(self, x_TD: torch.Tensor, with_routing: bool = False):
+        """`experts(x, *gate(x))` in one call into kernels.native (decode-sized inputs): routing, experts, combine.
+
+        The same rules as `Router` (ties to the lower expert id), the same roundings as `Experts.forward`;
+        ~35 torch ops per layer become one call. With `with_routing` also the ids and combine weights.
+        """
+        gate, experts = self.gate, self.experts
+        rules = {
+            "scoring_func": gate.scoring_func,
+            "topk_method": gate.topk_method,
+            "n_group": gate.n_group,
+            "topk_group": gate.topk_group,
+            "top_k": gate.top_k,
+            "norm_topk_prob": gate.norm_topk_prob,
+            "scaling": gate.scaling,
+        }
+        g, u, d = experts.gate_proj, experts.up_proj, experts.down_proj
+        scales = (g.weight_scale, u.weight_scale, d.weight_scale) if g.is_int8 else (None, None, None)
+        bias = gate.e_score_correction_bias
+        return native.moe(x_TD, gate.weight, bias, rules, g.weight, u.weight, d.weight, scales, with_routing)
+
+    def _routes_natively(self, x_TD: torch.Tensor) -> bool:
+        """Whether `routed_native` runs: decode-sized rows under matvec='native', inference, the plain modules
+        (no expert parallelism, no hooks on the router or experts that would be skipped)."""
+        gate, experts = self.gate, self.experts
+        bias = gate.e_score_correction_bias
+        return (
+            not self.training
+            and type(gate) is Router
+            and type(experts) is Experts
+            and uses_native(x_TD, experts.options.matvec)
+            and not (gate._forward_hooks or gate._forward_pre_hooks)
+            and not (experts._forward_hooks or experts._forward_pre_hooks)
+            and gate.topk_method in native.ROUTING_METHODS
+            and gate.scoring_func in native.SCORING_FUNCS
+            and gate.weight.dtype == torch.float32
+            and gate.weight.is_contiguous()
+            and gate.weight.device.type == "cpu"
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and _native_fits(experts, x_TD)
+        )

@@ -1,0 +1,177 @@
+"""The fused native decode kernels (one call per MoE layer, one per attention) against the modules' torch paths.
+
+`native.moe` must choose the same experts as `Router` (ties included) and combine them as `Experts.forward`;
+`native.mla_attend` must equal MLA's absorbed attention, checked against a float64 reference written here.
+"""
+
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import InferenceOptions
+from dsv3.kernels import native
+from dsv3.model.moe import MoE
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2 and a C compiler")
+
+# (overrides of the tiny config): V3 grouped routing, one group, V2 greedy / group-max softmax, odd sizes.
+ROUTINGS = {
+    "v3-groups": dict(n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=6),
+    "v3-one-group": dict(n_routed_experts=20, n_group=1, topk_group=1, num_experts_per_tok=3),
+    "v3-unnormalised": dict(n_routed_experts=24, n_group=3, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False),
+    "v2-greedy": dict(
+        model_type="deepseek_v2",
+        architectures=["DeepseekV2ForCausalLM"],
+        scoring_func="softmax",
+        topk_method="greedy",
+        n_routed_experts=18,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+    ),  # fmt: skip
+    "v2-group-max": dict(
+        model_type="deepseek_v2",
+        architectures=["DeepseekV2ForCausalLM"],
+        scoring_func="softmax",
+        topk_method="group_limited_greedy",
+        n_routed_experts=24,
+        n_group=6,
+        topk_group=3,
+        num_experts_per_tok=5,
+        norm_topk_prob=False,
+    ),  # fmt: skip
+}
+
+
+def _moe(tiny_cfg, dtype, quantize=None, **overrides) -> MoE:
+    cfg = dsv3.ModelConfig.from_dict({**tiny_cfg.to_dict(), "moe_intermediate_size": 20, **overrides})
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+    model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+    return model.model.layers[cfg.first_k_dense_replace].mlp
+
+
+def _torch_path(moe: MoE, x: torch.Tensor):
+    """Router in torch ops, then `Experts.forward` with the native expert kernel (the same SwiGLU roundings;
+    the torch strategies round the hidden activations too, tested against it in test_native_model)."""
+    idx, weight = moe.gate(x)
+    return moe.experts(x, idx, weight, strategy="native"), idx, weight
+
+
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_routes_and_combines_like_the_modules(tiny_cfg, routing, T, dtype):
+    moe = _moe(tiny_cfg, dtype, **ROUTINGS[routing])
+    torch.manual_seed(T)
+    x = torch.randn(T, moe.gate.weight.shape[1]).to(dtype)
+    with torch.no_grad():
+        assert moe._routes_natively(x)
+        y, idx, weight = moe.routed_native(x, with_routing=True)
+        ref_y, ref_idx, ref_weight = _torch_path(moe, x)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-6, atol=1e-7)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-6)
+    else:  # the same roundings: at most one bf16 ulp apart where fp32 sums differ in their last bit
+        assert ((y.float() - ref_y.float()).abs() <= ref_y.float().abs() * 2**-7 + 1e-6).all()
+
+
+@pytest.mark.parametrize("routing", ["v3-groups", "v2-group-max", "v2-greedy"])
+def test_fused_moe_breaks_ties_to_the_lower_expert_id(tiny_cfg, routing):
+    """Router rows and inputs of small multiples of 1/8 make every logit exact in any summation order, so
+    many experts (and groups) tie exactly: the lower id must win everywhere, as in `Router`."""
+    moe = _moe(tiny_cfg, torch.float32, **ROUTINGS[routing])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.randint(-1, 2, moe.gate.weight.shape) / 8)
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.copy_(torch.randint(0, 2, (moe.gate.weight.shape[0],)) / 4)
+        x = torch.randint(-2, 3, (16, moe.gate.weight.shape[1])).float()
+        _, idx, weight = moe.routed_native(x, with_routing=True)
+        _, ref_idx, ref_weight = _torch_path(moe, x)
+        logits = x @ moe.gate.weight.T
+    assert (logits[:, :, None] == logits[:, None, :]).sum() > 16 * logits.shape[1]  # ties were there to break
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_moe_takes_int8_experts(tiny_cfg):
+    moe = _moe(tiny_cfg, torch.bfloat16, quantize="int8", **ROUTINGS["v3-groups"])
+    assert moe.experts.gate_proj.is_int8
+    x = torch.randn(5, moe.gate.weight.shape[1]).to(torch.bfloat16)
+    with torch.no_grad():
+        y, idx, _ = moe.routed_native(x, with_routing=True)
+        ref_y, ref_idx, _ = _torch_path(moe, x)
+    assert torch.equal(idx, ref_idx)
+    assert ((y.float() - ref_y.float()).abs() <= ref_y.float().abs() * 2**-7 + 1e-6).all()
+
+
+def test_fused_moe_is_not_used_where_it_would_skip_something(tiny_cfg):
+    moe = _moe(tiny_cfg, torch.float32)
+    x = torch.randn(2, moe.gate.weight.shape[1])
+    with torch.no_grad():
+        assert moe._routes_natively(x)
+        moe.train()  # training counts tokens per expert in the router
+        assert not moe._routes_natively(x)
+        moe.eval()
+        handle = moe.gate.register_forward_hook(lambda *a: None)
+        assert not moe._routes_natively(x)
+        handle.remove()
+        assert not moe._routes_natively(torch.randn(17, x.shape[1]))  # more rows than decode-sized
+    assert not moe._routes_natively(x.requires_grad_())
+
+
+def _attend_float64(q_nope, q_rope, kv, w_uk, w_uv_t, scale, mask):
+    """The absorbed attention written out in float64: the reference for `native.mla_attend`."""
+    B, T, H, _ = q_nope.shape
+    S, R = kv.shape[1], w_uk.shape[2]
+    q_nope, q_rope, kv, w_uk, w_uv_t = (t.double() for t in (q_nope, q_rope, kv, w_uk, w_uv_t))
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None].expand(B, T, S)
+    q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+    scores = torch.einsum("bthr,bsr->bths", q_latent, kv[..., :R]) + torch.einsum("bthd,bsd->bths", q_rope, kv[..., R:])
+    scores = (scores * scale).masked_fill(~mask[:, :, None, :], -math.inf)
+    o_latent = torch.einsum("bths,bsr->bthr", scores.softmax(-1), kv[..., :R])
+    return torch.einsum("bthr,hrv->bthv", o_latent, w_uv_t)
+
+
+@pytest.mark.parametrize("B, T, H, S", [(1, 1, 16, 7), (3, 1, 5, 33), (2, 2, 3, 40), (1, 4, 8, 300)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_attend_matches_float64(B, T, H, S, masked, dtype):
+    torch.manual_seed(B * 100 + T * 10 + H + S)
+    Dn, Dr, R, Dv = 12, 6, 40, 10  # R, Dv not multiples of 8: the scalar tails run too
+    # q_nope / q_rope as strided views of one projection (as MLA splits them), the cache a slot-window view.
+    q = torch.randn(B, T, H, Dn + Dr + 3).to(dtype)
+    q_nope, q_rope = q[..., :Dn], q[..., Dn : Dn + Dr]
+    store = torch.randn(B + 1, S + 5, R + Dr).to(dtype)
+    kv = store[1:, :S]
+    w_uk = (torch.randn(H, Dn, R) / Dn**0.5).to(dtype)
+    w_uv_t = (torch.randn(H, R, Dv) / R**0.5).to(dtype)
+    mask = None
+    if masked:  # ragged rows: row b sees keys j < lengths[b] + t; key 0 always (as CacheBatch builds it)
+        lengths = torch.randint(1, S - T + 2, (B,))
+        j = torch.arange(S)
+        mask = j[None, None, :] < (lengths[:, None, None] + torch.arange(T)[None, :, None])
+        mask[:, :, 0] = True
+    got = native.mla_attend(q_nope, q_rope, kv, w_uk, w_uv_t, 0.3, mask)
+    exact = _attend_float64(q_nope, q_rope, kv, w_uk, w_uv_t, 0.3, mask)
+    assert got.shape == (B, T, H, Dv) and got.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the latent query and output are rounded
+    assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
+    # Changing a key a row may not see leaves its output alone.
+    if masked:
+        b = 0
+        hidden = [jj for jj in range(S) if not bool(mask[b, 0, jj])]
+        if hidden:
+            kv[b, hidden[0]] += 100
+            again = native.mla_attend(q_nope, q_rope, kv, w_uk, w_uv_t, 0.3, mask)
+            assert torch.equal(again[b, 0], got[b, 0])
