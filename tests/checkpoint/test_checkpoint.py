@@ -228,6 +228,6 @@ def test_tied_embeddings_round_trip(tmp_path):
     again = dsv3.DeepSeekV3.from_pretrained(tmp_path / "t", dtype=torch.float32)
     assert again.lm_head.weight is again.model.embed_tokens.weight
     ids = torch.randint(0, 320, (1, 6))
-    model.prepare_for_inference(again.inference_options)  # the same kernels on both sides: exact equality
+    model.eval().prepare_for_inference(again.inference_options)  # the same kernels on both sides: exact equality
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))

@@ -11,7 +11,10 @@ import torch
 
 import dsv3
 from dsv3 import InferenceOptions
+from dsv3.inference.generate import prefill
 from dsv3.kernels import native
+from dsv3.model import native_decode
+from dsv3.model.cache import LatentCache
 from dsv3.model.moe import MoE
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2 and a C compiler")
@@ -175,3 +178,112 @@ def test_mla_attend_matches_float64(B, T, H, S, masked, dtype):
             kv[b, hidden[0]] += 100
             again = native.mla_attend(q_nope, q_rope, kv, w_uk, w_uv_t, 0.3, mask)
             assert torch.equal(again[b, 0], got[b, 0])
+
+
+# ------------------------------------------------------------------ one native call per decoder layer
+
+LAYER_CONFIGS = {
+    "tiny": {},
+    "no-q-lora-odd-sizes": dict(
+        q_lora_rank=None,
+        hidden_size=72,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        kv_lora_rank=20,
+        qk_nope_head_dim=10,
+        qk_rope_head_dim=6,
+        v_head_dim=12,
+        moe_intermediate_size=20,
+        intermediate_size=52,
+    ),  # fmt: skip
+    "no-shared-experts-no-rope-scaling": dict(n_shared_experts=0, rope_scaling=None, first_k_dense_replace=0),
+    "v2-routing": ROUTINGS["v2-group-max"],
+}
+PROMPTS = [[5, 9, 13, 2], [7] * 11, [100, 3, 250]]
+
+
+def _layer_model(tiny_cfg, dtype, **overrides) -> dsv3.DeepSeekV3:
+    cfg = dsv3.ModelConfig.from_dict({**tiny_cfg.to_dict(), **overrides})
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _decode(model, dtype, quantize=None, steps=5, tokens_per_step=1):
+    """Logits of a ragged batch of 3: prefill (module path: too many rows), then teacher-forced decode steps."""
+    model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+    cache = LatentCache(model.config, 3, 48, dtype=dtype)
+    slots = [cache.allocate() for _ in PROMPTS]
+    out = [prefill(model, cache, slots, PROMPTS)]
+    for step in range(steps):
+        rows = [[11 + step + k, 40 + step + k, 7 + k] for k in range(tokens_per_step)]
+        ids = [[rows[k][b] for k in range(tokens_per_step)] for b in range(3)]
+        out.append(prefill(model, cache, slots, ids))
+    return torch.stack(out).float()
+
+
+def _without_layer_path(monkeypatch):
+    monkeypatch.setattr(native_decode, "plan", lambda *args: None)
+
+
+@pytest.mark.parametrize("config", sorted(LAYER_CONFIGS))
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")])
+@pytest.mark.parametrize("tokens_per_step", [1, 2])
+def test_native_layer_equals_the_module_path(tiny_cfg, monkeypatch, config, dtype, quantize, tokens_per_step):
+    calls = []
+    real_forward = native_decode.forward
+    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    got = _decode(
+        _layer_model(tiny_cfg, dtype, **LAYER_CONFIGS[config]), dtype, quantize, tokens_per_step=tokens_per_step
+    )
+    assert calls, "the decode steps did not take the one-call layer"
+    _without_layer_path(monkeypatch)
+    want = _decode(
+        _layer_model(tiny_cfg, dtype, **LAYER_CONFIGS[config]), dtype, quantize, tokens_per_step=tokens_per_step
+    )
+    if dtype == torch.bfloat16:  # the same kernels, the same roundings: bit for bit
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_layer_follows_weights_changed_in_place(tiny_cfg, monkeypatch):
+    model = _layer_model(tiny_cfg, torch.float32)
+    before = _decode(model, torch.float32, steps=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1.5)
+            layer.self_attn.kv_b_proj.weight.mul_(0.5)  # absorbed weights are derived from it
+    after = _decode(model, torch.float32, steps=1)
+    _without_layer_path(monkeypatch)
+    want = _decode(model, torch.float32, steps=1)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_layer_is_skipped_where_it_would_change_behaviour(tiny_cfg):
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    layer = model.model.layers[1]
+    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
+    batch = cache.bind([cache.allocate()], [1])
+    x = torch.randn(1, 1, model.config.hidden_size).to(torch.bfloat16)
+    with torch.no_grad():
+        assert native_decode.plan(layer, x, batch) is not None
+        handle = layer.self_attn.o_proj.register_forward_hook(lambda *a: None)  # e.g. tensor parallelism's
+        assert native_decode.plan(layer, x, batch) is None
+        handle.remove()
+        layer.train()
+        assert native_decode.plan(layer, x, batch) is None
+        layer.eval()
+        assert native_decode.plan(layer, x, None) is None  # no cache
+        assert native_decode.plan(layer, x.float(), batch) is None  # cache in another dtype
+        assert native_decode.plan(layer, torch.randn(1, 17, x.shape[-1]).to(x.dtype), batch) is None  # prefill-sized
+    assert native_decode.plan(layer, x, batch) is None  # grad enabled

@@ -471,11 +471,13 @@ done:
 // q_nope / q_rope / out are [B, T, H, d] with the given (b, t, h) strides; w_uk [H, Dn, R], w_uv_t [H, R, Dv]
 // contiguous (bf16 or fp32). One work item is one (b, block of up to 4 heads): every cached row is read once
 // per item with four query rows in registers.
-int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
-                    const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
-                    int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs, int64_t kv_ss,
-                    const void *w_uk, const void *w_uv_t, int wtype, float scale, const unsigned char *mask,
-                    int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs, int64_t o_ts, int64_t o_hs, int nthreads) {
+// kv_boff: row b's cache starts kv_boff[b] elements into kv (NULL: b * kv_bs).
+static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
+                      const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
+                      int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs,
+                      const int64_t *kv_boff, int64_t kv_ss, const void *w_uk, const void *w_uv_t, int wtype,
+                      float scale, const unsigned char *mask, int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs,
+                      int64_t o_ts, int64_t o_hs, int nthreads) {
     const int64_t HB = 4, hblocks = (H + HB - 1) / HB, C = R + Dr, M_max = T * HB;
     const size_t ksize = kvtype == T_F32 ? 4 : 2;
     int failed = 0;
@@ -493,7 +495,7 @@ int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int6
             if (failed) continue;
             const int64_t b = it / hblocks, h0 = (it % hblocks) * HB, nh = H - h0 < HB ? H - h0 : HB;
             const int64_t M = T * nh;  // query rows of this item, m = t * nh + (h - h0)
-            const char *kvb = (const char *)kv + (size_t)(b * kv_bs) * ksize;
+            const char *kvb = (const char *)kv + (size_t)(kv_boff ? kv_boff[b] : b * kv_bs) * ksize;
             // q rows: the absorbed latent query (rounded to the activation type), then the rope query.
             for (int64_t t = 0; t < T; t++)
                 for (int64_t hh = 0; hh < nh; hh++) {
@@ -576,6 +578,15 @@ int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int6
     return failed;
 }
 
+int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
+                    const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
+                    int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs, int64_t kv_ss,
+                    const void *w_uk, const void *w_uv_t, int wtype, float scale, const unsigned char *mask,
+                    int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs, int64_t o_ts, int64_t o_hs, int nthreads) {
+    return mla_attend(B, T, H, S, Dn, Dr, R, Dv, q_nope, q_rope, xtype, q_bs, q_ts, q_hs, r_bs, r_ts, r_hs, kv, kvtype,
+                      kv_bs, NULL, kv_ss, w_uk, w_uv_t, wtype, scale, mask, m_bs, m_ts, out, o_bs, o_ts, o_hs, nthreads);
+}
+
 // RMSNorm of R rows of D values (row strides x_rs, y_rs): n = x * rsqrt(mean(x^2) + eps) in fp32, rounded to
 // the activation type, then times the weight (same type) and rounded again: what `RMSNorm.forward` does in
 // torch ops (HF's order: the weight multiplies the normalised value in the activation dtype).
@@ -599,17 +610,144 @@ int dsv3_rms_norm(int64_t R, int64_t D, const void *x, int type, int64_t x_rs, c
 
 // Rotary embedding of R rows (row stride x_rs) of H heads (head stride x_hs) of d = 2*P values: each adjacent
 // pair (a, b) becomes (a c - b s, a s + b c) in fp32 with the row's cos/sin (P floats each, row stride cs_rs),
-// rounded to the activation type; written to y (same layout as x, contiguous: R x H x 2P).
+// rounded to the activation type; written to y (rows of H x 2P values, row stride y_rs).
 int dsv3_rope(int64_t R, int64_t H, int64_t P, const void *x, int type, int64_t x_rs, int64_t x_hs, const float *cos_,
-              const float *sin_, int64_t cs_rs, void *y) {
+              const float *sin_, int64_t cs_rs, void *y, int64_t y_rs) {
     for (int64_t r = 0; r < R; r++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t p = 0; p < P; p++) {
-                const int64_t i = r * x_rs + h * x_hs + 2 * p, o = (r * H + h) * 2 * P + 2 * p;
+                const int64_t i = r * x_rs + h * x_hs + 2 * p, o = r * y_rs + h * 2 * P + 2 * p;
                 const float a = load1(x, i, type), b = load1(x, i + 1, type);
                 const float c = cos_[r * cs_rs + p], s = sin_[r * cs_rs + p];
                 store1(y, o, type, a * c - b * s);
                 store1(y, o + 1, type, a * s + b * c);
             }
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------- decoder layer
+// One pre-norm decoder layer for a few tokens (dsv3.model.transformer.DecoderLayer with MLA attention over
+// the latent cache and a dense or MoE feed-forward), in one call: the kernels above in sequence, with the
+// activations rounded to their type wherever the module path rounds them (each op's output), so the result
+// equals the per-module native path.
+
+typedef struct {
+    const void *w;        // [rows, cols] row-major, NULL when absent
+    const float *scale;   // per-row float32 scale for int8 weights, else NULL
+    int64_t rows, cols;
+    int type;
+} dsv3_proj;
+
+typedef struct {
+    int64_t D, H, Dn, Dr, Dv, R, QR;  // QR: q LoRA rank (0: q_in is q_proj itself)
+    int xtype;
+    float eps_in, eps_post, eps_q, eps_kv;
+    const void *norm_in, *norm_post, *norm_q, *norm_kv;  // RMSNorm weights in the activation type
+    dsv3_proj q_in, kv_a, q_b, o_proj;                   // kv_a.rows == 0: q_in holds [q_in; kv_a] fused
+    const void *w_uk, *w_uv_t;                           // absorbed [H, Dn, R], [H, R, Dv], activation type
+    float softmax_scale;
+    dsv3_proj mlp_gate, mlp_up, mlp_down;                // dense MLP or shared experts; up.rows == 0: gate fused
+    int64_t E, K, F;                                     // routed experts (E == 0: dense layer)
+    const float *router_w, *bias;
+    int scoring, method;
+    int64_t n_group, topk_group;
+    int norm_topk;
+    float scaling;
+    const void *gate, *up, *down;
+    int etype;
+    int64_t gu_es, down_es;
+    const float *gate_scale, *up_scale, *down_scale;
+} dsv3_layer;
+
+static inline float round_to(float v, int type) { return type == T_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// y[M, p.rows] (row stride ys) = x[M, p.cols] (row stride xs) @ p.w^T
+static int project(const dsv3_proj *p, int64_t M, const void *x, int xtype, int64_t xs, void *y, int64_t ys,
+                   int nthreads) {
+    return dsv3_linear(1, M, p->rows, p->cols, x, xtype, 0, xs, p->w, p->type, 0, p->cols, p->scale, 0, y, xtype, 0, ys,
+                       nthreads);
+}
+
+// SwiGLU MLP of M rows h [M, D] -> y [M, D]: gate/up products rounded, silu rounded, product rounded.
+static int mlp_rows(const dsv3_layer *L, int64_t M, const void *h, void *y, int nthreads) {
+    const int t = L->xtype;
+    const size_t asz = t == T_F32 ? 4 : 2;
+    const int fused = L->mlp_up.rows == 0;
+    const int64_t Fm = fused ? L->mlp_gate.rows / 2 : L->mlp_gate.rows;
+    void *gu = malloc(asz * (size_t)(M * 2 * Fm) + 64), *a = malloc(asz * (size_t)(M * Fm) + 64);
+    int rc = 1;
+    if (!gu || !a) goto done;
+    if ((rc = project(&L->mlp_gate, M, h, t, L->D, gu, 2 * Fm, nthreads))) goto done;
+    if (!fused && (rc = project(&L->mlp_up, M, h, t, L->D, (char *)gu + asz * (size_t)Fm, 2 * Fm, nthreads))) goto done;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t f = 0; f < Fm; f++) {
+            const float g = load1(gu, m * 2 * Fm + f, t), u = load1(gu, m * 2 * Fm + Fm + f, t);
+            store1(a, m * Fm + f, t, round_to(silu(g), t) * u);
+        }
+    rc = project(&L->mlp_down, M, a, t, Fm, y, L->D, nthreads);
+done:
+    free(gu), free(a);
+    return rc;
+}
+
+// x [B*T, D] -> out [B*T, D]. cos/sin [B*T, Dr/2] float32. The layer's cache: `store` (activation type) with
+// row b's slot at store + slot_off[b] elements, C = R + Dr values per position; the real new tokens are
+// written at write_off[b*T + t] (elements into store; -1: padding, not written) before attending to the
+// first S positions of each slot under mask [B, T, S] (NULL: causal).
+int dsv3_decode_layer(const dsv3_layer *L, int64_t B, int64_t T, const void *x, void *out, const float *cos_,
+                      const float *sin_, void *store, const int64_t *slot_off, const int64_t *write_off, int64_t S,
+                      const unsigned char *mask, int nthreads) {
+    const int t = L->xtype;
+    const size_t asz = t == T_F32 ? 4 : 2;
+    const int64_t M = B * T, D = L->D, H = L->H, Dn = L->Dn, Dr = L->Dr, R = L->R, C = R + Dr;
+    const int64_t QH = H * (Dn + Dr);
+    const int64_t NQ = L->QR ? L->QR : QH, NX = NQ + C;  // xp = [q_in(h), kv_a(h)]
+    void *h = malloc(asz * (size_t)(M * D) + 64), *xp = malloc(asz * (size_t)(M * NX) + 64);
+    void *qa = malloc(asz * (size_t)(M * (L->QR + 1)) + 64), *qb = malloc(asz * (size_t)(M * QH) + 64);
+    void *qr = malloc(asz * (size_t)(M * H * Dr) + 64), *kvn = malloc(asz * (size_t)(M * C) + 64);
+    void *att = malloc(asz * (size_t)(M * H * L->Dv) + 64), *x1 = malloc(asz * (size_t)(M * D) + 64);
+    void *y = malloc(asz * (size_t)(M * D) + 64), *sh = malloc(asz * (size_t)(M * D) + 64);
+    int rc = 1;
+    if (!h || !xp || !qa || !qb || !qr || !kvn || !att || !x1 || !y || !sh) goto done;
+    // Attention: norm, input projections (one fused product or two into one buffer), queries, latent.
+    dsv3_rms_norm(M, D, x, t, D, L->norm_in, L->eps_in, h, D);
+    if ((rc = project(&L->q_in, M, h, t, D, xp, NX, nthreads))) goto done;
+    if (L->kv_a.rows && (rc = project(&L->kv_a, M, h, t, D, (char *)xp + asz * (size_t)NQ, NX, nthreads))) goto done;
+    const void *q = xp;
+    int64_t q_rs = NX;
+    if (L->QR) {
+        dsv3_rms_norm(M, L->QR, xp, t, NX, L->norm_q, L->eps_q, qa, L->QR);
+        if ((rc = project(&L->q_b, M, qa, t, L->QR, qb, QH, nthreads))) goto done;
+        q = qb, q_rs = QH;
+    }
+    dsv3_rope(M, H, Dr / 2, (const char *)q + asz * (size_t)Dn, t, q_rs, Dn + Dr, cos_, sin_, Dr / 2, qr, H * Dr);
+    dsv3_rms_norm(M, R, (const char *)xp + asz * (size_t)NQ, t, NX, L->norm_kv, L->eps_kv, kvn, C);
+    dsv3_rope(M, 1, Dr / 2, (const char *)xp + asz * (size_t)(NQ + R), t, NX, 0, cos_, sin_, Dr / 2,
+              (char *)kvn + asz * (size_t)R, C);
+    for (int64_t m = 0; m < M; m++)
+        if (write_off[m] >= 0) memcpy((char *)store + asz * (size_t)write_off[m], (char *)kvn + asz * (size_t)(m * C), asz * (size_t)C);
+    if ((rc = mla_attend(B, T, H, S, Dn, Dr, R, L->Dv, q, qr, t, T * q_rs, q_rs, Dn + Dr, T * H * Dr, H * Dr, Dr, store,
+                         t, 0, slot_off, C, L->w_uk, L->w_uv_t, t, L->softmax_scale, mask, T * S, S, att,
+                         T * H * L->Dv, H * L->Dv, L->Dv, nthreads)))
+        goto done;
+    if ((rc = project(&L->o_proj, M, att, t, H * L->Dv, y, D, nthreads))) goto done;
+    for (int64_t i = 0; i < M * D; i++) store1(x1, i, t, load1(x, i, t) + load1(y, i, t));
+    // Feed-forward: norm, then the routed experts plus the shared ones, or the dense MLP.
+    dsv3_rms_norm(M, D, x1, t, D, L->norm_post, L->eps_post, h, D);
+    if (L->E) {
+        if ((rc = dsv3_moe(M, D, L->F, L->E, L->K, h, t, L->router_w, L->bias, L->scoring, L->method, L->n_group,
+                           L->topk_group, L->norm_topk, L->scaling, L->gate, L->up, L->etype, L->gu_es, L->gate_scale,
+                           L->up_scale, L->down, L->down_es, L->down_scale, y, NULL, NULL, nthreads)))
+            goto done;
+        if (L->mlp_gate.rows) {
+            if ((rc = mlp_rows(L, M, h, sh, nthreads))) goto done;
+            for (int64_t i = 0; i < M * D; i++) store1(y, i, t, load1(y, i, t) + load1(sh, i, t));
+        }
+    } else if ((rc = mlp_rows(L, M, h, y, nthreads))) {
+        goto done;
+    }
+    for (int64_t i = 0; i < M * D; i++) store1(out, i, t, load1(x1, i, t) + load1(y, i, t));
+done:
+    free(h), free(xp), free(qa), free(qb), free(qr), free(kvn), free(att), free(x1), free(y), free(sh);
+    return rc;
 }

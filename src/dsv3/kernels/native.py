@@ -110,8 +110,10 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_moe.argtypes += [_ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]
     lib.dsv3_mla_attend.argtypes = [_i64] * 8 + [_ptr, _ptr, _int] + [_i64] * 6 + [_ptr, _int, _i64, _i64]
     lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_decode_layer.argtypes = [ctypes.POINTER(LayerWeights), _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
+    lib.dsv3_decode_layer.argtypes += [_ptr, _i64, _ptr, _int]
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
-    lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr]
+    lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     return lib
 
 
@@ -307,6 +309,76 @@ def mla_attend(
     return out
 
 
+class Projection(ctypes.Structure):
+    """`dsv3_proj`: a [rows, cols] weight (bf16, fp32, or int8 with a float32 scale per row); rows 0 = absent."""
+
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("type", _int)]
+
+    @classmethod
+    def of(cls, weight: Tensor | None, scale: Tensor | None = None) -> Projection:
+        if weight is None:
+            return cls()
+        rows, cols = weight.shape
+        return cls(weight.data_ptr(), None if scale is None else scale.data_ptr(), rows, cols, _TYPE[weight.dtype])
+
+
+class LayerWeights(ctypes.Structure):
+    """`dsv3_layer`: one decoder layer's shapes, weights (pointers) and routing rules, for `decode_layer`."""
+
+    _fields_ = [
+        *((name, _i64) for name in ("D", "H", "Dn", "Dr", "Dv", "R", "QR")),
+        ("xtype", _int),
+        *((name, ctypes.c_float) for name in ("eps_in", "eps_post", "eps_q", "eps_kv")),
+        *((name, _ptr) for name in ("norm_in", "norm_post", "norm_q", "norm_kv")),
+        *((name, Projection) for name in ("q_in", "kv_a", "q_b", "o_proj")),
+        ("w_uk", _ptr), ("w_uv_t", _ptr), ("softmax_scale", ctypes.c_float),
+        *((name, Projection) for name in ("mlp_gate", "mlp_up", "mlp_down")),
+        ("E", _i64), ("K", _i64), ("F", _i64), ("router_w", _ptr), ("bias", _ptr),
+        ("scoring", _int), ("method", _int), ("n_group", _i64), ("topk_group", _i64), ("norm_topk", _int),
+        ("scaling", ctypes.c_float),
+        ("gate", _ptr), ("up", _ptr), ("down", _ptr), ("etype", _int), ("gu_es", _i64), ("down_es", _i64),
+        ("gate_scale", _ptr), ("up_scale", _ptr), ("down_scale", _ptr),
+    ]  # fmt: skip
+
+
+def fits_projection(weight: Tensor, scale: Tensor | None = None) -> bool:
+    """Whether `Projection.of` takes this weight: 2-D contiguous CPU bf16/fp32, or int8 with a float32 scale."""
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.int8:
+        return scale is not None and scale.dtype == torch.float32 and scale.is_contiguous()
+    return weight.dtype in (torch.bfloat16, torch.float32)
+
+
+def decode_layer(
+    layer: LayerWeights,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    store: Tensor,
+    slot_offsets: Tensor,
+    write_offsets: Tensor,
+    read_len: int,
+    mask: Tensor | None,
+) -> Tensor:
+    """One decoder layer for x [B, T, D] in one call (cpu_kernels.c `dsv3_decode_layer`) -> [B, T, D].
+
+    store: the layer's latent cache [slots, positions, R+Dr] in x's dtype, contiguous; slot_offsets [B] and
+    write_offsets [B*T] (-1: padding) are int64 element offsets into it; mask [B, T, read_len] bool or None.
+    cos/sin: [B, T, Dr/2] float32 contiguous.
+    """
+    B, T, _ = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rc = _library().dsv3_decode_layer(
+        ctypes.byref(layer), B, T, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        store.data_ptr(), slot_offsets.data_ptr(), write_offsets.data_ptr(), read_len,
+        None if mask is None else mask.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "decoder layer")
+    return out
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`RMSNorm.forward` for a few rows: normalise in fp32, round to x's dtype, times weight (x's dtype), round."""
     D = x.shape[-1]
@@ -334,7 +406,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x_hs = x.stride(2) if x.dim() == 4 else 0
     rc = _library().dsv3_rope(
         B * T, heads, d // 2, x.data_ptr(), _TYPE[x.dtype], x_rs, x_hs, cos.data_ptr(), sin.data_ptr(), d // 2,
-        y.data_ptr(),
+        y.data_ptr(), heads * d,
     )  # fmt: skip
     _check(rc, "rope")
     return y

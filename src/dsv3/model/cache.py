@@ -131,6 +131,25 @@ class CacheBatch:
             self._per_pass[key] = entry
         return self._per_pass[key]
 
+    def native_offsets(self, num_tokens: int, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot offsets (B,), write offsets (B*T,), -1 for padding): int64 element offsets into a layer's store.
+
+        What `kernels.native.decode_layer` reads and writes; the same for every layer of the pass.
+        """
+        key = ("native", num_tokens, store.stride())
+        if key not in self._per_pass:
+            B, T = self.slots.shape[0], num_tokens
+            slot_stride, pos_stride = store.stride(0), store.stride(1)
+            write = torch.full((B, T), -1, dtype=torch.int64)
+            slot_idx, pos_idx, real = self._write_index(T, store.device)
+            offsets = slot_idx * slot_stride + pos_idx * pos_stride
+            if real is None:
+                write[:] = offsets
+            else:
+                write[real] = offsets
+            self._per_pass[key] = ((self.slots * slot_stride).contiguous(), write.view(-1))
+        return self._per_pass[key]
+
     def is_fresh(self, num_tokens: int) -> bool:
         """True when every row starts at position 0 and the pass reads exactly its T new tokens.
 

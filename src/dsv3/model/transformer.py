@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from . import native_decode
 from .attention import MLA
 from .cache import CacheBatch
 from .linear import ExpertLinear, Linear
@@ -37,6 +38,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheBatch | None = None
     ) -> torch.Tensor:
+        weights = native_decode.plan(self, x, cache)
+        if weights is not None:  # decode-sized on CPU: the whole layer in one native call, same result
+            return native_decode.forward(self, weights, x, cos, sin, cache)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

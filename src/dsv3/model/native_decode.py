@@ -1,0 +1,166 @@
+"""A whole decoder layer in one call into kernels.native, for decode-sized batches on CPU.
+
+Why: a decode step of a small model is mostly overhead. Through the modules a layer costs ~13 native
+calls and ~35 torch ops, each a few microseconds of Python and dispatch; `dsv3_decode_layer` runs the same
+kernels in sequence in C, rounding the activations wherever the module path rounds them, so its output
+equals `DecoderLayer.forward` on the native path (the tests compare them).
+
+`plan(layer, x, cache)` says whether the layer can run this way and returns its weights as a
+`native.LayerWeights` (pointers, rebuilt whenever a weight tensor moves); anything it does not cover
+(training, grad, hooks such as tensor parallelism's, expert parallelism, FP8 or mixed-precision weights,
+a cache in another dtype, the expanded attention) keeps the module path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..kernels import native
+from .linear import Linear, fused_weight, uses_native
+from .moe import MLP, MoE
+
+if TYPE_CHECKING:
+    from .cache import CacheBatch
+    from .transformer import DecoderLayer
+
+
+def _projection(layer: Linear) -> native.Projection | None:
+    scale = layer.weight_scale if layer.is_int8 else None
+    return native.Projection.of(layer.weight, scale) if native.fits_projection(layer.weight, scale) else None
+
+
+def _mlp_weights(mlp: MLP) -> tuple[native.Projection, native.Projection, native.Projection] | None:
+    """(gate or fused gate/up, up or absent, down) of a SwiGLU MLP, or None where a weight does not fit."""
+    fused = fused_weight(mlp._gate_up, mlp.gate_proj, mlp.up_proj)
+    if fused is not None and native.fits_projection(fused):
+        gate, up = native.Projection.of(fused), native.Projection()
+    else:
+        gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+    down = _projection(mlp.down_proj)
+    return None if gate is None or up is None or down is None else (gate, up, down)
+
+
+def _norm_fits(norm: nn.Module, dtype: torch.dtype) -> bool:
+    return norm.weight.dtype == dtype and norm.weight.is_contiguous()
+
+
+def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, list[torch.Tensor]] | None:
+    """The layer's `native.LayerWeights` for activations like x, and the tensors it points into (kept alive)."""
+    dtype, attn = x.dtype, layer.self_attn
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
+    if attn.q_lora_rank is not None:
+        norms.append(attn.q_a_layernorm)
+    if not all(_norm_fits(n, dtype) for n in norms):
+        return None
+    q_layer, kv_layer = attn._input_projections()
+    fused = fused_weight(attn._x_proj, q_layer, kv_layer)
+    if fused is not None and native.fits_projection(fused):
+        q_in, kv_a = native.Projection.of(fused), native.Projection()
+    else:
+        q_in, kv_a = _projection(q_layer), _projection(kv_layer)
+    q_b = _projection(attn.q_b_proj) if attn.q_lora_rank is not None else native.Projection()
+    o_proj = _projection(attn.o_proj)
+    if q_in is None or kv_a is None or q_b is None or o_proj is None:
+        return None
+    w_uk, w_uv_t = attn.absorbed_weights(dtype)
+    keep = [w_uk, w_uv_t]
+    H = w_uk.shape[0]
+    w = native.LayerWeights(
+        D=x.shape[-1], H=H, Dn=attn.nope_dim, Dr=attn.rope_dim, Dv=attn.v_dim, R=attn.kv_lora_rank,
+        QR=attn.q_lora_rank or 0, xtype=native._TYPE[dtype],
+        eps_in=layer.input_layernorm.eps, eps_post=layer.post_attention_layernorm.eps,
+        eps_kv=attn.kv_a_layernorm.eps, norm_in=layer.input_layernorm.weight.data_ptr(),
+        norm_post=layer.post_attention_layernorm.weight.data_ptr(), norm_kv=attn.kv_a_layernorm.weight.data_ptr(),
+        q_in=q_in, kv_a=kv_a, q_b=q_b, o_proj=o_proj, w_uk=w_uk.data_ptr(), w_uv_t=w_uv_t.data_ptr(),
+        softmax_scale=attn.softmax_scale,
+    )  # fmt: skip
+    if attn.q_lora_rank is not None:
+        w.eps_q, w.norm_q = attn.q_a_layernorm.eps, attn.q_a_layernorm.weight.data_ptr()
+    mlp = layer.mlp
+    dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
+    if dense is not None:
+        weights = _mlp_weights(dense)
+        if weights is None:
+            return None
+        w.mlp_gate, w.mlp_up, w.mlp_down = weights
+    if isinstance(mlp, MoE):
+        if not mlp._routes_natively(x.reshape(-1, x.shape[-1])):
+            return None
+        gate, experts = mlp.gate, mlp.experts
+        g, u, d = experts.gate_proj, experts.up_proj, experts.down_proj
+        bias = gate.e_score_correction_bias
+        w.E, w.K, w.F = g.weight.shape[0], gate.top_k, g.weight.shape[1]
+        w.router_w, w.bias = gate.weight.data_ptr(), None if bias is None else bias.data_ptr()
+        w.scoring, w.method = native.SCORING_FUNCS[gate.scoring_func], native.ROUTING_METHODS[gate.topk_method]
+        w.n_group, w.topk_group, w.norm_topk, w.scaling = (
+            gate.n_group,
+            gate.topk_group,
+            gate.norm_topk_prob,
+            gate.scaling,
+        )
+        w.gate, w.up, w.down = g.weight.data_ptr(), u.weight.data_ptr(), d.weight.data_ptr()
+        w.etype, w.gu_es, w.down_es = native._TYPE[g.weight.dtype], g.weight.stride(0), d.weight.stride(0)
+        if g.is_int8:
+            scales = [p.weight_scale.float().contiguous() for p in (g, u, d)]
+            keep += scales
+            w.gate_scale, w.up_scale, w.down_scale = (s.data_ptr() for s in scales)
+    return w, keep
+
+
+# layer -> (its modules, _state_key, LayerWeights or None, tensors the weights point into). Outside the
+# modules so that copying or pickling a model never meets the ctypes pointers.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_key(modules: tuple[nn.Module, ...], dtype: torch.dtype) -> tuple:
+    """What a built plan depends on: the dtype, the module tree (children), every parameter's and buffer's
+    storage and version. Cheap enough to check on every call (a few dozen attribute reads)."""
+    key: list = [dtype]
+    for m in modules:
+        key += [id(c) for c in m._modules.values()]
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            # Inference tensors (made under torch.inference_mode) have no version counter.
+            key += [None] if t is None else [t.data_ptr(), 0 if t.is_inference() else t._version]
+    return tuple(key)
+
+
+def plan(layer: DecoderLayer, x: torch.Tensor, cache: CacheBatch | None) -> native.LayerWeights | None:
+    """The layer's native weights when this forward can run as one `native.decode_layer` call, else None."""
+    if (
+        cache is None
+        or layer.training
+        or not uses_native(x, layer.self_attn.options.matvec)
+        or x.dtype not in (torch.bfloat16, torch.float32)
+        or not hasattr(cache, "native_offsets")
+        or cache.cache.kv.dtype != x.dtype
+        or not layer.self_attn._absorbed_is_cheaper(x.shape[1])
+        or not native.available()
+    ):
+        return None
+    built = _PLANS.get(layer)
+    if built is None or built[1] != _state_key(built[0], x.dtype):
+        modules = tuple(layer.modules())
+        made = _build(layer, x)
+        built = (modules, _state_key(modules, x.dtype), *(made if made is not None else (None, None)))
+        _PLANS[layer] = built
+    if any(m._forward_hooks or m._forward_pre_hooks for m in built[0]):
+        return None
+    return built[2]
+
+
+def forward(
+    layer: DecoderLayer, weights: native.LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cache: CacheBatch,
+) -> torch.Tensor:  # fmt: skip
+    """`DecoderLayer.forward(x, cos, sin, cache)` through `native.decode_layer` (after `plan` returned weights)."""
+    store = cache.cache.kv[layer.self_attn.layer_idx - cache.cache.first_layer]
+    slot_offsets, write_offsets = cache.native_offsets(x.shape[1], store)
+    mask = cache.attention_mask(x.shape[1], x.device)
+    return native.decode_layer(
+        weights, x, cos.float().contiguous(), sin.float().contiguous(), store, slot_offsets, write_offsets,
+        cache.read_len, mask,
+    )  # fmt: skip
