@@ -460,6 +460,42 @@ done:
     return rc;
 }
 
+// out[c] = sum_i a[i] * w[i * ld + c] for c < cols (a vector times a [n, cols] matrix, bf16 or fp32): 64
+// columns at a time in eight register accumulators, so each weight is loaded once and no partial sum
+// goes through memory.
+static void vec_times_matrix(const float *a, int64_t n, const void *w, int wtype, int64_t ld, int64_t cols,
+                             float *out) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= cols; c0 += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 av = _mm256_set1_ps(a[i]);
+            const int64_t off = i * ld + c0;
+            for (int j = 0; j < 8; j++) {
+                const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w + off + 8 * j)
+                                                  : _mm256_loadu_ps((const float *)w + off + 8 * j);
+                acc[j] = _mm256_fmadd_ps(av, wv, acc[j]);
+            }
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c0 + 8 * j, acc[j]);
+    }
+    for (; c0 + 8 <= cols; c0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t off = i * ld + c0;
+            const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w + off) : _mm256_loadu_ps((const float *)w + off);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), wv, acc);
+        }
+        _mm256_storeu_ps(out + c0, acc);
+    }
+    for (; c0 < cols; c0++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; i++) acc += a[i] * load1(w, i * ld + c0, wtype);
+        out[c0] = acc;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------- attention
 // MLA's absorbed attention for a few query tokens against the latent cache (dsv3.model.attention,
 // `_attend_absorbed`), one call per layer. Per row b, query token t and head h:
@@ -501,19 +537,10 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
                 for (int64_t hh = 0; hh < nh; hh++) {
                     const int64_t h = h0 + hh, m = t * nh + hh;
                     float *qm = q + m * C;
-                    for (int64_t r = 0; r < R; r++) qm[r] = 0.0f;
-                    for (int64_t d = 0; d < Dn; d++) {
-                        const float a = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
-                        const int64_t w0 = (h * Dn + d) * R;
-                        int64_t r = 0;
-                        const __m256 av = _mm256_set1_ps(a);
-                        for (; r + 8 <= R; r += 8) {
-                            const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w_uk + w0 + r)
-                                                              : _mm256_loadu_ps((const float *)w_uk + w0 + r);
-                            _mm256_storeu_ps(qm + r, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(qm + r)));
-                        }
-                        for (; r < R; r++) qm[r] += a * load1(w_uk, w0 + r, wtype);
-                    }
+                    float qn[Dn > 0 ? Dn : 1];
+                    for (int64_t d = 0; d < Dn; d++) qn[d] = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
+                    vec_times_matrix(qn, Dn, (const char *)w_uk + (size_t)(h * Dn * R) * (wtype == T_F32 ? 4 : 2),
+                                     wtype, R, R, qm);
                     if (xtype == T_BF16)
                         for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
                     for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
@@ -534,22 +561,36 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
                 const float inv = 1.0f / sum;
                 for (int64_t j = 0; j < S; j++) pm[j] *= inv;
             }
-            // o = p @ kv[:, :R] for the M rows at once, then rounded.
-            for (int64_t i = 0; i < M * R; i++) o[i] = 0.0f;
-            for (int64_t j = 0; j < S; j++) {
-                const char *row = kvb + (size_t)(j * kv_ss) * ksize;
-                int64_t r = 0;
-                for (; r + 8 <= R; r += 8) {
-                    const __m256 kvv = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + r)
-                                                        : _mm256_loadu_ps((const float *)row + r);
-                    for (int64_t m = 0; m < M; m++)
-                        _mm256_storeu_ps(o + m * R + r, _mm256_fmadd_ps(_mm256_set1_ps(p[m * S + j]), kvv,
-                                                                        _mm256_loadu_ps(o + m * R + r)));
+            // o = p @ kv[:, :R], then rounded: 16 latent columns of up to 4 rows in registers per pass over
+            // the keys (the item's cache rows stay in cache between passes).
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+                int64_t r0 = 0;
+                for (; r0 + 16 <= R; r0 += 16) {
+                    __m256 acc[4][2];
+                    for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < S; j++) {
+                        const char *row = kvb + (size_t)(j * kv_ss + r0) * ksize;
+                        const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
+                        const __m256 k1 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + 8)
+                                                           : _mm256_loadu_ps((const float *)row + 8);
+                        for (int64_t m = 0; m < mt; m++) {
+                            const __m256 pv = _mm256_set1_ps(p[(m0 + m) * S + j]);
+                            acc[m][0] = _mm256_fmadd_ps(pv, k0, acc[m][0]);
+                            acc[m][1] = _mm256_fmadd_ps(pv, k1, acc[m][1]);
+                        }
+                    }
+                    for (int64_t m = 0; m < mt; m++) {
+                        _mm256_storeu_ps(o + (m0 + m) * R + r0, acc[m][0]);
+                        _mm256_storeu_ps(o + (m0 + m) * R + r0 + 8, acc[m][1]);
+                    }
                 }
-                for (; r < R; r++) {
-                    const float v = load1(row, r, kvtype);
-                    for (int64_t m = 0; m < M; m++) o[m * R + r] += p[m * S + j] * v;
-                }
+                for (; r0 < R; r0++)
+                    for (int64_t m = 0; m < mt; m++) {
+                        float acc = 0.0f;
+                        for (int64_t j = 0; j < S; j++) acc += p[(m0 + m) * S + j] * load1(kvb, j * kv_ss + r0, kvtype);
+                        o[(m0 + m) * R + r0] = acc;
+                    }
             }
             if (xtype == T_BF16)
                 for (int64_t i = 0; i < M * R; i++) o[i] = bf16_to_f32(f32_to_bf16(o[i]));
@@ -557,19 +598,8 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
             for (int64_t m = 0; m < M; m++) {
                 const int64_t t = m / nh, h = h0 + m % nh;
                 float acc[Dv > 0 ? Dv : 1];
-                for (int64_t v = 0; v < Dv; v++) acc[v] = 0.0f;
-                for (int64_t r = 0; r < R; r++) {
-                    const float a = o[m * R + r];
-                    const int64_t w0 = (h * R + r) * Dv;
-                    int64_t v = 0;
-                    const __m256 av = _mm256_set1_ps(a);
-                    for (; v + 8 <= Dv; v += 8) {
-                        const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w_uv_t + w0 + v)
-                                                          : _mm256_loadu_ps((const float *)w_uv_t + w0 + v);
-                        _mm256_storeu_ps(acc + v, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(acc + v)));
-                    }
-                    for (; v < Dv; v++) acc[v] += a * load1(w_uv_t, w0 + v, wtype);
-                }
+                vec_times_matrix(o + m * R, R, (const char *)w_uv_t + (size_t)(h * R * Dv) * (wtype == T_F32 ? 4 : 2),
+                                 wtype, Dv, Dv, acc);
                 for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
             }
         }
