@@ -12,6 +12,7 @@ import torch
 import dsv3
 from dsv3 import InferenceOptions
 from dsv3.inference.generate import prefill
+from dsv3.kernels import fp8 as fp8_kernels
 from dsv3.kernels import native
 from dsv3.model import native_decode
 from dsv3.model.cache import LatentCache
@@ -287,3 +288,56 @@ def test_native_layer_is_skipped_where_it_would_change_behaviour(tiny_cfg):
         assert native_decode.plan(layer, x.float(), batch) is None  # cache in another dtype
         assert native_decode.plan(layer, torch.randn(1, 17, x.shape[-1]).to(x.dtype), batch) is None  # prefill-sized
     assert native_decode.plan(layer, x, batch) is None  # grad enabled
+
+
+# ------------------------------------------------------------------ FP8 weights read as they are stored
+
+FP8_CODES = torch.arange(256, dtype=torch.uint8)
+FP8_CODES = FP8_CODES[(FP8_CODES & 0x7F) != 0x7F]  # every finite e4m3fn value (0x7f / 0xff are NaN)
+
+
+@pytest.mark.parametrize("N, K, block", [(256, 512, (128, 128)), (200, 300, (128, 128)), (33, 80, (16, 16))])
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_fp8_linear_is_bit_identical_to_the_weight_dequantized_at_load(N, K, block, M):
+    """Every e4m3fn code (subnormals included) in every position, partial blocks, scales over 6 decades."""
+    torch.manual_seed(N + K + M)
+    codes = FP8_CODES[torch.randint(0, FP8_CODES.numel(), (N, K))]
+    weight = codes.view(torch.float8_e4m3fn)
+    grid = (-(-N // block[0]), -(-K // block[1]))
+    scale_inv = torch.logspace(-4, 2, grid[0] * grid[1])[torch.randperm(grid[0] * grid[1])].view(grid)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    assert native.fits_fp8(weight, scale_inv, block)
+    got = native.linear(x, weight, fp8=native.Fp8Grid.of(scale_inv, block, torch.bfloat16))
+    want = native.linear(x, fp8_kernels.dequantize_blocks(weight, scale_inv, block, torch.bfloat16))
+    assert torch.equal(got, want)
+    # fp32 activations dequantize to fp32 (no bf16 rounding): the float64 product within fp32 summation error
+    exact = x.double() @ fp8_kernels.dequantize_blocks(weight, scale_inv, block, torch.float64).T
+    got32 = native.linear(x.float(), weight, fp8=native.Fp8Grid.of(scale_inv, block, torch.float32))
+    assert ((got32.double() - exact).abs() <= 1e-5 * exact.abs().max()).all()
+
+
+def test_fp8_blocks_the_kernels_do_not_take_are_refused():
+    weight = torch.zeros(64, 64, dtype=torch.float8_e4m3fn)
+    assert not native.fits_fp8(weight, torch.ones(64, 8), (1, 8))  # one-row and 8-column blocks
+    assert not native.fits_fp8(weight, torch.ones(2, 3), (48, 24))  # not powers of two
+    assert not native.fits_fp8(weight, torch.ones(1, 2), (128, 128))  # wrong grid
+    assert native.fits_fp8(weight, torch.ones(1, 1), (128, 128))
+
+
+@pytest.mark.parametrize("config", ["tiny", "no-q-lora-odd-sizes"])
+def test_fp8_checkpoint_decodes_as_if_dequantized_at_load(tiny_cfg, tmp_path, config, monkeypatch):
+    """FP8 weights kept as FP8 (the one-call layer, or the modules) give the logits of the same checkpoint
+    dequantized to bf16 at load, bit for bit: the contract of fp8_compute='dequant'."""
+    model = _layer_model(tiny_cfg, torch.float32, **LAYER_CONFIGS[config])
+    model.save_pretrained(tmp_path / "fp8", fp8=True)
+    kept = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, fp8=True)
+    assert kept.model.layers[1].mlp.experts.gate_proj.is_fp8 and kept.model.layers[0].self_attn.o_proj.is_fp8
+    loaded = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    want = _decode(loaded, torch.bfloat16)
+    calls = []
+    real_forward = native_decode.forward
+    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    assert torch.equal(_decode(kept, torch.bfloat16), want)
+    assert calls, "the FP8 decode steps did not take the one-call layer"
+    _without_layer_path(monkeypatch)
+    assert torch.equal(_decode(kept, torch.bfloat16), want)  # the modules' native FP8 products

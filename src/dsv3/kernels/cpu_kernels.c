@@ -8,7 +8,8 @@
 // for up to four activation rows at a time. Results are rounded once to the output type (round to
 // nearest even for bf16), as torch's bf16 products are.
 //
-// Types: 0 = float32, 1 = bfloat16, 2 = int8 (weights only, with one float32 scale per output row).
+// Types: 0 = float32, 1 = bfloat16, 2 = int8 (weights only, with one float32 scale per output row),
+// 3 = float8 e4m3fn (weights only, with float32 scales per block of rows x columns: DeepSeek's FP8 layout).
 // All strides are in elements; the innermost dimension of every operand is contiguous.
 
 #include <immintrin.h>
@@ -18,13 +19,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2 };
+enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_FP8 = 3 };
 
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 static inline __m256 load8_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+// 8 e4m3fn weights -> fp32 times their block's scale, rounded to bf16 when `round`: what
+// dequantize_blocks(w, scale_inv, dtype) produces, value by value. e4m3's bits shifted into fp16 position
+// read value * 2**-8 exactly (fp16 subnormals included, which F16C converts whatever the MXCSR flags);
+// times (scale * 2**8) is the one rounding of value * scale, as in the dequantization.
+static inline __m256 load8_fp8(const uint8_t *p, float scale, int round) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale * 256.0f));
+    if (round) {  // round to nearest even at bf16 precision (no NaN can come out of e4m3fn weights here)
+        __m256i u = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+        v = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+    }
+    return v;
+}
+static inline float fp8_to_f32(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float mag = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+    return b & 0x80 ? -mag : mag;
 }
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -69,15 +92,15 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define PREFETCH_AHEAD 2048
 #define DEFINE_DOT2(NAME, WTYPE, LOAD, MT)                                                              \
     static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
-                            float out[4][2]) {                                                          \
+                            const float *srow, int sbs, int rnd, float out[4][2]) {                     \
         __m256 a0[MT], a1[MT], b0[MT], b1[MT];                                                          \
         for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps();               \
         int64_t k = 0;                                                                                  \
         for (; MT <= 2 && k + 16 <= K; k += 16) {                                                       \
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
-            __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
-            __m256 u0 = LOAD(w0 + k + 8), u1 = LOAD(w1 + k + 8);                                        \
+            __m256 v0 = LOAD(w0, k), v1 = LOAD(w1, k);                                                    \
+            __m256 u0 = LOAD(w0, k + 8), u1 = LOAD(w1, k + 8);                                            \
             for (int m = 0; m < MT; m++) {                                                              \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k), xu = _mm256_loadu_ps(x + m * xs + k + 8);  \
                 a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
@@ -89,7 +112,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         for (; k + 8 <= K; k += 8) {                                                                    \
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
-            __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                                \
+            __m256 v0 = LOAD(w0, k), v1 = LOAD(w1, k);                                                    \
             for (int m = 0; m < MT; m++) {                                                              \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k);                                            \
                 a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
@@ -99,17 +122,24 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         for (int m = 0; m < MT; m++) {                                                                  \
             float s0 = hsum(_mm256_add_ps(a0[m], b0[m])), s1 = hsum(_mm256_add_ps(a1[m], b1[m]));       \
             for (int64_t kk = k; kk < K; kk++) {                                                        \
-                s0 += x[m * xs + kk] * (float)LOAD##_1(w0 + kk);                                       \
-                s1 += x[m * xs + kk] * (float)LOAD##_1(w1 + kk);                                       \
+                s0 += x[m * xs + kk] * (float)LOAD##_1(w0, kk);                                          \
+                s1 += x[m * xs + kk] * (float)LOAD##_1(w1, kk);                                          \
             }                                                                                           \
             out[m][0] = s0;                                                                             \
             out[m][1] = s1;                                                                             \
         }                                                                                               \
     }
 
-#define load8_bf16_1(p) bf16_to_f32(*(p))
-#define load8_i8_1(p) ((float)*(p))
-#define _mm256_loadu_ps_1(p) (*(p))
+// Loads of 8 weights (and of one, for the tails) at column k of row p; FP8 applies the row's scale of
+// column block k >> sbs (srow) and rounds per rnd. The other types ignore srow, sbs and rnd.
+#define LD_bf16(p, k) load8_bf16((p) + (k))
+#define LD_i8(p, k) load8_i8((p) + (k))
+#define LD_f32(p, k) _mm256_loadu_ps((p) + (k))
+#define LD_fp8(p, k) load8_fp8((p) + (k), srow[(k) >> sbs], rnd)
+#define LD_bf16_1(p, k) bf16_to_f32((p)[k])
+#define LD_i8_1(p, k) ((float)(p)[k])
+#define LD_f32_1(p, k) ((p)[k])
+#define LD_fp8_1(p, k) (rnd ? bf16_to_f32(f32_to_bf16(fp8_to_f32((p)[k]) * srow[(k) >> sbs])) : fp8_to_f32((p)[k]) * srow[(k) >> sbs])
 
 #define DEFINE_DOT2_ALL(SUFFIX, WTYPE, LOAD)                 \
     DEFINE_DOT2(dot2_##SUFFIX##_1, WTYPE, LOAD, 1)           \
@@ -117,23 +147,39 @@ static inline void store1(void *p, int64_t i, int type, float v) {
     DEFINE_DOT2(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)           \
     DEFINE_DOT2(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)           \
     static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
-                                     int64_t K, float out[4][2]) {                                         \
+                                     int64_t K, const float *srow, int sbs, int rnd, float out[4][2]) {    \
         switch (mt) {                                                                                      \
-            case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, out); break;                                       \
-            case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, out); break;                                       \
-            case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, out); break;                                       \
-            default: dot2_##SUFFIX##_4(x, xs, w0, w1, K, out); break;                                      \
+            case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            default: dot2_##SUFFIX##_4(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                      \
         }                                                                                                  \
     }
 
-DEFINE_DOT2_ALL(bf16, uint16_t, load8_bf16)
-DEFINE_DOT2_ALL(i8, int8_t, load8_i8)
-DEFINE_DOT2_ALL(f32, float, _mm256_loadu_ps)
+DEFINE_DOT2_ALL(bf16, uint16_t, LD_bf16)
+DEFINE_DOT2_ALL(i8, int8_t, LD_i8)
+DEFINE_DOT2_ALL(f32, float, LD_f32)
+DEFINE_DOT2_ALL(fp8, uint8_t, LD_fp8)
 
-// y[m, n] for n in [n0, n1) and all M rows: x (fp32, row stride xs) times weight rows w (row stride ws).
+// FP8 weights' scales: grid[(n >> rows_log2) * grid_rs + (k >> cols_log2)] for weight row n, column k
+// (blocks of powers of two, rows_log2 >= 1); round: the dequantized weights are rounded to bf16 (bf16 models).
+typedef struct {
+    const float *grid;
+    int64_t grid_rs, grid_es;  // grid_es: one expert's grid (stacked experts), else 0
+    int rows_log2, cols_log2, round;
+} fp8_grid;
+
+static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
+    fp8_grid g = *q;
+    g.grid += e * q->grid_es;
+    return g;
+}
+
+// y[m, n] for n in [n0, n1) and all M rows: x (fp32, row stride xs) times weight rows w (row stride ws);
+// scale: int8's per-row scales, fq: FP8's block scales (else NULL).
 static void rows_times_weight(const float *x, int64_t xs, int64_t M, const void *w, int wtype, int64_t ws,
-                              const float *scale, int64_t n0, int64_t n1, int64_t K, void *y, int ytype,
-                              int64_t ys) {
+                              const float *scale, const fp8_grid *fq, int64_t n0, int64_t n1, int64_t K, void *y,
+                              int ytype, int64_t ys) {
     float out[4][2];
     for (int64_t n = n0; n < n1; n += 2) {
         const int64_t n_b = n + 1 < n1 ? n + 1 : n;  // an odd tail row is computed twice, stored once
@@ -141,11 +187,14 @@ static void rows_times_weight(const float *x, int64_t xs, int64_t M, const void 
             const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
             const float *xm = x + m0 * xs;
             if (wtype == T_BF16)
-                dot2_bf16(xm, xs, mt, (const uint16_t *)w + n * ws, (const uint16_t *)w + n_b * ws, K, out);
+                dot2_bf16(xm, xs, mt, (const uint16_t *)w + n * ws, (const uint16_t *)w + n_b * ws, K, NULL, 0, 0, out);
             else if (wtype == T_I8)
-                dot2_i8(xm, xs, mt, (const int8_t *)w + n * ws, (const int8_t *)w + n_b * ws, K, out);
+                dot2_i8(xm, xs, mt, (const int8_t *)w + n * ws, (const int8_t *)w + n_b * ws, K, NULL, 0, 0, out);
+            else if (wtype == T_FP8)  // rows n and n_b share a row block: blocks have an even number of rows
+                dot2_fp8(xm, xs, mt, (const uint8_t *)w + n * ws, (const uint8_t *)w + n_b * ws, K,
+                         fq->grid + (n >> fq->rows_log2) * fq->grid_rs, fq->cols_log2, fq->round, out);
             else
-                dot2_f32(xm, xs, mt, (const float *)w + n * ws, (const float *)w + n_b * ws, K, out);
+                dot2_f32(xm, xs, mt, (const float *)w + n * ws, (const float *)w + n_b * ws, K, NULL, 0, 0, out);
             const float s0 = scale ? scale[n] : 1.0f, s1 = scale ? scale[n_b] : 1.0f;
             for (int m = 0; m < mt; m++) {
                 store1(y, (m0 + m) * ys + n, ytype, out[m][0] * s0);
@@ -177,9 +226,11 @@ static int threads_for(int64_t work, int nthreads) {
 }
 
 // y[g, m, n] = sum_k x[g, m, k] * w[g, n, k] (* scale[g, n] for int8 weights), for g < G, m < M, n < N.
+// FP8 weights (G == 1) take their block scales in fq.
 int dsv3_linear(int64_t G, int64_t M, int64_t N, int64_t K, const void *x, int xtype, int64_t x_gs, int64_t x_ms,
-                const void *w, int wtype, int64_t w_gs, int64_t w_ns, const float *scale, int64_t s_gs, void *y,
-                int ytype, int64_t y_gs, int64_t y_ms, int nthreads) {
+                const void *w, int wtype, int64_t w_gs, int64_t w_ns, const float *scale, int64_t s_gs,
+                const fp8_grid *fq, void *y, int ytype, int64_t y_gs, int64_t y_ms, int nthreads) {
+    if ((wtype == T_FP8) != (fq != NULL) || (fq && G != 1)) return 2;
     float *xf = widen_rows(x, xtype, G, M, K, x_gs, x_ms);
     if (!xf) return 1;
     const int64_t block = 16;
@@ -192,8 +243,8 @@ int dsv3_linear(int64_t G, int64_t M, int64_t N, int64_t K, const void *x, int x
         const int64_t g = it / nblocks, b = it % nblocks;
         const int64_t n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
         rows_times_weight(xf + g * M * K, K, M, (const char *)w + (size_t)(g * w_gs) * wsize, wtype, w_ns,
-                          scale ? scale + g * s_gs : NULL, n0, n1, K, (char *)y + (size_t)(g * y_gs) * ysize, ytype,
-                          y_ms);
+                          scale ? scale + g * s_gs : NULL, fq, n0, n1, K, (char *)y + (size_t)(g * y_gs) * ysize,
+                          ytype, y_ms);
     }
     free(xf);
     return 0;
@@ -266,8 +317,8 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 // each chosen expert's weights are read once whatever the number of rows it got.
 static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *counts, const float *xf,
                         const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
-                        const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
-                        int ytype, int nthreads) {
+                        const float *up_scale, const void *down, int64_t down_es, const float *down_scale,
+                        const fp8_grid *fp8, void *y, int ytype, int nthreads) {
     float *h = (float *)aligned_alloc(64, (size_t)((R * 2 * F * 4 + 63) / 64 * 64 + 64));
     float *hh = (float *)aligned_alloc(64, (size_t)((R * F * 4 + 63) / 64 * 64 + 64));
     int64_t *start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(E + 1));
@@ -295,9 +346,10 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
             const int64_t f0 = (b % fblocks) * block, f1 = f0 + block < F ? f0 + block : F;
             const void *wbase = is_up ? up : gate;
             const float *sc = is_up ? up_scale : gate_scale;
+            const fp8_grid fq = fp8 ? expert_grid(&fp8[is_up ? 1 : 0], e) : (fp8_grid){0};
             rows_times_weight(xf + start[e] * D, D, counts[e], (const char *)wbase + (size_t)(e * gu_es) * wsize,
-                              wtype, D, sc ? sc + e * F : NULL, f0, f1, D, h + start[e] * 2 * F + (is_up ? F : 0),
-                              T_F32, 2 * F);
+                              wtype, D, sc ? sc + e * F : NULL, fp8 ? &fq : NULL, f0, f1, D,
+                              h + start[e] * 2 * F + (is_up ? F : 0), T_F32, 2 * F);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
@@ -307,8 +359,9 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
             const int64_t e = active[it / dblocks], d0 = (it % dblocks) * block;
             const int64_t d1 = d0 + block < D ? d0 + block : D;
             const size_t ysize = ytype == T_F32 ? 4 : 2;
+            const fp8_grid fq = fp8 ? expert_grid(&fp8[2], e) : (fp8_grid){0};
             rows_times_weight(hh + start[e] * F, F, counts[e], (const char *)down + (size_t)(e * down_es) * wsize,
-                              wtype, F, down_scale ? down_scale + e * D : NULL, d0, d1, F,
+                              wtype, F, down_scale ? down_scale + e * D : NULL, fp8 ? &fq : NULL, d0, d1, F,
                               (char *)y + (size_t)(start[e] * D) * ysize, ytype, D);
         }
     }
@@ -317,14 +370,16 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
 }
 
 // `experts_rows` for x of any activation type (R x D, contiguous).
+// fp8: FP8 weights' grids for gate, up, down (an array of three; grid_es set), else NULL.
 int dsv3_experts(int64_t R, int64_t D, int64_t F, int64_t E, const int64_t *counts, const void *x, int xtype,
                  const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
-                 const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
-                 int ytype, int nthreads) {
+                 const float *up_scale, const void *down, int64_t down_es, const float *down_scale,
+                 const fp8_grid *fp8, void *y, int ytype, int nthreads) {
+    if ((wtype == T_FP8) != (fp8 != NULL)) return 2;
     float *xf = widen_rows(x, xtype, 1, R, D, 0, D);
     if (!xf) return 1;
     const int rc = experts_rows(R, D, F, E, counts, xf, gate, up, wtype, gu_es, gate_scale, up_scale, down, down_es,
-                                down_scale, y, ytype, nthreads);
+                                down_scale, fp8, y, ytype, nthreads);
     free(xf);
     return rc;
 }
@@ -403,8 +458,9 @@ static void route_one(float *s, int64_t E, int64_t K, const float *bias, int sco
 int dsv3_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const void *x, int xtype, const float *router_w,
              const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group, int norm_topk,
              float scaling, const void *gate, const void *up, int wtype, int64_t gu_es, const float *gate_scale,
-             const float *up_scale, const void *down, int64_t down_es, const float *down_scale, void *y,
-             int64_t *idx_out, float *w_out, int nthreads) {
+             const float *up_scale, const void *down, int64_t down_es, const float *down_scale, const fp8_grid *fp8,
+             void *y, int64_t *idx_out, float *w_out, int nthreads) {
+    if ((wtype == T_FP8) != (fp8 != NULL)) return 2;
     const int grouped = method == ROUTE_GROUP_MAX || (method == ROUTE_NOAUX_TC && n_group > 1);
     if (K > E || (grouped && (n_group < 1 || E % n_group || topk_group > n_group || topk_group < 1)) ||
         (method == ROUTE_NOAUX_TC && grouped && E / n_group < 2))
@@ -426,7 +482,7 @@ int dsv3_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const void *
     const int64_t eblocks = (E + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads_for(T * E * D, nthreads))
     for (int64_t b = 0; b < eblocks; b++)
-        rows_times_weight(xf, D, T, router_w, T_F32, D, NULL, b * 16, b * 16 + 16 < E ? b * 16 + 16 : E, D, logits,
+        rows_times_weight(xf, D, T, router_w, T_F32, D, NULL, NULL, b * 16, b * 16 + 16 < E ? b * 16 + 16 : E, D, logits,
                           T_F32, E);
     for (int64_t t = 0; t < T; t++)
         route_one(logits + t * E, E, K, bias, scoring, method, n_group, topk_group, norm_topk, scaling, idx + t * K,
@@ -439,7 +495,7 @@ int dsv3_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const void *
         memcpy(xs + pos[n] * D, xf + (n / K) * D, sizeof(float) * (size_t)D);
     }
     rc = experts_rows(N, D, F, E, counts, xs, gate, up, wtype, gu_es, gate_scale, up_scale, down, down_es,
-                      down_scale, h, xtype, nthreads);
+                      down_scale, fp8, h, xtype, nthreads);
     if (rc) goto done;
     for (int64_t t = 0; t < T; t++)
         for (int64_t d = 0; d < D; d++) {
@@ -546,7 +602,7 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
                     for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
                 }
             // Scores of every row against every cached key (each key row streamed once for the M rows).
-            rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, 0, S, C, p, T_F32, S);
+            rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, NULL, 0, S, C, p, T_F32, S);
             for (int64_t m = 0; m < M; m++) {
                 const int64_t t = m / nh;
                 float *pm = p + m * S, mx = -INFINITY, sum = 0.0f;
@@ -666,6 +722,7 @@ typedef struct {
     const float *scale;   // per-row float32 scale for int8 weights, else NULL
     int64_t rows, cols;
     int type;
+    fp8_grid fp8;         // FP8 weights' block scales (grid NULL otherwise)
 } dsv3_proj;
 
 typedef struct {
@@ -687,6 +744,7 @@ typedef struct {
     int etype;
     int64_t gu_es, down_es;
     const float *gate_scale, *up_scale, *down_scale;
+    fp8_grid expert_fp8[3];  // FP8 experts: gate, up, down grids (grid_es set)
 } dsv3_layer;
 
 static inline float round_to(float v, int type) { return type == T_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
@@ -694,8 +752,8 @@ static inline float round_to(float v, int type) { return type == T_BF16 ? bf16_t
 // y[M, p.rows] (row stride ys) = x[M, p.cols] (row stride xs) @ p.w^T
 static int project(const dsv3_proj *p, int64_t M, const void *x, int xtype, int64_t xs, void *y, int64_t ys,
                    int nthreads) {
-    return dsv3_linear(1, M, p->rows, p->cols, x, xtype, 0, xs, p->w, p->type, 0, p->cols, p->scale, 0, y, xtype, 0, ys,
-                       nthreads);
+    return dsv3_linear(1, M, p->rows, p->cols, x, xtype, 0, xs, p->w, p->type, 0, p->cols, p->scale, 0,
+                       p->type == T_FP8 ? &p->fp8 : NULL, y, xtype, 0, ys, nthreads);
 }
 
 // SwiGLU MLP of M rows h [M, D] -> y [M, D]: gate/up products rounded, silu rounded, product rounded.
@@ -767,7 +825,8 @@ int dsv3_decode_layer(const dsv3_layer *L, int64_t B, int64_t T, const void *x, 
     if (L->E) {
         if ((rc = dsv3_moe(M, D, L->F, L->E, L->K, h, t, L->router_w, L->bias, L->scoring, L->method, L->n_group,
                            L->topk_group, L->norm_topk, L->scaling, L->gate, L->up, L->etype, L->gu_es, L->gate_scale,
-                           L->up_scale, L->down, L->down_es, L->down_scale, y, NULL, NULL, nthreads)))
+                           L->up_scale, L->down, L->down_es, L->down_scale,
+                           L->etype == T_FP8 ? L->expert_fp8 : NULL, y, NULL, NULL, nthreads)))
             goto done;
         if (L->mlp_gate.rows) {
             if ((rc = mlp_rows(L, M, h, sh, nthreads))) goto done;

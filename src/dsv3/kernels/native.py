@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
-_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
+_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float8_e4m3fn: 3}
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
@@ -100,14 +100,14 @@ def _library() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as e:
         print(f"dsv3: note: native CPU kernels unavailable ({e}); using torch's", file=sys.stderr)
         return None
-    lib.dsv3_linear.argtypes = [_i64] * 4 + [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64]
+    lib.dsv3_linear.argtypes = [_i64] * 4 + [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64, _ptr]
     lib.dsv3_linear.argtypes += [_ptr, _int, _i64, _i64, _int]
     lib.dsv3_matmul.argtypes = [_i64] * 4 + [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _int]
     lib.dsv3_matmul.argtypes += [_i64, _i64, _int]
     lib.dsv3_experts.argtypes = [_i64] * 4 + [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64]
-    lib.dsv3_experts.argtypes += [_ptr, _ptr, _int, _int]
+    lib.dsv3_experts.argtypes += [_ptr, _ptr, _ptr, _int, _int]
     lib.dsv3_moe.argtypes = [_i64] * 5 + [_ptr, _int, _ptr, _ptr, _int, _int, _i64, _i64, _int, ctypes.c_float]
-    lib.dsv3_moe.argtypes += [_ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.dsv3_moe.argtypes += [_ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
     lib.dsv3_mla_attend.argtypes = [_i64] * 8 + [_ptr, _ptr, _int] + [_i64] * 6 + [_ptr, _int, _i64, _i64]
     lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_decode_layer.argtypes = [ctypes.POINTER(LayerWeights), _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
@@ -131,6 +131,41 @@ def _inner_contiguous(*tensors: Tensor | None) -> bool:
     return all(t is None or (t.stride(-1) == 1 and t.device.type == "cpu") for t in tensors)
 
 
+class Fp8Grid(ctypes.Structure):
+    """`fp8_grid`: an FP8 weight's float32 block scales (`weight_scale_inv`, [out/b0, in/b1] or [E, ...])."""
+
+    _fields_ = [("grid", _ptr), ("grid_rs", _i64), ("grid_es", _i64), ("rows_log2", _int), ("cols_log2", _int)]
+    _fields_ += [("round", _int)]
+
+    @classmethod
+    def of(cls, scale_inv: Tensor, block: tuple[int, int], dtype: torch.dtype) -> Fp8Grid:
+        """The grid of `scale_inv`; values are dequantized to `dtype` (rounded to bf16 for bf16) before multiplying."""
+        es = scale_inv.shape[-2] * scale_inv.shape[-1] if scale_inv.dim() == 3 else 0
+        b0, b1 = block
+        return cls(
+            scale_inv.data_ptr(), scale_inv.shape[-1], es, b0.bit_length() - 1, b1.bit_length() - 1,
+            int(dtype == torch.bfloat16),
+        )  # fmt: skip
+
+
+def fits_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> bool:
+    """Whether FP8 `weight` ([N, K] or [E, N, K]) with `scale_inv` runs natively: contiguous CPU tensors, float32
+    scales on the checkpoint's grid, blocks of powers of two with at least 2 rows and 16 columns (128x128 in
+    every DeepSeek checkpoint)."""
+    b0, b1 = block
+    power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    N, K = weight.shape[-2:]
+    return (
+        weight.dtype == torch.float8_e4m3fn
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and power_of_two(b0) and b0 >= 2 and power_of_two(b1) and b1 >= 16
+        and scale_inv.dtype == torch.float32
+        and scale_inv.is_contiguous()
+        and scale_inv.shape == (*weight.shape[:-2], -(-N // b0), -(-K // b1))
+    )  # fmt: skip
+
+
 def fits_linear(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear(x, weight)` runs natively: CPU tensors, bf16/fp32 input, bf16 or int8 weight."""
     return (
@@ -143,8 +178,12 @@ def fits_linear(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8)).T -> [..., N] in x's dtype."""
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, fp8: Fp8Grid | None = None) -> Tensor:
+    """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8, block scales `fp8` for FP8)).T -> [..., N] in x's dtype.
+
+    FP8 weights are dequantized value by value as `fp8.dequantize_blocks` does (rounded to bf16 when the grid
+    says so), so the result is bit for bit that of the bf16 weight dequantized at load (`fits_fp8` first).
+    """
     N, K = weight.shape
     if not x.is_contiguous():
         x = x.contiguous()
@@ -156,7 +195,7 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         1, x.numel() // K, N, K,
         x.data_ptr(), _TYPE[x.dtype], 0, K,
         weight.data_ptr(), _TYPE[weight.dtype], 0, weight.stride(0),
-        None if scale is None else scale.data_ptr(), 0,
+        None if scale is None else scale.data_ptr(), 0, None if fp8 is None else ctypes.byref(fp8),
         y.data_ptr(), _TYPE[y.dtype], 0, N,
         torch.get_num_threads(),
     )  # fmt: skip
@@ -174,7 +213,7 @@ def batched_linear(x: Tensor, weight: Tensor, out: Tensor, scale: Tensor | None 
         G, M, N, K,
         x.data_ptr(), _TYPE[x.dtype], x.stride(0), x.stride(1),
         weight.data_ptr(), _TYPE[weight.dtype], weight.stride(0), weight.stride(1),
-        None if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
+        None if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0), None,
         out.data_ptr(), _TYPE[out.dtype], out.stride(0), out.stride(1),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -206,11 +245,12 @@ def experts(
     gate_scale: Tensor | None = None,
     up_scale: Tensor | None = None,
     down_scale: Tensor | None = None,
+    fp8: tuple[Fp8Grid, Fp8Grid, Fp8Grid] | None = None,
 ) -> Tensor:
     """Unweighted SwiGLU of rows sorted by expert (`Experts.compute`'s contract) -> [R, D] in x's dtype.
 
     gate/up [E, F, D] (views of one fused [E, 2F, D] tensor allowed: same expert stride), down [E, D, F];
-    int8 weights take fp32 scales [E, F] / [E, D].
+    int8 weights take fp32 scales [E, F] / [E, D], FP8 weights the grids of gate, up and down.
     """
     R, D = x.shape
     E, F_ = gate.shape[0], gate.shape[1]
@@ -223,11 +263,15 @@ def experts(
         x.data_ptr(), _TYPE[x.dtype],
         gate.data_ptr(), up.data_ptr(), _TYPE[gate.dtype], gate.stride(0),
         *(None if s is None else s.data_ptr() for s in scales[:2]),
-        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(),
+        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(), _grids(fp8),
         y.data_ptr(), _TYPE[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "experts")
     return y
+
+
+def _grids(fp8: tuple[Fp8Grid, Fp8Grid, Fp8Grid] | None):
+    return None if fp8 is None else ctypes.byref((Fp8Grid * 3)(*fp8))
 
 
 ROUTING_METHODS = {"greedy": 0, "noaux_tc": 1, "group_limited_greedy": 2}
@@ -244,6 +288,7 @@ def moe(
     down: Tensor,
     scales: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
     with_routing: bool = False,
+    fp8: tuple[Fp8Grid, Fp8Grid, Fp8Grid] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The routed experts of a MoE layer for a few tokens in one call: `Router` + `Experts.forward` -> [T, D].
 
@@ -265,7 +310,7 @@ def moe(
         routing["n_group"], routing["topk_group"], int(routing["norm_topk_prob"]), routing["scaling"],
         gate.data_ptr(), up.data_ptr(), _TYPE[gate.dtype], gate.stride(0),
         *(None if s is None else s.data_ptr() for s in scales[:2]),
-        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(),
+        down.data_ptr(), down.stride(0), None if scales[2] is None else scales[2].data_ptr(), _grids(fp8),
         y.data_ptr(), None if idx is None else idx.data_ptr(), None if weights is None else weights.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -312,14 +357,15 @@ def mla_attend(
 class Projection(ctypes.Structure):
     """`dsv3_proj`: a [rows, cols] weight (bf16, fp32, or int8 with a float32 scale per row); rows 0 = absent."""
 
-    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("type", _int)]
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("type", _int), ("fp8", Fp8Grid)]
 
     @classmethod
-    def of(cls, weight: Tensor | None, scale: Tensor | None = None) -> Projection:
+    def of(cls, weight: Tensor | None, scale: Tensor | None = None, fp8: Fp8Grid | None = None) -> Projection:
         if weight is None:
             return cls()
         rows, cols = weight.shape
-        return cls(weight.data_ptr(), None if scale is None else scale.data_ptr(), rows, cols, _TYPE[weight.dtype])
+        scale_ptr = None if scale is None else scale.data_ptr()
+        return cls(weight.data_ptr(), scale_ptr, rows, cols, _TYPE[weight.dtype], fp8 or Fp8Grid())
 
 
 class LayerWeights(ctypes.Structure):
@@ -337,7 +383,7 @@ class LayerWeights(ctypes.Structure):
         ("scoring", _int), ("method", _int), ("n_group", _i64), ("topk_group", _i64), ("norm_topk", _int),
         ("scaling", ctypes.c_float),
         ("gate", _ptr), ("up", _ptr), ("down", _ptr), ("etype", _int), ("gu_es", _i64), ("down_es", _i64),
-        ("gate_scale", _ptr), ("up_scale", _ptr), ("down_scale", _ptr),
+        ("gate_scale", _ptr), ("up_scale", _ptr), ("down_scale", _ptr), ("expert_fp8", Fp8Grid * 3),
     ]  # fmt: skip
 
 

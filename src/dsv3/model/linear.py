@@ -154,6 +154,10 @@ class Linear(nn.Module):
             return int8_matmul(x, self.weight, self.weight_scale, self.options)
         if self.is_fp8 and self.options.fp8_compute == "dequant":
             # Through the same product as a weight dequantized at load: bit-identical to it (InferenceOptions).
+            # Decode-sized bf16 rows read the FP8 bytes in place (kernels.native dequantizes in registers).
+            if x.dtype == torch.bfloat16 and uses_native(x, self.options.matvec) and self.fits_native_fp8():
+                grid = native.Fp8Grid.of(self.weight_scale_inv, self.block_size, x.dtype)
+                return native.linear(x, self.weight, fp8=grid)
             return matmul_wt(x, self.dequantized_weight(x.dtype), self.options)
         if self.is_fp8:
             o = self.options
@@ -161,6 +165,10 @@ class Linear(nn.Module):
                 x, self.weight, self.weight_scale_inv, self.block_size, o.fp8_compute, ue8m0=o.ue8m0
             )
         return matmul_wt(x, self.weight, self.options)
+
+    def fits_native_fp8(self) -> bool:
+        """Whether this FP8 layer's weight and block scales go to kernels.native as they are."""
+        return native.available() and native.fits_fp8(self.weight, self.weight_scale_inv, self.block_size)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

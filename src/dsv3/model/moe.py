@@ -306,19 +306,32 @@ def _experts_native(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor
     """One call into kernels.native for all active experts: each chosen expert's weights read once (decode)."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     scales = (gate.weight_scale, up.weight_scale, down.weight_scale) if gate.is_int8 else (None, None, None)
-    return native.experts(x_ND, counts_E, gate.weight, up.weight, down.weight, *scales)
+    fp8 = expert_fp8_grids(experts, x_ND.dtype)
+    return native.experts(x_ND, counts_E, gate.weight, up.weight, down.weight, *scales, fp8=fp8)
+
+
+def expert_fp8_grids(experts: Experts, dtype: torch.dtype) -> tuple | None:
+    """The FP8 experts' block-scale grids (gate, up, down) for kernels.native, dequantizing to `dtype`; else None."""
+    projections = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    if not experts.gate_proj.is_fp8:
+        return None
+    return tuple(native.Fp8Grid.of(p.weight_scale_inv, p.block_size, dtype) for p in projections)
 
 
 def _native_fits(experts: Experts, x_ND: torch.Tensor) -> bool:
-    """Whether `_experts_native` takes these weights: fp32, bf16 or int8, rows contiguous, gate and up alike."""
-    gate, up, down = (p.weight for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    """Whether `_experts_native` takes these weights: fp32, bf16, int8 or FP8 (block scales as
+    `native.fits_fp8` takes them), rows contiguous, gate and up alike."""
+    projections = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    gate, up, down = (p.weight for p in projections)
     D, F_ = experts.gate_proj.in_features, experts.gate_proj.out_features
+    fp8 = gate.dtype == torch.float8_e4m3fn
     return (
         native.available()
         and x_ND.device.type == "cpu"
         and x_ND.dtype in (torch.bfloat16, torch.float32)
-        and gate.dtype in (torch.float32, torch.bfloat16, torch.int8)
+        and gate.dtype in (torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn)
         and gate.dtype == up.dtype == down.dtype
+        and (not fp8 or all(native.fits_fp8(p.weight, p.weight_scale_inv, p.block_size) for p in projections))
         and gate.stride()[1:] == up.stride()[1:] == (D, 1)
         and gate.stride(0) == up.stride(0)
         and down.stride()[1:] == (F_, 1)
@@ -422,7 +435,8 @@ class MoE(nn.Module):
         g, u, d = experts.gate_proj, experts.up_proj, experts.down_proj
         scales = (g.weight_scale, u.weight_scale, d.weight_scale) if g.is_int8 else (None, None, None)
         bias = gate.e_score_correction_bias
-        return native.moe(x_TD, gate.weight, bias, rules, g.weight, u.weight, d.weight, scales, with_routing)
+        fp8 = expert_fp8_grids(experts, x_TD.dtype)
+        return native.moe(x_TD, gate.weight, bias, rules, g.weight, u.weight, d.weight, scales, with_routing, fp8)
 
     def _routes_natively(self, x_TD: torch.Tensor) -> bool:
         """Whether `routed_native` runs: decode-sized rows under matvec='native', inference, the plain modules

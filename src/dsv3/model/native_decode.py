@@ -21,26 +21,33 @@ from torch import nn
 
 from ..kernels import native
 from .linear import Linear, fused_weight, uses_native
-from .moe import MLP, MoE
+from .moe import MLP, MoE, expert_fp8_grids
 
 if TYPE_CHECKING:
     from .cache import CacheBatch
     from .transformer import DecoderLayer
 
 
-def _projection(layer: Linear) -> native.Projection | None:
+def _projection(layer: Linear, dtype: torch.dtype) -> native.Projection | None:
+    """The layer's weight as the kernels take it: bf16/fp32, int8 + per-row scales, or FP8 + block scales (bf16
+    activations and fp8_compute 'dequant' only: what `Linear.forward` computes natively too)."""
+    if layer.is_fp8:
+        if dtype != torch.bfloat16 or layer.options.fp8_compute != "dequant" or not layer.fits_native_fp8():
+            return None
+        grid = native.Fp8Grid.of(layer.weight_scale_inv, layer.block_size, dtype)
+        return native.Projection.of(layer.weight, fp8=grid)
     scale = layer.weight_scale if layer.is_int8 else None
     return native.Projection.of(layer.weight, scale) if native.fits_projection(layer.weight, scale) else None
 
 
-def _mlp_weights(mlp: MLP) -> tuple[native.Projection, native.Projection, native.Projection] | None:
+def _mlp_weights(mlp: MLP, dtype: torch.dtype) -> tuple[native.Projection, native.Projection, native.Projection] | None:
     """(gate or fused gate/up, up or absent, down) of a SwiGLU MLP, or None where a weight does not fit."""
     fused = fused_weight(mlp._gate_up, mlp.gate_proj, mlp.up_proj)
     if fused is not None and native.fits_projection(fused):
         gate, up = native.Projection.of(fused), native.Projection()
     else:
-        gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
-    down = _projection(mlp.down_proj)
+        gate, up = _projection(mlp.gate_proj, dtype), _projection(mlp.up_proj, dtype)
+    down = _projection(mlp.down_proj, dtype)
     return None if gate is None or up is None or down is None else (gate, up, down)
 
 
@@ -61,9 +68,9 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
     if fused is not None and native.fits_projection(fused):
         q_in, kv_a = native.Projection.of(fused), native.Projection()
     else:
-        q_in, kv_a = _projection(q_layer), _projection(kv_layer)
-    q_b = _projection(attn.q_b_proj) if attn.q_lora_rank is not None else native.Projection()
-    o_proj = _projection(attn.o_proj)
+        q_in, kv_a = _projection(q_layer, dtype), _projection(kv_layer, dtype)
+    q_b = _projection(attn.q_b_proj, dtype) if attn.q_lora_rank is not None else native.Projection()
+    o_proj = _projection(attn.o_proj, dtype)
     if q_in is None or kv_a is None or q_b is None or o_proj is None:
         return None
     w_uk, w_uv_t = attn.absorbed_weights(dtype)
@@ -83,7 +90,7 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
     mlp = layer.mlp
     dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
     if dense is not None:
-        weights = _mlp_weights(dense)
+        weights = _mlp_weights(dense, dtype)
         if weights is None:
             return None
         w.mlp_gate, w.mlp_up, w.mlp_down = weights
@@ -108,6 +115,9 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
             scales = [p.weight_scale.float().contiguous() for p in (g, u, d)]
             keep += scales
             w.gate_scale, w.up_scale, w.down_scale = (s.data_ptr() for s in scales)
+        fp8 = expert_fp8_grids(experts, dtype)
+        if fp8 is not None:
+            w.expert_fp8 = (native.Fp8Grid * 3)(*fp8)
     return w, keep
 
 
