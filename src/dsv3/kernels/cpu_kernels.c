@@ -88,20 +88,22 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 // accumulator sets (independent FMA chains: with one set a single row is bound by the FMA latency, not by
 // memory; 1.6x the bandwidth of the plain loop on a 265 MB bf16 matrix-vector product). Three or four rows
 // hide the latency by themselves and need the registers: one set, and each widened weight vector feeds
-// four FMAs (the widening, not the FMA, limits batched decode).
+// four FMAs (the widening, not the FMA, limits batched decode). The row loops are unrolled by pragma: left
+// as loops, GCC keeps the accumulator arrays in memory (2.3x slower with four rows, measured).
 #define PREFETCH_AHEAD 2048
 #define DEFINE_DOT2(NAME, WTYPE, LOAD, MT)                                                              \
     static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
                             const float *srow, int sbs, int rnd, float out[4][2]) {                     \
+        (void)srow, (void)sbs, (void)rnd; /* FP8's block scales: unused by the other weight types */    \
         __m256 a0[MT], a1[MT], b0[MT], b1[MT];                                                          \
-        for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps();               \
+        _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps(); \
         int64_t k = 0;                                                                                  \
         for (; MT <= 2 && k + 16 <= K; k += 16) {                                                       \
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             __m256 v0 = LOAD(w0, k), v1 = LOAD(w1, k);                                                    \
             __m256 u0 = LOAD(w0, k + 8), u1 = LOAD(w1, k + 8);                                            \
-            for (int m = 0; m < MT; m++) {                                                              \
+            _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                    \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k), xu = _mm256_loadu_ps(x + m * xs + k + 8);  \
                 a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
                 a1[m] = _mm256_fmadd_ps(v1, xv, a1[m]);                                                 \
@@ -113,14 +115,15 @@ static inline void store1(void *p, int64_t i, int type, float v) {
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             __m256 v0 = LOAD(w0, k), v1 = LOAD(w1, k);                                                    \
-            for (int m = 0; m < MT; m++) {                                                              \
+            _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                    \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k);                                            \
                 a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
                 a1[m] = _mm256_fmadd_ps(v1, xv, a1[m]);                                                 \
             }                                                                                           \
         }                                                                                               \
-        for (int m = 0; m < MT; m++) {                                                                  \
-            float s0 = hsum(_mm256_add_ps(a0[m], b0[m])), s1 = hsum(_mm256_add_ps(a1[m], b1[m]));       \
+        _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                        \
+            float s0 = hsum(MT <= 2 ? _mm256_add_ps(a0[m], b0[m]) : a0[m]);                             \
+            float s1 = hsum(MT <= 2 ? _mm256_add_ps(a1[m], b1[m]) : a1[m]);                             \
             for (int64_t kk = k; kk < K; kk++) {                                                        \
                 s0 += x[m * xs + kk] * (float)LOAD##_1(w0, kk);                                          \
                 s1 += x[m * xs + kk] * (float)LOAD##_1(w1, kk);                                          \
@@ -561,48 +564,93 @@ static void vec_times_matrix(const float *a, int64_t n, const void *w, int wtype
 // kv[b] holds S cached rows [latent (R), rope key (Dr)] (row stride kv_ss, row b at kv + b * kv_bs). Key j is
 // visible iff mask[b, t, j] (bool, strides m_bs, m_ts, contiguous in j) or, with mask NULL, j <= S - T + t.
 // q_nope / q_rope / out are [B, T, H, d] with the given (b, t, h) strides; w_uk [H, Dn, R], w_uv_t [H, R, Dv]
-// contiguous (bf16 or fp32). One work item is one (b, block of up to 4 heads): every cached row is read once
-// per item with four query rows in registers.
+// contiguous (bf16 or fp32). Per row b, five parallel phases over all heads at once: query rows, scores by
+// blocks of keys (each cached row read once for every head), softmax per row, probabilities x latents by
+// blocks of latent columns, the W_UV product per row.
 // kv_boff: row b's cache starts kv_boff[b] elements into kv (NULL: b * kv_bs).
+// o[m][0..16) = sum_j p[m][j] * kv[j][r0 .. r0+16) for 4 rows of probabilities (row stride ps) and 1 row:
+// the accumulators are a fixed set of registers (a loop over a run-time row count would keep them in memory).
+static inline void probs_times_latents4(const float *p, int64_t ps, const char *kv, int kvtype, int64_t kv_ss,
+                                        int64_t r0, int64_t S, float *o, int64_t os) {
+    const size_t ksize = kvtype == T_F32 ? 4 : 2;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t j = 0; j < S; j++) {
+        const char *row = kv + (size_t)(j * kv_ss + r0) * ksize;
+        const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
+        const __m256 k1 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + 8) : _mm256_loadu_ps((const float *)row + 8);
+        __m256 pv = _mm256_broadcast_ss(p + j);
+        a00 = _mm256_fmadd_ps(pv, k0, a00), a01 = _mm256_fmadd_ps(pv, k1, a01);
+        pv = _mm256_broadcast_ss(p + ps + j);
+        a10 = _mm256_fmadd_ps(pv, k0, a10), a11 = _mm256_fmadd_ps(pv, k1, a11);
+        pv = _mm256_broadcast_ss(p + 2 * ps + j);
+        a20 = _mm256_fmadd_ps(pv, k0, a20), a21 = _mm256_fmadd_ps(pv, k1, a21);
+        pv = _mm256_broadcast_ss(p + 3 * ps + j);
+        a30 = _mm256_fmadd_ps(pv, k0, a30), a31 = _mm256_fmadd_ps(pv, k1, a31);
+    }
+    _mm256_storeu_ps(o, a00), _mm256_storeu_ps(o + 8, a01);
+    _mm256_storeu_ps(o + os, a10), _mm256_storeu_ps(o + os + 8, a11);
+    _mm256_storeu_ps(o + 2 * os, a20), _mm256_storeu_ps(o + 2 * os + 8, a21);
+    _mm256_storeu_ps(o + 3 * os, a30), _mm256_storeu_ps(o + 3 * os + 8, a31);
+}
+static inline void probs_times_latents1(const float *p, const char *kv, int kvtype, int64_t kv_ss, int64_t r0,
+                                        int64_t S, float *o) {
+    const size_t ksize = kvtype == T_F32 ? 4 : 2;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int64_t j = 0; j < S; j++) {
+        const char *row = kv + (size_t)(j * kv_ss + r0) * ksize;
+        const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
+        const __m256 k1 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + 8) : _mm256_loadu_ps((const float *)row + 8);
+        const __m256 pv = _mm256_broadcast_ss(p + j);
+        a0 = _mm256_fmadd_ps(pv, k0, a0), a1 = _mm256_fmadd_ps(pv, k1, a1);
+    }
+    _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
+}
+
 static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
                       const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
                       int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs,
                       const int64_t *kv_boff, int64_t kv_ss, const void *w_uk, const void *w_uv_t, int wtype,
                       float scale, const unsigned char *mask, int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs,
                       int64_t o_ts, int64_t o_hs, int nthreads) {
-    const int64_t HB = 4, hblocks = (H + HB - 1) / HB, C = R + Dr, M_max = T * HB;
-    const size_t ksize = kvtype == T_F32 ? 4 : 2;
-    int failed = 0;
+    const int64_t C = R + Dr;
+    const size_t ksize = kvtype == T_F32 ? 4 : 2, wsize = wtype == T_F32 ? 4 : 2;
+    // Heads per pass: all of them unless their probabilities would pass 64 MiB (very long caches).
+    int64_t G = H;
+    while (G > 4 && G * T * S * 4 > ((int64_t)64 << 20)) G = (G + 1) / 2;
+    const int64_t M_max = T * G;
+    float *q = (float *)aligned_alloc(64, (size_t)((M_max * C * 4 + 63) / 64 * 64 + 64));
+    float *p = (float *)aligned_alloc(64, (size_t)((M_max * S * 4 + 63) / 64 * 64 + 64));
+    float *o = (float *)aligned_alloc(64, (size_t)((M_max * R * 4 + 63) / 64 * 64 + 64));
+    if (!q || !p || !o) {
+        free(q), free(p), free(o);
+        return 1;
+    }
+    const int64_t KEY_BLOCK = 64, kblocks = (S + KEY_BLOCK - 1) / KEY_BLOCK, rblocks = (R + 15) / 16;
 #pragma omp parallel num_threads(threads_for(B * H * T * S * 2 * C + B * H * T * R * (Dn + Dv), nthreads))
-    {
-        float *q = (float *)aligned_alloc(64, (size_t)((M_max * C * 4 + 63) / 64 * 64 + 64));
-        float *p = (float *)aligned_alloc(64, (size_t)((M_max * S * 4 + 63) / 64 * 64 + 64));
-        float *o = (float *)aligned_alloc(64, (size_t)((M_max * R * 4 + 63) / 64 * 64 + 64));
-        if (!q || !p || !o) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < B * hblocks; it++) {
-            if (failed) continue;
-            const int64_t b = it / hblocks, h0 = (it % hblocks) * HB, nh = H - h0 < HB ? H - h0 : HB;
-            const int64_t M = T * nh;  // query rows of this item, m = t * nh + (h - h0)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h0 = 0; h0 < H; h0 += G) {
+            const int64_t nh = H - h0 < G ? H - h0 : G, M = T * nh;  // row m = t * nh + (h - h0)
             const char *kvb = (const char *)kv + (size_t)(kv_boff ? kv_boff[b] : b * kv_bs) * ksize;
-            // q rows: the absorbed latent query (rounded to the activation type), then the rope query.
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t hh = 0; hh < nh; hh++) {
-                    const int64_t h = h0 + hh, m = t * nh + hh;
-                    float *qm = q + m * C;
-                    float qn[Dn > 0 ? Dn : 1];
-                    for (int64_t d = 0; d < Dn; d++) qn[d] = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
-                    vec_times_matrix(qn, Dn, (const char *)w_uk + (size_t)(h * Dn * R) * (wtype == T_F32 ? 4 : 2),
-                                     wtype, R, R, qm);
-                    if (xtype == T_BF16)
-                        for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
-                    for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
-                }
-            // Scores of every row against every cached key (each key row streamed once for the M rows).
-            rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, NULL, 0, S, C, p, T_F32, S);
+            // Query rows: the absorbed latent query (rounded to the activation type), then the rope query.
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t t = m / nh, h = h0 + m % nh;
+                float *qm = q + m * C;
+                float qn[Dn > 0 ? Dn : 1];
+                for (int64_t d = 0; d < Dn; d++) qn[d] = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
+                vec_times_matrix(qn, Dn, (const char *)w_uk + (size_t)(h * Dn * R) * wsize, wtype, R, R, qm);
+                if (xtype == T_BF16)
+                    for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
+                for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
+            }
+            // Scores, by blocks of keys: each cached row is read once and used by every query row.
+#pragma omp for schedule(static)
+            for (int64_t kb = 0; kb < kblocks; kb++) {
+                const int64_t j1 = (kb + 1) * KEY_BLOCK < S ? (kb + 1) * KEY_BLOCK : S;
+                rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, NULL, kb * KEY_BLOCK, j1, C, p, T_F32, S);
+            }
+            // Softmax over the visible keys, per row, in fp32.
+#pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {
                 const int64_t t = m / nh;
                 float *pm = p + m * S, mx = -INFINITY, sum = 0.0f;
@@ -617,51 +665,43 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
                 const float inv = 1.0f / sum;
                 for (int64_t j = 0; j < S; j++) pm[j] *= inv;
             }
-            // o = p @ kv[:, :R], then rounded: 16 latent columns of up to 4 rows in registers per pass over
-            // the keys (the item's cache rows stay in cache between passes).
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-                int64_t r0 = 0;
-                for (; r0 + 16 <= R; r0 += 16) {
-                    __m256 acc[4][2];
-                    for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-                    for (int64_t j = 0; j < S; j++) {
-                        const char *row = kvb + (size_t)(j * kv_ss + r0) * ksize;
-                        const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
-                        const __m256 k1 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row + 8)
-                                                           : _mm256_loadu_ps((const float *)row + 8);
-                        for (int64_t m = 0; m < mt; m++) {
-                            const __m256 pv = _mm256_set1_ps(p[(m0 + m) * S + j]);
-                            acc[m][0] = _mm256_fmadd_ps(pv, k0, acc[m][0]);
-                            acc[m][1] = _mm256_fmadd_ps(pv, k1, acc[m][1]);
-                        }
+            // o = p @ kv[:, :R] by blocks of 16 latent columns: a block's column slice of the cache (64 bytes
+            // a row) stays in cache while every group of four rows passes over it, accumulating in registers.
+#pragma omp for schedule(static)
+            for (int64_t rb = 0; rb < rblocks; rb++) {
+                const int64_t r0 = rb * 16, rw = R - r0 < 16 ? R - r0 : 16;
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                    const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+                    if (rw == 16 && mt == 4) {
+                        probs_times_latents4(p + m0 * S, S, kvb, kvtype, kv_ss, r0, S, o + m0 * R + r0, R);
+                    } else if (rw == 16) {
+                        for (int64_t m = 0; m < mt; m++)  // one row: the 4-row kernel's arithmetic, one chain
+                            probs_times_latents1(p + (m0 + m) * S, kvb, kvtype, kv_ss, r0, S, o + (m0 + m) * R + r0);
+                    } else {
+                        for (int64_t m = 0; m < mt; m++)
+                            for (int64_t r = r0; r < r0 + rw; r++) {
+                                float acc = 0.0f;
+                                for (int64_t j = 0; j < S; j++) acc += p[(m0 + m) * S + j] * load1(kvb, j * kv_ss + r, kvtype);
+                                o[(m0 + m) * R + r] = acc;
+                            }
                     }
-                    for (int64_t m = 0; m < mt; m++) {
-                        _mm256_storeu_ps(o + (m0 + m) * R + r0, acc[m][0]);
-                        _mm256_storeu_ps(o + (m0 + m) * R + r0 + 8, acc[m][1]);
-                    }
+                    if (xtype == T_BF16)
+                        for (int64_t m = 0; m < mt; m++)
+                            for (int64_t r = r0; r < r0 + rw; r++)
+                                o[(m0 + m) * R + r] = bf16_to_f32(f32_to_bf16(o[(m0 + m) * R + r]));
                 }
-                for (; r0 < R; r0++)
-                    for (int64_t m = 0; m < mt; m++) {
-                        float acc = 0.0f;
-                        for (int64_t j = 0; j < S; j++) acc += p[(m0 + m) * S + j] * load1(kvb, j * kv_ss + r0, kvtype);
-                        o[(m0 + m) * R + r0] = acc;
-                    }
             }
-            if (xtype == T_BF16)
-                for (int64_t i = 0; i < M * R; i++) o[i] = bf16_to_f32(f32_to_bf16(o[i]));
-            // out = o @ W_UV^T per head.
+            // out = o @ W_UV^T per row's head.
+#pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {
                 const int64_t t = m / nh, h = h0 + m % nh;
                 float acc[Dv > 0 ? Dv : 1];
-                vec_times_matrix(o + m * R, R, (const char *)w_uv_t + (size_t)(h * R * Dv) * (wtype == T_F32 ? 4 : 2),
-                                 wtype, Dv, Dv, acc);
+                vec_times_matrix(o + m * R, R, (const char *)w_uv_t + (size_t)(h * R * Dv) * wsize, wtype, Dv, Dv, acc);
                 for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
             }
         }
-        free(q), free(p), free(o);
-    }
-    return failed;
+    free(q), free(p), free(o);
+    return 0;
 }
 
 int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
