@@ -5,7 +5,9 @@ flipped per call lives here, is validated here, and reaches the modules that nee
 object (`module.options`):
 
 - `fp8_compute`: how FP8 `Linear` weights compute, "dequant" (dequantize, then a matmul in the
-  activation dtype; bit-identical to dequantizing at load) or "gemm" (quantize activations per token
+  activation dtype; bit-identical to dequantizing at load; decode-sized bf16 rows under
+  `matvec="native"` read the FP8 bytes in place and dequantize in registers, same bits) or "gemm"
+  (quantize activations per token
   per 128 channels, then the FP8 GEMM, as the official kernels). Activation scales are rounded to
   powers of two (UE8M0) when the checkpoint's `quantization_config.scale_fmt` is "ue8m0"
   (DeepSeek-V3.1), never by hand: that is how the checkpoint was calibrated.
