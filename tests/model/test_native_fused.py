@@ -255,6 +255,36 @@ def test_native_layer_equals_the_module_path(tiny_cfg, monkeypatch, config, dtyp
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_layer_prefills_short_ragged_prompts_like_the_modules(tiny_cfg, monkeypatch, dtype):
+    """A first pass of short prompts (<= 16 rows) takes the one-call layer with right padding: padded
+    positions are not written to the cache, and the next steps see exactly the real tokens."""
+    prompts = [[5, 9, 13, 2, 8], [7], [100, 3]]
+
+    def run():
+        model = _layer_model(tiny_cfg, dtype)
+        model.prepare_for_inference(InferenceOptions(matvec="native"))
+        cache = LatentCache(model.config, 3, 16, dtype=dtype)
+        slots = [cache.allocate() for _ in prompts]
+        out = [prefill(model, cache, slots, prompts)]
+        out += [prefill(model, cache, slots, [[4], [6], [1]])]
+        return torch.stack(out).float(), cache.kv.clone(), cache.lengths.clone()
+
+    calls = []
+    real_forward = native_decode.forward
+    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    got, got_kv, got_len = run()
+    assert calls
+    _without_layer_path(monkeypatch)
+    want, want_kv, want_len = run()
+    assert torch.equal(got_len, want_len)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want) and torch.equal(got_kv, want_kv)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+
+
 def test_native_layer_follows_weights_changed_in_place(tiny_cfg, monkeypatch):
     model = _layer_model(tiny_cfg, torch.float32)
     before = _decode(model, torch.float32, steps=1)

@@ -147,6 +147,7 @@ def plan(layer: DecoderLayer, x: torch.Tensor, cache: CacheBatch | None) -> nati
         or x.dtype not in (torch.bfloat16, torch.float32)
         or not hasattr(cache, "native_offsets")
         or cache.cache.kv.dtype != x.dtype
+        or not cache.cache.kv.is_contiguous()  # the kernel addresses it by element offsets
         or not layer.self_attn._absorbed_is_cheaper(x.shape[1])
         or not native.available()
     ):
