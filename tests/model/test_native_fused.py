@@ -21,45 +21,39 @@ from dsv3.model.moe import MoE
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2 and a C compiler")
 
 # (overrides of the tiny config): V3 grouped routing, one group, V2 greedy / group-max softmax, odd sizes.
+V2 = dict(
+    model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], scoring_func="softmax", norm_topk_prob=False
+)
 ROUTINGS = {
     "v3-groups": dict(n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=6),
     "v3-one-group": dict(n_routed_experts=20, n_group=1, topk_group=1, num_experts_per_tok=3),
     "v3-unnormalised": dict(n_routed_experts=24, n_group=3, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False),
-    "v2-greedy": dict(
-        model_type="deepseek_v2",
-        architectures=["DeepseekV2ForCausalLM"],
-        scoring_func="softmax",
-        topk_method="greedy",
-        n_routed_experts=18,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=4,
-        norm_topk_prob=False,
-    ),  # fmt: skip
+    "v2-greedy": dict(**V2, topk_method="greedy", n_routed_experts=18, n_group=1, topk_group=1, num_experts_per_tok=4),
     "v2-group-max": dict(
-        model_type="deepseek_v2",
-        architectures=["DeepseekV2ForCausalLM"],
-        scoring_func="softmax",
-        topk_method="group_limited_greedy",
-        n_routed_experts=24,
-        n_group=6,
-        topk_group=3,
-        num_experts_per_tok=5,
-        norm_topk_prob=False,
-    ),  # fmt: skip
+        **V2, topk_method="group_limited_greedy", n_routed_experts=24, n_group=6, topk_group=3, num_experts_per_tok=5
+    ),
 }
 
 
-def _moe(tiny_cfg, dtype, quantize=None, **overrides) -> MoE:
-    cfg = dsv3.ModelConfig.from_dict({**tiny_cfg.to_dict(), "moe_intermediate_size": 20, **overrides})
+def _layer_model(tiny_cfg, dtype, **overrides) -> dsv3.DeepSeekV3:
+    """The tiny config with `overrides`, random weights, a routing bias that matters, norm weights not all ones."""
+    cfg = dsv3.ModelConfig.from_dict({**tiny_cfg.to_dict(), **overrides})
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _moe(tiny_cfg, dtype, quantize=None, **overrides) -> MoE:
+    model = _layer_model(tiny_cfg, dtype, moe_intermediate_size=20, **overrides)
     model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
-    return model.model.layers[cfg.first_k_dense_replace].mlp
+    return model.model.layers[model.config.first_k_dense_replace].mlp
 
 
 def _torch_path(moe: MoE, x: torch.Tensor):
@@ -201,20 +195,6 @@ LAYER_CONFIGS = {
     "v2-routing": ROUTINGS["v2-group-max"],
 }
 PROMPTS = [[5, 9, 13, 2], [7] * 11, [100, 3, 250]]
-
-
-def _layer_model(tiny_cfg, dtype, **overrides) -> dsv3.DeepSeekV3:
-    cfg = dsv3.ModelConfig.from_dict({**tiny_cfg.to_dict(), **overrides})
-    torch.manual_seed(0)
-    model = dsv3.DeepSeekV3(cfg, dtype=dtype).eval()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.3)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def _decode(model, dtype, quantize=None, steps=5, tokens_per_step=1):
