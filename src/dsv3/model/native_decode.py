@@ -127,11 +127,13 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _state_key(modules: tuple[nn.Module, ...], dtype: torch.dtype) -> tuple:
-    """What a built plan depends on: the dtype, the module tree (children), every parameter's and buffer's
-    storage and version. Cheap enough to check on every call (a few dozen attribute reads)."""
+    """What a built plan depends on: the dtype, the module tree (children), the InferenceOptions each module
+    was given (e.g. fp8_compute), every parameter's and buffer's storage and version. Cheap enough to check
+    on every call (a few dozen attribute reads)."""
     key: list = [dtype]
     for m in modules:
         key += [id(c) for c in m._modules.values()]
+        key.append(id(m.__dict__.get("options")))
         for t in (*m._parameters.values(), *m._buffers.values()):
             # Inference tensors (made under torch.inference_mode) have no version counter.
             key += [None] if t is None else [t.data_ptr(), 0 if t.is_inference() else t._version]
