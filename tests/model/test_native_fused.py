@@ -175,6 +175,33 @@ def test_mla_attend_matches_float64(B, T, H, S, masked, dtype):
             assert torch.equal(again[b, 0], got[b, 0])
 
 
+@pytest.mark.parametrize("B, threads", [(1, 1), (1, 4), (3, 4), (2, 3)])
+def test_mla_attend_long_cache_split_over_threads(B, threads):
+    """Long caches are split into key chunks across threads and merged: chunks that see no key of a row
+    (short ragged rows), a row whose largest score sits in a late chunk, and the merge all match float64."""
+    torch.manual_seed(B * 10 + threads)
+    T, H, S, Dn, Dr, R, Dv = 2, 5, 700, 12, 6, 40, 10
+    q = torch.randn(B, T, H, Dn + Dr).to(torch.bfloat16)
+    kv = torch.randn(B, S, R + Dr).to(torch.bfloat16)
+    kv[0, 650, R:] = 8.0  # a late key that dominates row 0's scores for some heads
+    w_uk = (torch.randn(H, Dn, R) / Dn**0.5).to(torch.bfloat16)
+    w_uv_t = (torch.randn(H, R, Dv) / R**0.5).to(torch.bfloat16)
+    lengths = torch.tensor([S - T + 1, 5, 300][:B])  # row 1 sees only its first few keys: later chunks see none
+    j = torch.arange(S)
+    mask = j[None, None, :] < (lengths[:, None, None] + torch.arange(T)[None, :, None])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.mla_attend(q[..., :Dn], q[..., Dn:], kv, w_uk, w_uv_t, 0.2, mask)
+        causal = native.mla_attend(q[..., :Dn], q[..., Dn:], kv, w_uk, w_uv_t, 0.2, None)
+    finally:
+        torch.set_num_threads(previous)
+    for out, m in ((got, mask), (causal, None)):
+        exact = _attend_float64(q[..., :Dn], q[..., Dn:], kv, w_uk, w_uv_t, 0.2, m)
+        assert torch.isfinite(out).all()
+        assert (out.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
 # ------------------------------------------------------------------ one native call per decoder layer
 
 LAYER_CONFIGS = {

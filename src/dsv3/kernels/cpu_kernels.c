@@ -556,18 +556,6 @@ static void vec_times_matrix(const float *a, int64_t n, const void *w, int wtype
 }
 
 // ---------------------------------------------------------------------------------------------- attention
-// MLA's absorbed attention for a few query tokens against the latent cache (dsv3.model.attention,
-// `_attend_absorbed`), one call per layer. Per row b, query token t and head h:
-//   q = [W_UK[h]^T q_nope (rounded to the activation type), q_rope]        (R + Dr)
-//   p = softmax(scale * q . kv[b, j] over the visible keys j), in fp32     (S)
-//   o = sum_j p_j kv[b, j, :R] (rounded), out[b, t, h] = W_UV[h] o (rounded) (Dv)
-// kv[b] holds S cached rows [latent (R), rope key (Dr)] (row stride kv_ss, row b at kv + b * kv_bs). Key j is
-// visible iff mask[b, t, j] (bool, strides m_bs, m_ts, contiguous in j) or, with mask NULL, j <= S - T + t.
-// q_nope / q_rope / out are [B, T, H, d] with the given (b, t, h) strides; w_uk [H, Dn, R], w_uv_t [H, R, Dv]
-// contiguous (bf16 or fp32). Per row b, five parallel phases over all heads at once: query rows, scores by
-// blocks of keys (each cached row read once for every head), softmax per row, probabilities x latents by
-// blocks of latent columns, the W_UV product per row.
-// kv_boff: row b's cache starts kv_boff[b] elements into kv (NULL: b * kv_bs).
 // exp(x) for 8 lanes, x <= 0 (softmax arguments after subtracting the row max; -inf gives 0): 2**(x log2 e)
 // as 2**n times a degree-6 polynomial for 2**f, f in [-0.5, 0.5]; relative error at most 1.1e-6 over
 // [-20, 0] (measured against libm), no libm call.
@@ -588,12 +576,14 @@ static inline __m256 exp8_nonpositive(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep);
 }
 
-// o[m][0..16) = sum_j p[m][j] * kv[j][r0 .. r0+16) for 4 rows of probabilities (row stride ps) and 1 row:
+// o[m][0..16) += sum_j p[m][j] * kv[j][r0 .. r0+16) for 4 rows of probabilities (row stride ps) and 1 row:
 // the accumulators are a fixed set of registers (a loop over a run-time row count would keep them in memory).
 static inline void probs_times_latents4(const float *p, int64_t ps, const char *kv, int kvtype, int64_t kv_ss,
                                         int64_t r0, int64_t S, float *o, int64_t os) {
     const size_t ksize = kvtype == T_F32 ? 4 : 2;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    __m256 a00 = _mm256_loadu_ps(o), a01 = _mm256_loadu_ps(o + 8), a10 = _mm256_loadu_ps(o + os),
+           a11 = _mm256_loadu_ps(o + os + 8), a20 = _mm256_loadu_ps(o + 2 * os), a21 = _mm256_loadu_ps(o + 2 * os + 8),
+           a30 = _mm256_loadu_ps(o + 3 * os), a31 = _mm256_loadu_ps(o + 3 * os + 8);
     for (int64_t j = 0; j < S; j++) {
         const char *row = kv + (size_t)(j * kv_ss + r0) * ksize;
         const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
@@ -615,7 +605,7 @@ static inline void probs_times_latents4(const float *p, int64_t ps, const char *
 static inline void probs_times_latents1(const float *p, const char *kv, int kvtype, int64_t kv_ss, int64_t r0,
                                         int64_t S, float *o) {
     const size_t ksize = kvtype == T_F32 ? 4 : 2;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8);
     for (int64_t j = 0; j < S; j++) {
         const char *row = kv + (size_t)(j * kv_ss + r0) * ksize;
         const __m256 k0 = kvtype == T_BF16 ? load8_bf16((const uint16_t *)row) : _mm256_loadu_ps((const float *)row);
@@ -626,109 +616,169 @@ static inline void probs_times_latents1(const float *p, const char *kv, int kvty
     _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
 }
 
+// One key block [j0, j0 + nj) of one cache row for M query rows (`mla_attend`'s key chunks): scores into s
+// (M x KEY_BLOCK, scaled, hidden keys -inf), then the online softmax update of each row's running max mx,
+// running sum l and unnormalised output o (M x R): o = o * exp(mx_old - mx_new) + exp(s - mx_new) @ kv[:, :R].
+// Rows that see no key of the block are left alone; masked keys contribute exactly 0.
+#define KEY_BLOCK 64
+static void attend_key_block(const float *q, int64_t M, int64_t nh, int64_t C, int64_t R, const char *kvb, int kvtype,
+                             int64_t kv_ss, int64_t j0, int64_t nj, int64_t S, int64_t T, float scale,
+                             const unsigned char *mask_b, int64_t m_ts, float *s, float *mx, float *l, float *o) {
+    const size_t ksize = kvtype == T_F32 ? 4 : 2;
+    const char *kvj = kvb + (size_t)(j0 * kv_ss) * ksize;
+    rows_times_weight(q, C, M, kvj, kvtype, kv_ss, NULL, NULL, 0, nj, C, s, T_F32, KEY_BLOCK);
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = m / nh, last = S - T + t;  // causal: keys 0..last
+        const unsigned char *vis = mask_b ? mask_b + t * m_ts + j0 : NULL;
+        float *sm = s + m * KEY_BLOCK, bmx = -INFINITY;
+        for (int64_t j = 0; j < KEY_BLOCK; j++) {
+            const int visible = j < nj && (vis ? vis[j] : j0 + j <= last);
+            sm[j] = visible ? sm[j] * scale : -INFINITY;
+            bmx = sm[j] > bmx ? sm[j] : bmx;
+        }
+        const float new_mx = bmx > mx[m] ? bmx : mx[m];
+        if (new_mx == -INFINITY) {  // nothing visible yet: the probabilities of this block are all 0
+            memset(sm, 0, sizeof(float) * KEY_BLOCK);
+            continue;
+        }
+        if (new_mx != mx[m]) {
+            const float alpha = mx[m] == -INFINITY ? 0.0f : expf(mx[m] - new_mx);
+            l[m] *= alpha;
+            for (int64_t r = 0; r < R; r++) o[m * R + r] *= alpha;
+            mx[m] = new_mx;
+        }
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < KEY_BLOCK; j += 8) {
+            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sm + j), _mm256_set1_ps(new_mx)));
+            _mm256_storeu_ps(sm + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        l[m] += hsum(acc);
+    }
+    // o += p @ kv[:, :R] by blocks of 16 latent columns: a column slice of the block's rows stays in L1 while
+    // every group of four query rows passes over it.
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+        const int64_t rw = R - r0 < 16 ? R - r0 : 16;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+            if (rw == 16 && mt == 4) {
+                probs_times_latents4(s + m0 * KEY_BLOCK, KEY_BLOCK, kvj, kvtype, kv_ss, r0, nj, o + m0 * R + r0, R);
+            } else if (rw == 16) {
+                for (int64_t m = m0; m < m0 + mt; m++)  // one row: the 4-row kernel's arithmetic, one chain
+                    probs_times_latents1(s + m * KEY_BLOCK, kvj, kvtype, kv_ss, r0, nj, o + m * R + r0);
+            } else {
+                for (int64_t m = m0; m < m0 + mt; m++)
+                    for (int64_t r = r0; r < r0 + rw; r++) {
+                        float acc = o[m * R + r];
+                        for (int64_t j = 0; j < nj; j++) acc += s[m * KEY_BLOCK + j] * load1(kvj, j * kv_ss + r, kvtype);
+                        o[m * R + r] = acc;
+                    }
+            }
+        }
+    }
+}
+
+// MLA's absorbed attention for a few query tokens against the latent cache (dsv3.model.attention,
+// `_attend_absorbed`), one call per layer. Per row b, query token t and head h:
+//   q = [W_UK[h]^T q_nope (rounded to the activation type), q_rope]        (R + Dr)
+//   p = softmax(scale * q . kv[b, j] over the visible keys j), in fp32     (S)
+//   o = sum_j p_j kv[b, j, :R] (rounded), out[b, t, h] = W_UV[h] o (rounded) (Dv)
+// kv[b] holds S cached rows [latent (R), rope key (Dr)] (row stride kv_ss, row b at kv + b * kv_bs). Key j is
+// visible iff mask[b, t, j] (bool, strides m_bs, m_ts, contiguous in j) or, with mask NULL, j <= S - T + t.
+// q_nope / q_rope / out are [B, T, H, d] with the given (b, t, h) strides; w_uk [H, Dn, R], w_uv_t [H, R, Dv]
+// contiguous (bf16 or fp32). kv_boff: row b's cache starts kv_boff[b] elements into kv (NULL: b * kv_bs).
+//
+// Split-key ("flash decoding") order, three parallel phases: the query rows; then each cache row's keys in
+// chunks (one per thread when B is small), each chunk walking its 64-key blocks once: scores for every
+// query row, an online softmax (running max and sum), and the probabilities times the block's latents
+// while the block is still in L1/L2, so the cache is read from memory once and no S-long probability
+// row is stored; last, per query row, the chunks are merged (rescaled to the common max), normalised,
+// rounded, and multiplied by W_UV. Masked keys weigh exactly 0, as in the two-pass softmax.
 static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
                       const void *q_nope, const void *q_rope, int xtype, int64_t q_bs, int64_t q_ts, int64_t q_hs,
                       int64_t r_bs, int64_t r_ts, int64_t r_hs, const void *kv, int kvtype, int64_t kv_bs,
                       const int64_t *kv_boff, int64_t kv_ss, const void *w_uk, const void *w_uv_t, int wtype,
                       float scale, const unsigned char *mask, int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs,
                       int64_t o_ts, int64_t o_hs, int nthreads) {
-    const int64_t C = R + Dr;
+    const int64_t C = R + Dr, M = T * H;  // query row m of cache row b: token m / H, head m % H
     const size_t ksize = kvtype == T_F32 ? 4 : 2, wsize = wtype == T_F32 ? 4 : 2;
-    // Heads per pass: all of them unless their probabilities would pass 64 MiB (very long caches).
-    int64_t G = H;
-    while (G > 4 && G * T * S * 4 > ((int64_t)64 << 20)) G = (G + 1) / 2;
-    const int64_t M_max = T * G;
-    float *q = (float *)aligned_alloc(64, (size_t)((M_max * C * 4 + 63) / 64 * 64 + 64));
-    float *p = (float *)aligned_alloc(64, (size_t)((M_max * S * 4 + 63) / 64 * 64 + 64));
-    float *o = (float *)aligned_alloc(64, (size_t)((M_max * R * 4 + 63) / 64 * 64 + 64));
-    if (!q || !p || !o) {
-        free(q), free(p), free(o);
+    const int nt = threads_for(B * H * T * S * 2 * C + B * H * T * R * (Dn + Dv), nthreads);
+    const int64_t kblocks = (S + KEY_BLOCK - 1) / KEY_BLOCK;
+    // Chunks per cache row: enough for every thread when the batch alone does not fill them.
+    int64_t NC = (nt + B - 1) / B;
+    NC = NC < kblocks ? NC : kblocks;
+    NC = NC > 0 ? NC : 1;
+    const int64_t per_chunk = (kblocks + NC - 1) / NC;
+    const int64_t items = B * NC;
+    float *q = (float *)aligned_alloc(64, (size_t)((B * M * C * 4 + 63) / 64 * 64 + 64));
+    float *o = (float *)aligned_alloc(64, (size_t)((items * M * R * 4 + 63) / 64 * 64 + 64));
+    float *ml = (float *)malloc(sizeof(float) * (size_t)(items * M * 2));  // running max, then running sum
+    float *s = (float *)aligned_alloc(64, (size_t)((nt * M * KEY_BLOCK * 4 + 63) / 64 * 64 + 64));
+    if (!q || !o || !ml || !s) {
+        free(q), free(o), free(ml), free(s);
         return 1;
     }
-    const int64_t KEY_BLOCK = 64, kblocks = (S + KEY_BLOCK - 1) / KEY_BLOCK, rblocks = (R + 15) / 16;
-#pragma omp parallel num_threads(threads_for(B * H * T * S * 2 * C + B * H * T * R * (Dn + Dv), nthreads))
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h0 = 0; h0 < H; h0 += G) {
-            const int64_t nh = H - h0 < G ? H - h0 : G, M = T * nh;  // row m = t * nh + (h - h0)
+#pragma omp parallel num_threads(nt)
+    {
+        // Query rows: the absorbed latent query (rounded to the activation type), then the rope query.
+#pragma omp for schedule(static)
+        for (int64_t bm = 0; bm < B * M; bm++) {
+            const int64_t b = bm / M, t = (bm % M) / H, h = bm % H;
+            float *qm = q + bm * C;
+            float qn[Dn > 0 ? Dn : 1];
+            for (int64_t d = 0; d < Dn; d++) qn[d] = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
+            vec_times_matrix(qn, Dn, (const char *)w_uk + (size_t)(h * Dn * R) * wsize, wtype, R, R, qm);
+            if (xtype == T_BF16)
+                for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
+            for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
+        }
+        // Key chunks: each (cache row, chunk) item owns its running max / sum / output rows.
+        float *sbuf = s + (int64_t)omp_get_thread_num() * M * KEY_BLOCK;
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t b = it / NC, c = it % NC;
             const char *kvb = (const char *)kv + (size_t)(kv_boff ? kv_boff[b] : b * kv_bs) * ksize;
-            // Query rows: the absorbed latent query (rounded to the activation type), then the rope query.
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t t = m / nh, h = h0 + m % nh;
-                float *qm = q + m * C;
-                float qn[Dn > 0 ? Dn : 1];
-                for (int64_t d = 0; d < Dn; d++) qn[d] = load1(q_nope, b * q_bs + t * q_ts + h * q_hs + d, xtype);
-                vec_times_matrix(qn, Dn, (const char *)w_uk + (size_t)(h * Dn * R) * wsize, wtype, R, R, qm);
-                if (xtype == T_BF16)
-                    for (int64_t r = 0; r < R; r++) qm[r] = bf16_to_f32(f32_to_bf16(qm[r]));
-                for (int64_t d = 0; d < Dr; d++) qm[R + d] = load1(q_rope, b * r_bs + t * r_ts + h * r_hs + d, xtype);
-            }
-            // Scores, by blocks of keys: each cached row is read once and used by every query row.
-#pragma omp for schedule(static)
-            for (int64_t kb = 0; kb < kblocks; kb++) {
-                const int64_t j1 = (kb + 1) * KEY_BLOCK < S ? (kb + 1) * KEY_BLOCK : S;
-                rows_times_weight(q, C, M, kvb, kvtype, kv_ss, NULL, NULL, kb * KEY_BLOCK, j1, C, p, T_F32, S);
-            }
-            // Softmax over the visible keys, per row, in fp32.
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t t = m / nh;
-                float *pm = p + m * S, mx = -INFINITY, sum = 0.0f;
-                const unsigned char *vis = mask ? mask + b * m_bs + t * m_ts : NULL;
-                const int64_t last = S - T + t;  // causal: keys 0..last
-                for (int64_t j = 0; j < S; j++) {
-                    const int visible = vis ? vis[j] : j <= last;
-                    pm[j] = visible ? pm[j] * scale : -INFINITY;
-                    mx = pm[j] > mx ? pm[j] : mx;
-                }
-                int64_t j = 0;
-                __m256 acc = _mm256_setzero_ps();
-                for (; j + 8 <= S; j += 8) {
-                    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(pm + j), _mm256_set1_ps(mx)));
-                    _mm256_storeu_ps(pm + j, e);
-                    acc = _mm256_add_ps(acc, e);
-                }
-                sum = hsum(acc);
-                for (; j < S; j++) sum += (pm[j] = expf(pm[j] - mx));
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < S; j++) pm[j] *= inv;
-            }
-            // o = p @ kv[:, :R] by blocks of 16 latent columns: a block's column slice of the cache (64 bytes
-            // a row) stays in cache while every group of four rows passes over it, accumulating in registers.
-#pragma omp for schedule(static)
-            for (int64_t rb = 0; rb < rblocks; rb++) {
-                const int64_t r0 = rb * 16, rw = R - r0 < 16 ? R - r0 : 16;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-                    if (rw == 16 && mt == 4) {
-                        probs_times_latents4(p + m0 * S, S, kvb, kvtype, kv_ss, r0, S, o + m0 * R + r0, R);
-                    } else if (rw == 16) {
-                        for (int64_t m = 0; m < mt; m++)  // one row: the 4-row kernel's arithmetic, one chain
-                            probs_times_latents1(p + (m0 + m) * S, kvb, kvtype, kv_ss, r0, S, o + (m0 + m) * R + r0);
-                    } else {
-                        for (int64_t m = 0; m < mt; m++)
-                            for (int64_t r = r0; r < r0 + rw; r++) {
-                                float acc = 0.0f;
-                                for (int64_t j = 0; j < S; j++) acc += p[(m0 + m) * S + j] * load1(kvb, j * kv_ss + r, kvtype);
-                                o[(m0 + m) * R + r] = acc;
-                            }
-                    }
-                    if (xtype == T_BF16)
-                        for (int64_t m = 0; m < mt; m++)
-                            for (int64_t r = r0; r < r0 + rw; r++)
-                                o[(m0 + m) * R + r] = bf16_to_f32(f32_to_bf16(o[(m0 + m) * R + r]));
-                }
-            }
-            // out = o @ W_UV^T per row's head.
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t t = m / nh, h = h0 + m % nh;
-                float acc[Dv > 0 ? Dv : 1];
-                vec_times_matrix(o + m * R, R, (const char *)w_uv_t + (size_t)(h * R * Dv) * wsize, wtype, Dv, Dv, acc);
-                for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
+            float *mx = ml + it * M * 2, *l = mx + M, *oc = o + it * M * R;
+            for (int64_t m = 0; m < M; m++) mx[m] = -INFINITY, l[m] = 0.0f;
+            memset(oc, 0, sizeof(float) * (size_t)(M * R));
+            const int64_t kb1 = (c + 1) * per_chunk < kblocks ? (c + 1) * per_chunk : kblocks;
+            for (int64_t kb = c * per_chunk; kb < kb1; kb++) {
+                const int64_t j0 = kb * KEY_BLOCK, nj = S - j0 < KEY_BLOCK ? S - j0 : KEY_BLOCK;
+                attend_key_block(q + b * M * C, M, H, C, R, kvb, kvtype, kv_ss, j0, nj, S, T, scale,
+                                 mask ? mask + b * m_bs : NULL, m_ts, sbuf, mx, l, oc);
             }
         }
-    free(q), free(p), free(o);
+        // Merge the chunks of each query row, normalise, round; out = o @ W_UV^T of the row's head.
+#pragma omp for schedule(static)
+        for (int64_t bm = 0; bm < B * M; bm++) {
+            const int64_t b = bm / M, m = bm % M, t = m / H, h = m % H;
+            float gmx = -INFINITY;
+            for (int64_t c = 0; c < NC; c++) {
+                const float cm = ml[(b * NC + c) * M * 2 + m];
+                gmx = cm > gmx ? cm : gmx;
+            }
+            float orow[R > 0 ? R : 1], lsum = 0.0f;
+            for (int64_t r = 0; r < R; r++) orow[r] = 0.0f;
+            for (int64_t c = 0; c < NC; c++) {
+                const int64_t it = b * NC + c;
+                const float cm = ml[it * M * 2 + m];
+                if (cm == -INFINITY) continue;  // the chunk saw no key of this row
+                const float w = expf(cm - gmx);
+                lsum += w * ml[it * M * 2 + M + m];
+                const float *oc = o + (it * M + m) * R;
+                for (int64_t r = 0; r < R; r++) orow[r] += w * oc[r];
+            }
+            const float inv = 1.0f / lsum;  // no visible key: 0 * inf = NaN, as softmax over all -inf
+            for (int64_t r = 0; r < R; r++) {
+                orow[r] *= inv;
+                if (xtype == T_BF16) orow[r] = bf16_to_f32(f32_to_bf16(orow[r]));
+            }
+            float acc[Dv > 0 ? Dv : 1];
+            vec_times_matrix(orow, R, (const char *)w_uv_t + (size_t)(h * R * Dv) * wsize, wtype, Dv, Dv, acc);
+            for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
+        }
+    }
+    free(q), free(o), free(ml), free(s);
     return 0;
 }
 
