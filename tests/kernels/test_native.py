@@ -35,15 +35,41 @@ def test_linear_bf16_weight_matches_float64(M, N, K, xdtype):
     _close(got, x.double() @ w.double().T)
 
 
+def _int16_rows(x: torch.Tensor) -> torch.Tensor:
+    """What int8 weights multiply: each row rounded (half to even) to a multiple of max|row| / 32767, in float64."""
+    x = x.double()
+    step = x.abs().amax(dim=-1, keepdim=True) / 32767
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(x / step) * step
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 9])
-@pytest.mark.parametrize("N, K", [(5, 17), (64, 256), (129, 1032)])
+@pytest.mark.parametrize("N, K", [(5, 17), (64, 256), (129, 1032), (33, 4500)])
 def test_linear_int8_weight_matches_float64(M, N, K):
+    """int8 weights take int16 activation rows (K = 4500: the int32 sums are emptied into fp32 mid-row)."""
     torch.manual_seed(N + K + M)
     q, scale = quantize_int8(torch.randn(N, K) * torch.logspace(-2, 1, N)[:, None])
     x = torch.randn(2, M, K).to(torch.bfloat16)
+    x[1, 0] *= 1e-3  # a row far smaller than the others keeps its own scale
     got = native.linear(x, q, scale)
     assert got.shape == (2, M, N)
-    _close(got, x.double() @ dequantize_int8(q, scale, torch.float64).T)
+    w = dequantize_int8(q, scale, torch.float64)
+    _close(got, _int16_rows(x) @ w.T)
+    # The accuracy cost against the unquantized activations: each is off by at most max|row| / 65534.
+    exact = x.double() @ w.T
+    bound = x.double().abs().amax(-1, keepdim=True) / 65534 * w.abs().sum(-1)
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + bound + 1e-6 * exact.abs().max()).all())
+
+
+def test_int8_rows_with_inf_or_nan_give_nan_rows_only():
+    """A non-finite activation row cannot be scaled to int16: its outputs are NaN, its neighbours' are exact."""
+    q, scale = quantize_int8(torch.randn(6, 40))
+    x = torch.randn(3, 40)
+    x[1, 7] = float("nan")
+    x[2, 3] = float("inf")
+    got = native.linear(x, q, scale)
+    assert bool(got[1:].isnan().all())
+    _close(got[0], _int16_rows(x[0]) @ dequantize_int8(q, scale, torch.float64).T)
 
 
 def test_batched_linear_reads_strided_operands_in_place():
@@ -108,8 +134,13 @@ def test_experts_int8_match_float64():
     counts = torch.tensor([2, 0, 1, 0, 3])
     x = torch.randn(6, D)
     got = native.experts(x, counts, ws[0][0], ws[1][0], ws[2][0], ws[0][1], ws[1][1], ws[2][1])
-    deq = [dequantize_int8(q, s, torch.float64) for q, s in ws]
-    _close(got, _experts_reference(x, counts, *deq))
+    gate, up, down = [dequantize_int8(q, s, torch.float64) for q, s in ws]
+    want, start = [], 0  # both products take int16 activation rows: x, then the SwiGLU rows
+    for e, n in enumerate(counts.tolist()):
+        rows = _int16_rows(x[start : start + n])
+        want.append(_int16_rows(F.silu(rows @ gate[e].T) * (rows @ up[e].T)) @ down[e].T)
+        start += n
+    _close(got, torch.cat(want))
 
 
 def test_nan_and_inf_propagate_like_torch():
