@@ -32,18 +32,31 @@ static inline __m256 load8_i8(const int8_t *p) {
 // dequantize_blocks(w, scale_inv, dtype) produces, value by value. e4m3's bits shifted into fp16 position
 // read value * 2**-8 exactly (fp16 subnormals included, which F16C converts whatever the MXCSR flags);
 // times (scale * 2**8) is the one rounding of value * scale, as in the dequantization.
+// Round to nearest even at bf16 precision, kept in fp32 (no NaN can come out of e4m3fn weights here).
+static inline __m256 round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
 static inline __m256 load8_fp8(const uint8_t *p, float scale, int round) {
     const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
     const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
                                    _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
-    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale * 256.0f));
-    if (round) {  // round to nearest even at bf16 precision (no NaN can come out of e4m3fn weights here)
-        __m256i u = _mm256_castps_si256(v);
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-        v = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
-    }
-    return v;
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale * 256.0f));
+    return round ? round8_bf16(v) : v;
+}
+// 16 e4m3fn weights -> columns k..k+7 (lo) and k+8..k+15 (hi), value for value what load8_fp8 gives, with
+// the bit mapping done on 16 lanes at once: the byte at the top of a 16-bit lane, shifted right by one
+// with its sign copied, is the fp16 pattern once bit 14 is cleared (about 1.5x fewer operations per weight).
+static inline void load16_fp8(const uint8_t *p, float scale, int round, __m256 *lo, __m256 *hi) {
+    const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8);
+    const __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
+    const __m256 s = _mm256_set1_ps(scale * 256.0f);
+    const __m256 v0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s);
+    const __m256 v1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s);
+    *lo = round ? round8_bf16(v0) : v0;
+    *hi = round ? round8_bf16(v1) : v1;
 }
 static inline float fp8_to_f32(uint8_t b) {
     const int e = (b >> 3) & 15, m = b & 7;
@@ -102,8 +115,9 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         for (; MT <= 2 && k + 16 <= K; k += 16) {                                                       \
             _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
             _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
-            __m256 v0 = LOAD(w0, k), v1 = LOAD(w1, k);                                                    \
-            __m256 u0 = LOAD(w0, k + 8), u1 = LOAD(w1, k + 8);                                            \
+            __m256 v0, v1, u0, u1;                                                                      \
+            LOAD##_16(w0, k, v0, u0);                                                                   \
+            LOAD##_16(w1, k, v1, u1);                                                                   \
             _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                    \
                 __m256 xv = _mm256_loadu_ps(x + m * xs + k), xu = _mm256_loadu_ps(x + m * xs + k + 8);  \
                 a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);                                                 \
@@ -140,6 +154,11 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define LD_i8(p, k) load8_i8((p) + (k))
 #define LD_f32(p, k) _mm256_loadu_ps((p) + (k))
 #define LD_fp8(p, k) load8_fp8((p) + (k), srow[(k) >> sbs], rnd)
+// Sixteen weights at column k (a multiple of 16: FP8 column blocks are at least 16 wide) into lo, hi.
+#define LD_bf16_16(p, k, lo, hi) ((lo) = LD_bf16(p, k), (hi) = LD_bf16(p, (k) + 8))
+#define LD_i8_16(p, k, lo, hi) ((lo) = LD_i8(p, k), (hi) = LD_i8(p, (k) + 8))
+#define LD_f32_16(p, k, lo, hi) ((lo) = LD_f32(p, k), (hi) = LD_f32(p, (k) + 8))
+#define LD_fp8_16(p, k, lo, hi) load16_fp8((p) + (k), srow[(k) >> sbs], rnd, &(lo), &(hi))
 #define LD_bf16_1(p, k) bf16_to_f32((p)[k])
 #define LD_i8_1(p, k) ((float)(p)[k])
 #define LD_f32_1(p, k) ((p)[k])
