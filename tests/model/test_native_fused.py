@@ -349,10 +349,13 @@ FP8_CODES = torch.arange(256, dtype=torch.uint8)
 FP8_CODES = FP8_CODES[(FP8_CODES & 0x7F) != 0x7F]  # every finite e4m3fn value (0x7f / 0xff are NaN)
 
 
-@pytest.mark.parametrize("N, K, block", [(256, 512, (128, 128)), (200, 300, (128, 128)), (33, 80, (16, 16))])
-@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize(
+    "N, K, block", [(256, 512, (128, 128)), (200, 300, (128, 128)), (33, 80, (16, 16)), (31, 48, (2, 16))]
+)
+@pytest.mark.parametrize("M", [1, 3, 4, 6])
 def test_fp8_linear_is_bit_identical_to_the_weight_dequantized_at_load(N, K, block, M):
-    """Every e4m3fn code (subnormals included) in every position, partial blocks, scales over 6 decades."""
+    """Every e4m3fn code (subnormals included) in every position, partial blocks, scales over 6 decades;
+    three or more rows take weight rows three at a time, which straddle row blocks of 2 and 16 rows."""
     torch.manual_seed(N + K + M)
     codes = FP8_CODES[torch.randint(0, FP8_CODES.numel(), (N, K))]
     weight = codes.view(torch.float8_e4m3fn)
