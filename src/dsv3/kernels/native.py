@@ -333,6 +333,8 @@ def mla_attend(
 
     q_nope [B, T, H, Dn], q_rope [B, T, H, Dr], kv [B, S, R+Dr] (the cache as stored, q's dtype), w_uk
     [H, Dn, R], w_uv_t [H, R, Dv] (contiguous); mask [B, T, S] bool, or None for causal (key j <= S-T+t).
+    The keys are split into chunks across threads, each walked once with an online softmax in fp32 and
+    merged per query row: the two-pass softmax's result to fp32 round-off, the cache read once.
     """
     B, T, H, Dn = q_nope.shape
     S, C = kv.shape[1], kv.shape[2]
