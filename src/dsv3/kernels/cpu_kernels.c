@@ -4,9 +4,10 @@
 // bound by how fast the weights stream from memory. torch's bf16 and int8 CPU paths convert or pack
 // the weights on the way (and on CPUs without BF16 instructions emulate bf16 products), streaming at a
 // fraction of the machine's read bandwidth. Here each weight vector is loaded once, widened to fp32 in
-// registers (bf16: a 16-bit shift; int8: sign-extend and convert) and multiplied into fp32 accumulators
-// for up to four activation rows at a time. Results are rounded once to the output type (round to
-// nearest even for bf16), as torch's bf16 products are.
+// registers (bf16: a 16-bit shift; FP8: through fp16 bits and its block scale) and multiplied into fp32
+// accumulators for up to four activation rows at a time; int8 weights are sign-extended to int16 and
+// multiplied by int16-quantized activation rows into int32 sums. Results are rounded once to the output
+// type (round to nearest even for bf16), as torch's bf16 products are.
 //
 // Types: 0 = float32, 1 = bfloat16, 2 = int8 (weights only, with one float32 scale per output row),
 // 3 = float8 e4m3fn (weights only, with float32 scales per block of rows x columns: DeepSeek's FP8 layout).
@@ -25,13 +26,6 @@ enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_FP8 = 3 };
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline __m256 load8_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-// 8 e4m3fn weights -> fp32 times their block's scale, rounded to bf16 when `round`: what
-// dequantize_blocks(w, scale_inv, dtype) produces, value by value. e4m3's bits shifted into fp16 position
-// read value * 2**-8 exactly (fp16 subnormals included, which F16C converts whatever the MXCSR flags);
-// times (scale * 2**8) is the one rounding of value * scale, as in the dequantization.
 // Round to nearest even at bf16 precision, kept in fp32 (no NaN can come out of e4m3fn weights here).
 static inline __m256 round8_bf16(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
@@ -39,6 +33,10 @@ static inline __m256 round8_bf16(__m256 v) {
     u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
+// 8 e4m3fn weights -> fp32 times their block's scale, rounded to bf16 when `round`: what
+// dequantize_blocks(w, scale_inv, dtype) produces, value by value. e4m3's bits shifted into fp16 position
+// read value * 2**-8 exactly (fp16 subnormals included, which F16C converts whatever the MXCSR flags);
+// times (scale * 2**8) is the one rounding of value * scale, as in the dequantization.
 static inline __m256 load8_fp8(const uint8_t *p, float scale, int round) {
     const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
     const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
@@ -151,16 +149,13 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 // Loads of 8 weights (and of one, for the tails) at column k of row p; FP8 applies the row's scale of
 // column block k >> sbs (srow) and rounds per rnd. The other types ignore srow, sbs and rnd.
 #define LD_bf16(p, k) load8_bf16((p) + (k))
-#define LD_i8(p, k) load8_i8((p) + (k))
 #define LD_f32(p, k) _mm256_loadu_ps((p) + (k))
 #define LD_fp8(p, k) load8_fp8((p) + (k), srow[(k) >> sbs], rnd)
 // Sixteen weights at column k (a multiple of 16: FP8 column blocks are at least 16 wide) into lo, hi.
 #define LD_bf16_16(p, k, lo, hi) ((lo) = LD_bf16(p, k), (hi) = LD_bf16(p, (k) + 8))
-#define LD_i8_16(p, k, lo, hi) ((lo) = LD_i8(p, k), (hi) = LD_i8(p, (k) + 8))
 #define LD_f32_16(p, k, lo, hi) ((lo) = LD_f32(p, k), (hi) = LD_f32(p, (k) + 8))
 #define LD_fp8_16(p, k, lo, hi) load16_fp8((p) + (k), srow[(k) >> sbs], rnd, &(lo), &(hi))
 #define LD_bf16_1(p, k) bf16_to_f32((p)[k])
-#define LD_i8_1(p, k) ((float)(p)[k])
 #define LD_f32_1(p, k) ((p)[k])
 #define LD_fp8_1(p, k) (rnd ? bf16_to_f32(f32_to_bf16(fp8_to_f32((p)[k]) * srow[(k) >> sbs])) : fp8_to_f32((p)[k]) * srow[(k) >> sbs])
 
@@ -180,7 +175,6 @@ static inline void store1(void *p, int64_t i, int type, float v) {
     }
 
 DEFINE_DOT2_ALL(bf16, uint16_t, LD_bf16)
-DEFINE_DOT2_ALL(i8, int8_t, LD_i8)
 DEFINE_DOT2_ALL(f32, float, LD_f32)
 DEFINE_DOT2_ALL(fp8, uint8_t, LD_fp8)
 
@@ -281,9 +275,11 @@ static inline void dot2_i8q(const int16_t *x, int64_t xs, int mt, const int8_t *
 }
 
 // Activation rows for int8 weights: x[m] (fp32, row stride xs, K values) ~ q[m] * scale[m] with q int16
-// (same row stride), scale = max |x[m]| / 32767, q = round-to-nearest-even(x / scale). Relative to the
+// (same row stride), scale = max |x[m]| / 32767, q = x * (32767 / max |x[m]|) rounded to the nearest
+// integer (ties to even) in fp32. Relative to the
 // row's largest value each activation is off by at most 2**-16, far below the int8 weights' own rounding
 // (2**-8 of their row's largest). A row holding inf or NaN gets scale NaN (and zeros): all its outputs are NaN.
+// int8 weights always come with these rows (`rows_times_weight` has no fp32 path for them).
 static void quantize_rows_i16(const float *x, int64_t xs, int64_t M, int64_t K, int16_t *q, float *scale) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * xs;
@@ -375,13 +371,11 @@ static void rows_times_weight(const float *x, const int16_t *xq, const float *xq
         for (int64_t m0 = 0; m0 < M; m0 += 4) {  // up to four rows at a time (dot2_*_N keep them in registers)
             const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
             const float *xm = x + m0 * xs;
-            if (wtype == T_I8 && xq) {
+            if (wtype == T_I8) {  // always with int16 rows (callers quantize x)
                 dot2_i8q(xq + m0 * xs, xs, mt, (const int8_t *)w + n * ws, (const int8_t *)w + n_b * ws, K, out);
                 for (int m = 0; m < mt; m++) out[m][0] *= xqs[m0 + m], out[m][1] *= xqs[m0 + m];
             } else if (wtype == T_BF16)
                 dot2_bf16(xm, xs, mt, (const uint16_t *)w + n * ws, (const uint16_t *)w + n_b * ws, K, NULL, 0, 0, out);
-            else if (wtype == T_I8)
-                dot2_i8(xm, xs, mt, (const int8_t *)w + n * ws, (const int8_t *)w + n_b * ws, K, NULL, 0, 0, out);
             else if (wtype == T_FP8)  // rows n and n_b share a row block: blocks have an even number of rows
                 dot2_fp8(xm, xs, mt, (const uint8_t *)w + n * ws, (const uint8_t *)w + n_b * ws, K,
                          fq->grid + (n >> fq->rows_log2) * fq->grid_rs, fq->cols_log2, fq->round, out);
