@@ -306,16 +306,20 @@ def test_native_layer_follows_weights_changed_in_place(tiny_cfg, monkeypatch):
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
 
 
+def _one_token_step(model):
+    """(layer 1, a bound one-row cache batch, one bf16 token's hidden state) of `model` prepared for native decode."""
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
+    batch = cache.bind([cache.allocate()], [1])
+    return model.model.layers[1], batch, torch.randn(1, 1, model.config.hidden_size).to(torch.bfloat16)
+
+
 def test_native_layer_follows_new_inference_options(tiny_cfg, tmp_path):
     """FP8 projections run in the one-call layer under fp8_compute='dequant' only: switching to 'gemm'
     after a first decode must not keep the plan built for 'dequant'."""
     _layer_model(tiny_cfg, torch.float32).save_pretrained(tmp_path / "fp8", fp8=True)
     model = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, fp8=True)
-    model.prepare_for_inference(InferenceOptions(matvec="native"))
-    layer = model.model.layers[1]
-    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
-    batch = cache.bind([cache.allocate()], [1])
-    x = torch.randn(1, 1, model.config.hidden_size).to(torch.bfloat16)
+    layer, batch, x = _one_token_step(model)
     with torch.no_grad():
         assert native_decode.plan(layer, x, batch) is not None
         model.prepare_for_inference(InferenceOptions(matvec="native", fp8_compute="gemm"))
@@ -324,11 +328,7 @@ def test_native_layer_follows_new_inference_options(tiny_cfg, tmp_path):
 
 def test_native_layer_is_skipped_where_it_would_change_behaviour(tiny_cfg):
     model = _layer_model(tiny_cfg, torch.bfloat16)
-    model.prepare_for_inference(InferenceOptions(matvec="native"))
-    layer = model.model.layers[1]
-    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
-    batch = cache.bind([cache.allocate()], [1])
-    x = torch.randn(1, 1, model.config.hidden_size).to(torch.bfloat16)
+    layer, batch, x = _one_token_step(model)
     with torch.no_grad():
         assert native_decode.plan(layer, x, batch) is not None
         handle = layer.self_attn.o_proj.register_forward_hook(lambda *a: None)  # e.g. tensor parallelism's
