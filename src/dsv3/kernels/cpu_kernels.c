@@ -315,11 +315,116 @@ static void quantize_rows_i16(const float *x, int64_t xs, int64_t M, int64_t K, 
 
 // FP8 weights' scales: grid[(n >> rows_log2) * grid_rs + (k >> cols_log2)] for weight row n, column k
 // (blocks of powers of two, rows_log2 >= 1); round: the dequantized weights are rounded to bf16 (bf16 models).
+// act: 0 = weights dequantized value by value (fp8_compute 'dequant'); 1 = fp8_compute 'gemm': activations
+// quantized to e4m3 per token per column block (`quantize_rows_e4m3`), block sums scaled once; 2 = 'gemm'
+// with UE8M0 (power-of-two) activation scales.
 typedef struct {
     const float *grid;
     int64_t grid_rs, grid_es;  // grid_es: one expert's grid (stacked experts), else 0
-    int rows_log2, cols_log2, round;
+    int rows_log2, cols_log2, round, act;
 } fp8_grid;
+
+// fp32 -> the nearest e4m3fn value (ties to even), as a float; |v| <= 448 here (scaled activations). Rounding
+// to 3 mantissa bits is adding and subtracting 1.5 * 2**(e + 20) for v's exponent e (at least -6, e4m3's
+// smallest normal exponent, below which the grid is the subnormals' 2**-9), as torch's cast rounds.
+static inline float round_e4m3(float v) {
+    int e;
+    frexpf(v, &e);  // v = f * 2**e, 0.5 <= |f| < 1: v's exponent is e - 1
+    e = e - 1 < -6 ? -6 : e - 1;
+    const float magic = ldexpf(1.5f, e + 20);
+    const volatile float t = v + magic;  // volatile: keep the two roundings as written
+    return t - magic;
+}
+
+// Activation rows for FP8 weights under 'gemm': x[m] (M rows of K fp32, contiguous) -> q[m] (e4m3 values as
+// floats, same layout) and qs[m * G + g] for the G = ceil(K / 2**gl2) column groups: what `act_quant` does
+// (amax clamped to 1e-4, scale = amax / 448, with ue8m0 2**ceil(log2(scale)), q = e4m3(x / scale)).
+static void quantize_rows_e4m3(const float *x, int64_t M, int64_t K, int gl2, int ue8m0, float *q, float *qs) {
+    const int64_t gw = (int64_t)1 << gl2, G = (K + gw - 1) / gw;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t k0 = g * gw, k1 = k0 + gw < K ? k0 + gw : K;
+            float amax = 1e-4f;
+            for (int64_t k = k0; k < k1; k++) amax = fabsf(x[m * K + k]) > amax ? fabsf(x[m * K + k]) : amax;
+            float scale = amax / 448.0f;
+            if (ue8m0) scale = exp2f(ceilf(log2f(scale)));
+            qs[m * G + g] = scale;
+            for (int64_t k = k0; k < k1; k++) q[m * K + k] = round_e4m3(x[m * K + k] / scale);
+        }
+}
+
+// 16 e4m3fn weights -> their values times 2**-8 (the fp16 bit pattern, exact), columns k..k+7 and k+8..k+15.
+static inline void fp8x16_scaled_down(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8);
+    const __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+// FP8 weights under 'gemm' for one or two activation rows (x: e4m3 values, xsc: their group scales, G a row)
+// against weight rows w0, w1 (block scales ws0, ws1 of one row block): per column block, the sum of
+// e4m3 x e4m3 products (exact in fp32 per product) times the two scales once, as the official FP8 GEMM
+// accumulates; the fp32 sum of the blocks. One row keeps lo/hi halves in separate chains (FMA latency).
+#define DEFINE_DOT2_FP8G(NAME, MT)                                                                      \
+    static inline void NAME(const float *x, int64_t xs, const uint8_t *w0, const uint8_t *w1, int64_t K, \
+                            const float *ws0, const float *ws1, int sbs, const float *xsc, int64_t G,   \
+                            float out[4][2]) {                                                          \
+        __m256 t0[MT], t1[MT];                                                                          \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm256_setzero_ps();       \
+        const int64_t bw = (int64_t)1 << sbs;                                                           \
+        for (int64_t g = 0; g * bw < K; g++) {                                                          \
+            const int64_t c0 = g * bw, c1 = c0 + bw < K ? c0 + bw : K;                                  \
+            __m256 a0[MT], a1[MT], b0[MT], b1[MT];                                                      \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps(); \
+            int64_t k = c0;                                                                             \
+            for (; k + 16 <= c1; k += 16) {                                                             \
+                _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                     \
+                _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                     \
+                __m256 l0, h0, l1, h1;                                                                  \
+                fp8x16_scaled_down(w0 + k, &l0, &h0);                                                   \
+                fp8x16_scaled_down(w1 + k, &l1, &h1);                                                   \
+                _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                  \
+                    const __m256 xv = _mm256_loadu_ps(x + m * xs + k), xu = _mm256_loadu_ps(x + m * xs + k + 8); \
+                    a0[m] = _mm256_fmadd_ps(l0, xv, a0[m]);                                             \
+                    a1[m] = _mm256_fmadd_ps(l1, xv, a1[m]);                                             \
+                    if (MT == 1) {                                                                      \
+                        b0[m] = _mm256_fmadd_ps(h0, xu, b0[m]);                                         \
+                        b1[m] = _mm256_fmadd_ps(h1, xu, b1[m]);                                         \
+                    } else {                                                                            \
+                        a0[m] = _mm256_fmadd_ps(h0, xu, a0[m]);                                         \
+                        a1[m] = _mm256_fmadd_ps(h1, xu, a1[m]);                                         \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                      \
+                float r0 = 0.0f, r1 = 0.0f;                                                             \
+                for (int64_t kk = k; kk < c1; kk++) {                                                   \
+                    r0 += x[m * xs + kk] * (fp8_to_f32(w0[kk]) * (1.0f / 256.0f));                      \
+                    r1 += x[m * xs + kk] * (fp8_to_f32(w1[kk]) * (1.0f / 256.0f));                      \
+                }                                                                                       \
+                const __m256 s0 = _mm256_add_ps(_mm256_add_ps(a0[m], b0[m]), _mm256_setr_ps(r0, 0, 0, 0, 0, 0, 0, 0)); \
+                const __m256 s1 = _mm256_add_ps(_mm256_add_ps(a1[m], b1[m]), _mm256_setr_ps(r1, 0, 0, 0, 0, 0, 0, 0)); \
+                const float xg = xsc[m * G + g] * 256.0f;                                               \
+                t0[m] = _mm256_fmadd_ps(s0, _mm256_set1_ps(xg * ws0[g]), t0[m]);                        \
+                t1[m] = _mm256_fmadd_ps(s1, _mm256_set1_ps(xg * ws1[g]), t1[m]);                        \
+            }                                                                                           \
+        }                                                                                               \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) out[m][0] = hsum(t0[m]), out[m][1] = hsum(t1[m]); \
+    }
+DEFINE_DOT2_FP8G(dot2_fp8g_1, 1)
+DEFINE_DOT2_FP8G(dot2_fp8g_2, 2)
+// Up to four activation rows: pairs of rows (the weight rows come from L1 the second time).
+static inline void dot2_fp8g(const float *x, int64_t xs, int mt, const uint8_t *w0, const uint8_t *w1, int64_t K,
+                             const float *ws0, const float *ws1, int sbs, const float *xsc, int64_t G, float out[4][2]) {
+    for (int m0 = 0; m0 < mt; m0 += 2) {
+        float part[4][2] = {{0.0f}};
+        if (mt - m0 >= 2)
+            dot2_fp8g_2(x + m0 * xs, xs, w0, w1, K, ws0, ws1, sbs, xsc + m0 * G, G, part);
+        else
+            dot2_fp8g_1(x + m0 * xs, xs, w0, w1, K, ws0, ws1, sbs, xsc + m0 * G, G, part);
+        for (int m = 0; m < 2 && m0 + m < mt; m++) out[m0 + m][0] = part[m][0], out[m0 + m][1] = part[m][1];
+    }
+}
 
 static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
     fp8_grid g = *q;
@@ -376,6 +481,12 @@ static void rows_times_weight(const float *x, const int16_t *xq, const float *xq
                 for (int m = 0; m < mt; m++) out[m][0] *= xqs[m0 + m], out[m][1] *= xqs[m0 + m];
             } else if (wtype == T_BF16)
                 dot2_bf16(xm, xs, mt, (const uint16_t *)w + n * ws, (const uint16_t *)w + n_b * ws, K, NULL, 0, 0, out);
+            else if (wtype == T_FP8 && fq->act)  // x: e4m3 values, xqs: their group scales (quantize_rows_e4m3)
+                dot2_fp8g(xm, xs, mt, (const uint8_t *)w + n * ws, (const uint8_t *)w + n_b * ws, K,
+                          fq->grid + (n >> fq->rows_log2) * fq->grid_rs,
+                          fq->grid + (n_b >> fq->rows_log2) * fq->grid_rs, fq->cols_log2,
+                          xqs + m0 * ((K + ((int64_t)1 << fq->cols_log2) - 1) >> fq->cols_log2),
+                          (K + ((int64_t)1 << fq->cols_log2) - 1) >> fq->cols_log2, out);
             else if (wtype == T_FP8)  // rows n and n_b share a row block: blocks have an even number of rows
                 dot2_fp8(xm, xs, mt, (const uint8_t *)w + n * ws, (const uint8_t *)w + n_b * ws, K,
                          fq->grid + (n >> fq->rows_log2) * fq->grid_rs, fq->cols_log2, fq->round, out);
@@ -437,6 +548,18 @@ int dsv3_linear(int64_t G, int64_t M, int64_t N, int64_t K, const void *x, int x
     if (wtype == T_I8 && !quantized_rows(xf, G * M, K, &xq, &xqs)) {
         free(xf);
         return 1;
+    }
+    if (fq && fq->act) {  // 'gemm': x becomes its e4m3 values, xqs their scales per column block
+        const int64_t groups = (K + ((int64_t)1 << fq->cols_log2) - 1) >> fq->cols_log2;
+        xqs = (float *)malloc(sizeof(float) * (size_t)(M * groups + 1));
+        float *x8 = (float *)aligned_alloc(64, (size_t)((M * K * 4 + 63) / 64 * 64 + 64));
+        if (!xqs || !x8) {
+            free(xf), free(xqs), free(x8);
+            return 1;
+        }
+        quantize_rows_e4m3(xf, M, K, fq->cols_log2, fq->act == 2, x8, xqs);
+        free(xf);
+        xf = x8;
     }
     const int64_t block = 16;
     const int64_t nblocks = (N + block - 1) / block;

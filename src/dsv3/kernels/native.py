@@ -135,16 +135,19 @@ class Fp8Grid(ctypes.Structure):
     """`fp8_grid`: an FP8 weight's float32 block scales (`weight_scale_inv`, [out/b0, in/b1] or [E, ...])."""
 
     _fields_ = [("grid", _ptr), ("grid_rs", _i64), ("grid_es", _i64), ("rows_log2", _int), ("cols_log2", _int)]
-    _fields_ += [("round", _int)]
+    _fields_ += [("round", _int), ("act", _int)]
 
     @classmethod
-    def of(cls, scale_inv: Tensor, block: tuple[int, int], dtype: torch.dtype) -> Fp8Grid:
-        """The grid of `scale_inv`; values are dequantized to `dtype` (rounded to bf16 for bf16) before multiplying."""
+    def of(cls, scale_inv: Tensor, block: tuple[int, int], dtype: torch.dtype, gemm: str | None = None) -> Fp8Grid:
+        """The grid of `scale_inv`. gemm None: values are dequantized to `dtype` (rounded to bf16 for bf16) before
+        multiplying (fp8_compute 'dequant'); "e4m3" / "ue8m0": fp8_compute 'gemm' (`linear` quantizes the
+        activations per token per column block as `fp8.act_quant`, with power-of-two scales for "ue8m0")."""
         es = scale_inv.shape[-2] * scale_inv.shape[-1] if scale_inv.dim() == 3 else 0
         b0, b1 = block
+        act = {None: 0, "e4m3": 1, "ue8m0": 2}[gemm]
         return cls(
             scale_inv.data_ptr(), scale_inv.shape[-1], es, b0.bit_length() - 1, b1.bit_length() - 1,
-            int(dtype == torch.bfloat16),
+            int(dtype == torch.bfloat16), act,
         )  # fmt: skip
 
 
@@ -182,7 +185,9 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, fp8: Fp8Grid 
     """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8, block scales `fp8` for FP8)).T -> [..., N] in x's dtype.
 
     FP8 weights are dequantized value by value as `fp8.dequantize_blocks` does (rounded to bf16 when the grid
-    says so), so the result is bit for bit that of the bf16 weight dequantized at load (`fits_fp8` first).
+    says so), so the result is bit for bit that of the bf16 weight dequantized at load (`fits_fp8` first);
+    with a 'gemm' grid (`Fp8Grid.of(..., gemm=...)`) x is quantized as `fp8.act_quant` and each column
+    block's e4m3 products are summed, then scaled once: `fp8.linear_fp8(mode="gemm")` to fp32 round-off.
     """
     N, K = weight.shape
     if not x.is_contiguous():

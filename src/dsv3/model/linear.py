@@ -161,10 +161,19 @@ class Linear(nn.Module):
             return matmul_wt(x, self.dequantized_weight(x.dtype), self.options)
         if self.is_fp8:
             o = self.options
+            # 'gemm': decode-sized rows quantize and multiply in one native call (linear_fp8's numerics).
+            if x.dtype == torch.bfloat16 and uses_native(x, o.matvec) and self.fits_native_fp8():
+                return native.linear(x, self.weight, fp8=self.native_gemm_grid(x.dtype))
             return fp8_kernels.linear_fp8(
                 x, self.weight, self.weight_scale_inv, self.block_size, o.fp8_compute, ue8m0=o.ue8m0
             )
         return matmul_wt(x, self.weight, self.options)
+
+    def native_gemm_grid(self, dtype: torch.dtype) -> native.Fp8Grid:
+        """This FP8 layer's block scales for kernels.native under fp8_compute 'gemm' (UE8M0 as the checkpoint says)."""
+        return native.Fp8Grid.of(
+            self.weight_scale_inv, self.block_size, dtype, "ue8m0" if self.options.ue8m0 else "e4m3"
+        )
 
     def fits_native_fp8(self) -> bool:
         """Whether this FP8 layer's weight and block scales go to kernels.native as they are."""

@@ -30,11 +30,14 @@ if TYPE_CHECKING:
 
 def _projection(layer: Linear, dtype: torch.dtype) -> native.Projection | None:
     """The layer's weight as the kernels take it: bf16/fp32, int8 + per-row scales, or FP8 + block scales (bf16
-    activations and fp8_compute 'dequant' only: what `Linear.forward` computes natively too)."""
+    activations, fp8_compute 'dequant' or 'gemm': what `Linear.forward` computes natively too)."""
     if layer.is_fp8:
-        if dtype != torch.bfloat16 or layer.options.fp8_compute != "dequant" or not layer.fits_native_fp8():
+        if dtype != torch.bfloat16 or not layer.fits_native_fp8():
             return None
-        grid = native.Fp8Grid.of(layer.weight_scale_inv, layer.block_size, dtype)
+        if layer.options.fp8_compute == "gemm":
+            grid = layer.native_gemm_grid(dtype)
+        else:
+            grid = native.Fp8Grid.of(layer.weight_scale_inv, layer.block_size, dtype)
         return native.Projection.of(layer.weight, fp8=grid)
     scale = layer.weight_scale if layer.is_int8 else None
     return native.Projection.of(layer.weight, scale) if native.fits_projection(layer.weight, scale) else None

@@ -7,10 +7,11 @@ object (`module.options`):
 - `fp8_compute`: how FP8 `Linear` weights compute, "dequant" (dequantize, then a matmul in the
   activation dtype; bit-identical to dequantizing at load; decode-sized bf16 rows under
   `matvec="native"` read the FP8 bytes in place and dequantize in registers, same bits) or "gemm"
-  (quantize activations per token
-  per 128 channels, then the FP8 GEMM, as the official kernels). Activation scales are rounded to
-  powers of two (UE8M0) when the checkpoint's `quantization_config.scale_fmt` is "ue8m0"
-  (DeepSeek-V3.1), never by hand: that is how the checkpoint was calibrated.
+  (quantize activations per token per 128 channels, then the FP8 GEMM, as the official kernels;
+  decode-sized bf16 rows under `matvec="native"` do both in one native call, the torch path's result
+  to fp32 round-off). Activation scales are rounded to powers of two (UE8M0) when the checkpoint's
+  `quantization_config.scale_fmt` is "ue8m0" (DeepSeek-V3.1), never by hand: that is how the checkpoint
+  was calibrated. The routed experts' FP8 weights are dequantized in either mode.
 - `fuse_projections`: back the projections that read the same input (q_a + kv_a, gate + up) by one
   tensor, so one matmul reads x once (`linear.fuse_weights`).
 - `matvec`: the CPU backend of small-batch products (decode), see `linear.matmul_wt`: "native" (the
