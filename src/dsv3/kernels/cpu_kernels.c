@@ -44,15 +44,21 @@ static inline __m256 load8_fp8(const uint8_t *p, float scale, int round) {
     const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale * 256.0f));
     return round ? round8_bf16(v) : v;
 }
-// 16 e4m3fn weights -> columns k..k+7 (lo) and k+8..k+15 (hi), value for value what load8_fp8 gives, with
-// the bit mapping done on 16 lanes at once: the byte at the top of a 16-bit lane, shifted right by one
-// with its sign copied, is the fp16 pattern once bit 14 is cleared (about 1.5x fewer operations per weight).
-static inline void load16_fp8(const uint8_t *p, float scale, int round, __m256 *lo, __m256 *hi) {
+// 16 e4m3fn weights -> their values times 2**-8 (the fp16 bit pattern, exact), columns k..k+7 and k+8..k+15:
+// the byte at the top of a 16-bit lane, shifted right by one with its sign copied, is the fp16 pattern once
+// bit 14 is cleared (the bit mapping on 16 lanes at once: about 1.5x fewer operations per weight).
+static inline void fp8x16_scaled_down(const uint8_t *p, __m256 *lo, __m256 *hi) {
     const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8);
     const __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+// 16 e4m3fn weights -> columns k..k+7 (lo) and k+8..k+15 (hi), value for value what load8_fp8 gives.
+static inline void load16_fp8(const uint8_t *p, float scale, int round, __m256 *lo, __m256 *hi) {
+    __m256 v0, v1;
+    fp8x16_scaled_down(p, &v0, &v1);
     const __m256 s = _mm256_set1_ps(scale * 256.0f);
-    const __m256 v0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s);
-    const __m256 v1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s);
+    v0 = _mm256_mul_ps(v0, s), v1 = _mm256_mul_ps(v1, s);
     *lo = round ? round8_bf16(v0) : v0;
     *hi = round ? round8_bf16(v1) : v1;
 }
@@ -351,14 +357,6 @@ static void quantize_rows_e4m3(const float *x, int64_t M, int64_t K, int gl2, in
             qs[m * G + g] = scale;
             for (int64_t k = k0; k < k1; k++) q[m * K + k] = round_e4m3(x[m * K + k] / scale);
         }
-}
-
-// 16 e4m3fn weights -> their values times 2**-8 (the fp16 bit pattern, exact), columns k..k+7 and k+8..k+15.
-static inline void fp8x16_scaled_down(const uint8_t *p, __m256 *lo, __m256 *hi) {
-    const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8);
-    const __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
-    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
 // FP8 weights under 'gemm' for one or two activation rows (x: e4m3 values, xsc: their group scales, G a row)
