@@ -145,10 +145,12 @@ class Fp8Grid(ctypes.Structure):
         es = scale_inv.shape[-2] * scale_inv.shape[-1] if scale_inv.dim() == 3 else 0
         b0, b1 = block
         act = {None: 0, "e4m3": 1, "ue8m0": 2}[gemm]
-        return cls(
+        grid = cls(
             scale_inv.data_ptr(), scale_inv.shape[-1], es, b0.bit_length() - 1, b1.bit_length() - 1,
             int(dtype == torch.bfloat16), act,
         )  # fmt: skip
+        grid.scales = scale_inv  # the struct holds a raw pointer: keep the tensor alive as long as the grid
+        return grid
 
 
 def fits_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> bool:
