@@ -4,7 +4,9 @@
 `native.mla_attend` must equal MLA's absorbed attention, checked against a float64 reference written here.
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -239,15 +241,23 @@ def _decode(model, dtype, quantize=None, steps=5, tokens_per_step=1, **options):
 
 def _without_layer_path(monkeypatch):
     monkeypatch.setattr(native_decode, "plan", lambda *args: None)
+    monkeypatch.setattr(native_decode, "plan_stack", lambda *args: None)
+
+
+def _native_calls(monkeypatch) -> list[str]:
+    """Records each pass through the one-call layers: "stack" (all layers in one call) or "layer" (one)."""
+    calls = []
+    forward, forward_stack = native_decode.forward, native_decode.forward_stack
+    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append("layer") or forward(*a))
+    monkeypatch.setattr(native_decode, "forward_stack", lambda *a: calls.append("stack") or forward_stack(*a))
+    return calls
 
 
 @pytest.mark.parametrize("config", sorted(LAYER_CONFIGS))
 @pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")])
 @pytest.mark.parametrize("tokens_per_step", [1, 2])
 def test_native_layer_equals_the_module_path(tiny_cfg, monkeypatch, config, dtype, quantize, tokens_per_step):
-    calls = []
-    real_forward = native_decode.forward
-    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    calls = _native_calls(monkeypatch)
     got = _decode(
         _layer_model(tiny_cfg, dtype, **LAYER_CONFIGS[config]), dtype, quantize, tokens_per_step=tokens_per_step
     )
@@ -260,6 +270,26 @@ def test_native_layer_equals_the_module_path(tiny_cfg, monkeypatch, config, dtyp
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_the_stack_call_equals_one_call_per_layer_and_the_modules(tiny_cfg, monkeypatch, num_layers):
+    """All layers in one call (they alternate between the output and a scratch buffer: 1, 2 and 3 layers end
+    on different ones) gives the bits of one call per layer and of the module path. A hook on one layer keeps
+    the stack off: the other layers still take their one-call path, the hooked one the modules."""
+    layers = dict(num_hidden_layers=num_layers, first_k_dense_replace=min(1, num_layers - 1))
+    calls = _native_calls(monkeypatch)
+    stacked = _decode(_layer_model(tiny_cfg, torch.bfloat16, **layers), torch.bfloat16)
+    assert calls and set(calls) == {"stack"}
+    calls.clear()
+    model = _layer_model(tiny_cfg, torch.bfloat16, **layers)
+    hooked = model.model.layers[-1].self_attn.o_proj.register_forward_hook(lambda *a: None)
+    per_layer = _decode(model, torch.bfloat16)
+    assert calls.count("layer") == 5 * (num_layers - 1) and "stack" not in calls  # 5 decode steps
+    hooked.remove()
+    _without_layer_path(monkeypatch)
+    modules = _decode(_layer_model(tiny_cfg, torch.bfloat16, **layers), torch.bfloat16)
+    assert torch.equal(stacked, per_layer) and torch.equal(stacked, modules)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -277,9 +307,7 @@ def test_native_layer_prefills_short_ragged_prompts_like_the_modules(tiny_cfg, m
         out += [prefill(model, cache, slots, [[4], [6], [1]])]
         return torch.stack(out).float(), cache.kv.clone(), cache.lengths.clone()
 
-    calls = []
-    real_forward = native_decode.forward
-    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    calls = _native_calls(monkeypatch)
     got, got_kv, got_len = run()
     assert calls
     _without_layer_path(monkeypatch)
@@ -304,6 +332,18 @@ def test_native_layer_follows_weights_changed_in_place(tiny_cfg, monkeypatch):
     want = _decode(model, torch.float32, steps=1)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_decoded_natively_is_freed_when_dropped(tiny_cfg):
+    """The plans are kept per layer outside the modules; they must not keep the layers (and their weights)
+    alive once the user drops the model."""
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    _decode(model, torch.bfloat16, steps=1)
+    assert len(native_decode._PLANS) > 0
+    layer = weakref.ref(model.model.layers[1])
+    del model
+    gc.collect()
+    assert layer() is None
 
 
 def _one_token_step(model):
@@ -392,9 +432,7 @@ def test_fp8_checkpoint_decodes_as_if_dequantized_at_load(tiny_cfg, tmp_path, co
     assert kept.model.layers[1].mlp.experts.gate_proj.is_fp8 and kept.model.layers[0].self_attn.o_proj.is_fp8
     loaded = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
     want = _decode(loaded, torch.bfloat16)
-    calls = []
-    real_forward = native_decode.forward
-    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    calls = _native_calls(monkeypatch)
     assert torch.equal(_decode(kept, torch.bfloat16), want)
     assert calls, "the FP8 decode steps did not take the one-call layer"
     _without_layer_path(monkeypatch)
@@ -411,9 +449,7 @@ def test_fp8_gemm_decodes_natively_as_the_torch_gemm(tiny_cfg, tmp_path, config,
     land on another e4m3 value (1.2-1.5% here); the kernel itself is held to fp32 round-off below."""
     _layer_model(tiny_cfg, torch.float32, **LAYER_CONFIGS[config]).save_pretrained(tmp_path / "fp8", fp8=True)
     kept = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, fp8=True)
-    calls = []
-    real_forward = native_decode.forward
-    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    calls = _native_calls(monkeypatch)
     got = _decode(kept, torch.bfloat16, tokens_per_step=tokens_per_step, fp8_compute="gemm")
     assert calls, "the FP8 'gemm' decode steps did not take the one-call layer"
     assert not torch.equal(got, _decode(kept, torch.bfloat16, tokens_per_step=tokens_per_step))

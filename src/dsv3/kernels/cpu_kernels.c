@@ -1361,3 +1361,24 @@ done:
     free(h), free(xp), free(qa), free(qb), free(qr), free(kvn), free(att), free(x1), free(y), free(sh);
     return rc;
 }
+
+// The decoder layers of one decode step in sequence (`dsv3_decode_layer` each), x -> out [B*T, D]: layer l
+// attends over its cache at stores[l]; positions, offsets and mask are the same for every layer. One call
+// instead of one per layer: the Python between layers costs more than the small layers' C (caches go cold).
+// x is read, not written; the layers alternate between out and one scratch buffer, the last writing out.
+int dsv3_decode_layers(int64_t n, const dsv3_layer *const *L, void *const *stores, int64_t B, int64_t T,
+                       const void *x, void *out, const float *cos_, const float *sin_, const int64_t *slot_off,
+                       const int64_t *write_off, int64_t S, const unsigned char *mask, int nthreads) {
+    if (n <= 0) return 2;
+    void *scratch = NULL;
+    if (n > 1 && !(scratch = malloc((L[0]->xtype == T_F32 ? 4 : 2) * (size_t)(B * T * L[0]->D) + 64))) return 1;
+    const void *cur = x;
+    int rc = 0;
+    for (int64_t l = 0; l < n && !rc; l++) {
+        void *dst = (n - 1 - l) % 2 == 0 ? out : scratch;
+        rc = dsv3_decode_layer(L[l], B, T, cur, dst, cos_, sin_, stores[l], slot_off, write_off, S, mask, nthreads);
+        cur = dst;
+    }
+    free(scratch);
+    return rc;
+}

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_decode_layer.argtypes = [ctypes.POINTER(LayerWeights), _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
     lib.dsv3_decode_layer.argtypes += [_ptr, _i64, _ptr, _int]
+    lib.dsv3_decode_layers.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
+    lib.dsv3_decode_layers.argtypes += [_ptr, _int]
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     return lib
@@ -431,6 +434,44 @@ def decode_layer(
         None if mask is None else mask.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "decoder layer")
+    return out
+
+
+class LayerStack:
+    """Several layers' `LayerWeights` and their caches' addresses as `decode_layers` passes them to C."""
+
+    def __init__(self, layers: Sequence[LayerWeights]) -> None:
+        self.layers = list(layers)  # the arrays below point into these structs
+        self.pointers = (ctypes.c_void_p * len(self.layers))(*(ctypes.addressof(w) for w in self.layers))
+        self.stores = (ctypes.c_void_p * len(self.layers))()
+
+
+def decode_layers(
+    stack: LayerStack,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    stores: Sequence[int],
+    slot_offsets: Tensor,
+    write_offsets: Tensor,
+    read_len: int,
+    mask: Tensor | None,
+) -> Tensor:
+    """`decode_layer` for each of the stack's layers in turn, in one call (`dsv3_decode_layers`) -> [B, T, D].
+
+    stores: the data pointer of each layer's latent cache (as `decode_layer`'s store); the other arguments
+    are `decode_layer`'s, the same for every layer.
+    """
+    B, T, _ = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    stack.stores[:] = stores
+    rc = _library().dsv3_decode_layers(
+        len(stack.layers), stack.pointers, stack.stores, B, T, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), slot_offsets.data_ptr(), write_offsets.data_ptr(), read_len,
+        None if mask is None else mask.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "decoder layers")
     return out
 
 

@@ -13,6 +13,7 @@ a cache in another dtype, the expanded attention) keeps the module path.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import TYPE_CHECKING
 
@@ -124,48 +125,118 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
     return w, keep
 
 
-# layer -> (its modules, _state_key, LayerWeights or None, tensors the weights point into). Outside the
-# modules so that copying or pickling a model never meets the ctypes pointers.
+class _Built:
+    """A layer's plan and what it was built from: every parameter, buffer, child module and `options` object of
+    the layer's modules (which dict held it under which name), each tensor's storage and version, and the
+    modules' hook dicts."""
+
+    __slots__ = ("owners", "names", "values", "tensors", "ptrs", "versioned", "versions", "hooks", "dtype", "weights")
+    __slots__ += ("keep",)
+
+    def __init__(self, layer: DecoderLayer, x: torch.Tensor) -> None:
+        # Nothing here references the layer itself: _PLANS' values must not keep their keys alive.
+        modules = tuple(layer.modules())
+        self.dtype = x.dtype
+        slots: list[tuple[dict, str, object]] = []
+        for m in modules:
+            d = m.__dict__
+            slots.append((d, "options", d.get("options")))
+            for owner in (d["_parameters"], d["_buffers"], d["_modules"]):
+                slots += [(owner, name, value) for name, value in owner.items()]
+        self.owners, self.names, self.values = (list(column) for column in zip(*slots))
+        self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        # Inference tensors (made under torch.inference_mode) have no version counter.
+        self.versioned = [t for t in self.tensors if not t.is_inference()]
+        self.versions = [t._version for t in self.versioned]
+        self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        made = _build(layer, x)
+        self.weights, self.keep = made if made is not None else (None, None)
+
+    def current(self, dtype: torch.dtype) -> bool:
+        """Whether nothing the plan depends on changed: the same objects in the same places, storages not moved,
+        tensors not written in place (the derived ones, fused and absorbed weights, are copies). About 70
+        identity checks and 60 integer reads a layer, iterated in C (`map`): every decode step checks them."""
+        return (
+            dtype == self.dtype
+            and all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
+            and list(map(_data_ptr, self.tensors)) == self.ptrs
+            and list(map(_version, self.versioned)) == self.versions
+        )
+
+
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
+
+# layer -> its _Built. Outside the modules so that copying or pickling a model never meets the ctypes pointers.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# layer stack (ModuleList) -> (its layers' LayerWeights, the native.LayerStack made of them)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _state_key(modules: tuple[nn.Module, ...], dtype: torch.dtype) -> tuple:
-    """What a built plan depends on: the dtype, the module tree (children), the InferenceOptions each module
-    was given (e.g. fp8_compute), every parameter's and buffer's storage and version. Cheap enough to check
-    on every call (a few dozen attribute reads)."""
-    key: list = [dtype]
-    for m in modules:
-        key += [id(c) for c in m._modules.values()]
-        key.append(id(m.__dict__.get("options")))
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            # Inference tensors (made under torch.inference_mode) have no version counter.
-            key += [None] if t is None else [t.data_ptr(), 0 if t.is_inference() else t._version]
-    return tuple(key)
+def _pass_fits(x: torch.Tensor, cache: CacheBatch | None, matvec: str) -> bool:
+    """What every layer of this pass shares: decode-sized CPU activations, no grad, a latent cache in x's dtype
+    that the kernel can address, the kernels built."""
+    return (
+        cache is not None
+        and uses_native(x, matvec)
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and hasattr(cache, "native_offsets")
+        and cache.cache.kv.dtype == x.dtype
+        and cache.cache.kv.is_contiguous()  # the kernel addresses it by element offsets
+        and native.available()
+    )
+
+
+def _layer_plan(layer: DecoderLayer, x: torch.Tensor) -> native.LayerWeights | None:
+    """`plan` once the pass fits: the layer's own conditions and its (re)built weights."""
+    attn = layer.self_attn
+    if layer.training or attn.options.matvec != "native" or not attn._absorbed_is_cheaper(x.shape[1]):
+        return None
+    built = _PLANS.get(layer)
+    if built is None or not built.current(x.dtype):
+        built = _PLANS[layer] = _Built(layer, x)
+    if any(built.hooks):  # e.g. tensor parallelism's: the module path runs them
+        return None
+    return built.weights
 
 
 def plan(layer: DecoderLayer, x: torch.Tensor, cache: CacheBatch | None) -> native.LayerWeights | None:
     """The layer's native weights when this forward can run as one `native.decode_layer` call, else None."""
-    if (
-        cache is None
-        or layer.training
-        or not uses_native(x, layer.self_attn.options.matvec)
-        or x.dtype not in (torch.bfloat16, torch.float32)
-        or not hasattr(cache, "native_offsets")
-        or cache.cache.kv.dtype != x.dtype
-        or not cache.cache.kv.is_contiguous()  # the kernel addresses it by element offsets
-        or not layer.self_attn._absorbed_is_cheaper(x.shape[1])
-        or not native.available()
-    ):
+    if not _pass_fits(x, cache, layer.self_attn.options.matvec):
         return None
-    built = _PLANS.get(layer)
-    if built is None or built[1] != _state_key(built[0], x.dtype):
-        modules = tuple(layer.modules())
-        made = _build(layer, x)
-        built = (modules, _state_key(modules, x.dtype), *(made if made is not None else (None, None)))
-        _PLANS[layer] = built
-    if any(m._forward_hooks or m._forward_pre_hooks for m in built[0]):
+    return _layer_plan(layer, x)
+
+
+def plan_stack(layers: nn.ModuleList, x: torch.Tensor, cache: CacheBatch | None) -> native.LayerStack | None:
+    """The whole stack as one `native.decode_layers` call when `plan` says yes for every layer, else None."""
+    if not len(layers) or not _pass_fits(x, cache, layers[0].self_attn.options.matvec):
         return None
-    return built[2]
+    weights = []
+    for layer in layers:
+        w = _layer_plan(layer, x)
+        if w is None:
+            return None
+        weights.append(w)
+    made = _STACKS.get(layers)
+    if made is None or len(made[0]) != len(weights) or any(map(operator.is_not, made[0], weights)):
+        made = _STACKS[layers] = (weights, native.LayerStack(weights))
+    return made[1]
+
+
+def forward_stack(
+    layers: nn.ModuleList, stack: native.LayerStack, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cache: CacheBatch,
+) -> torch.Tensor:  # fmt: skip
+    """Every layer's `forward(x, cos, sin, cache)` in turn through `native.decode_layers` (after `plan_stack`)."""
+    kv = cache.cache.kv
+    slot_offsets, write_offsets = cache.native_offsets(x.shape[1], kv[0])
+    layer_bytes = kv.stride(0) * kv.element_size()
+    stores = [kv.data_ptr() + (layer.self_attn.layer_idx - cache.cache.first_layer) * layer_bytes for layer in layers]
+    return native.decode_layers(
+        stack, x, cos.float().contiguous(), sin.float().contiguous(), stores, slot_offsets, write_offsets,
+        cache.read_len, cache.attention_mask(x.shape[1], x.device),
+    )  # fmt: skip
 
 
 def forward(

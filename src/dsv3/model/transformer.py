@@ -233,6 +233,9 @@ class DeepSeekV3(nn.Module):
             )
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
+        stack = native_decode.plan_stack(self.model.layers, x, cache)
+        if stack is not None:  # decode-sized on CPU: every layer's one native call, in one call
+            return native_decode.forward_stack(self.model.layers, stack, x, cos, sin, cache)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)
         return x
