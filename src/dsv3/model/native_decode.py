@@ -1,14 +1,17 @@
-"""A whole decoder layer in one call into kernels.native, for decode-sized batches on CPU.
+"""Whole decoder layers in one call into kernels.native, for decode-sized batches on CPU.
 
 Why: a decode step of a small model is mostly overhead. Through the modules a layer costs ~13 native
 calls and ~35 torch ops, each a few microseconds of Python and dispatch; `dsv3_decode_layer` runs the same
 kernels in sequence in C, rounding the activations wherever the module path rounds them, so its output
-equals `DecoderLayer.forward` on the native path (the tests compare them).
+equals `DecoderLayer.forward` on the native path (the tests compare them). `dsv3_decode_layers` runs a
+whole stack of them in one call: the Python between layers runs with cold caches (the step streams the
+weights through them) and cost more than the small layers' C.
 
 `plan(layer, x, cache)` says whether the layer can run this way and returns its weights as a
-`native.LayerWeights` (pointers, rebuilt whenever a weight tensor moves); anything it does not cover
-(training, grad, hooks such as tensor parallelism's, expert parallelism, FP8 or mixed-precision weights,
-a cache in another dtype, the expanded attention) keeps the module path.
+`native.LayerWeights` (pointers, rebuilt whenever a weight tensor moves); `plan_stack` says it for all
+the layers of `DeepSeekV3.hidden_states` at once. Anything they do not cover (training, grad, hooks such
+as tensor parallelism's, expert parallelism, mixed-precision weights, a cache in another dtype, the
+expanded attention) keeps the module path.
 """
 
 from __future__ import annotations

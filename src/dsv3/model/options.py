@@ -17,7 +17,7 @@ object (`module.options`):
 - `matvec`: the CPU backend of small-batch products (decode), see `linear.matmul_wt`: "native" (the
   AVX2 kernels of `kernels.native`, which read each bf16 or int8 weight once, for up to
   `linear.NATIVE_MAX_ROWS` rows: projections, experts, the absorbed attention; an eval-mode decoder
-  layer with a cache runs as ONE native call, `model.native_decode`, with the module path's roundings),
+  layer stack with a cache runs as ONE native call, `model.native_decode`, with the module path's roundings),
   "mkl" or "onednn" (torch's two paths); "auto" is native where those kernels build and run, else mkl.
 - `matmul_dtype`: what bf16 products too large for the native kernels (prefill, big batches) compute
   in on CPU: "bf16" (torch's bf16 GEMM) or "fp32" (widen both operands to fp32 first, the weight a
