@@ -438,12 +438,11 @@ def decode_layer(
 
 
 class LayerStack:
-    """Several layers' `LayerWeights` and their caches' addresses as `decode_layers` passes them to C."""
+    """Several layers' `LayerWeights` as `decode_layers` passes them to C (an array of pointers to them)."""
 
     def __init__(self, layers: Sequence[LayerWeights]) -> None:
         self.layers = list(layers)  # the arrays below point into these structs
         self.pointers = (ctypes.c_void_p * len(self.layers))(*(ctypes.addressof(w) for w in self.layers))
-        self.stores = (ctypes.c_void_p * len(self.layers))()
 
 
 def decode_layers(
@@ -462,12 +461,14 @@ def decode_layers(
     stores: the data pointer of each layer's latent cache (as `decode_layer`'s store); the other arguments
     are `decode_layer`'s, the same for every layer.
     """
+    if len(stores) != len(stack.layers):
+        raise ValueError(f"{len(stack.layers)} layers but {len(stores)} cache stores")
     B, T, _ = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
-    stack.stores[:] = stores
+    store_array = (ctypes.c_void_p * len(stack.layers))(*stores)  # per call: threads may share a stack
     rc = _library().dsv3_decode_layers(
-        len(stack.layers), stack.pointers, stack.stores, B, T, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+        len(stack.layers), stack.pointers, store_array, B, T, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), slot_offsets.data_ptr(), write_offsets.data_ptr(), read_len,
         None if mask is None else mask.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
