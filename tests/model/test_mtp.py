@@ -80,3 +80,8 @@ def test_mtp_logits_match_a_transformers_decoder_layer(tmp_path):
         wrong = ref(inputs_embeds=x_swapped).logits.float()
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
     assert ((wrong - want).abs().max() / want.abs().max()).item() > 1e-2
+    # A draft needs one position per row: logits_at gives exactly those rows of the full logits.
+    with torch.no_grad():
+        picked, hidden = model.mtp_logits(h, ids[:, 1:], logits_at=[12, 5])
+    assert picked.shape == (2, cfg.vocab_size) and hidden.shape == h.shape
+    torch.testing.assert_close(picked, torch.stack([got[0, 12], got[1, 5]]), rtol=1e-5, atol=1e-5)

@@ -72,6 +72,10 @@ def _pick(x: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One id from `probs`; a one-hot distribution (greedy rows) is read, not sampled: the same id, without
+    torch.multinomial's pass over the vocabulary (~5 ms for 129,280 ids on the benchmark CPU)."""
+    if int(torch.count_nonzero(probs)) == 1:
+        return int(probs.argmax())
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
 
 
@@ -95,9 +99,11 @@ def speculative_step(
     for i, r in enumerate(rows):
         h_in[i, : n_mtp[i]] = r.mtp_hidden
     mbatch = mtp_cache.bind([r.slot for r in rows], n_mtp)
-    draft_logits, _ = model.mtp_logits(h_in, _right_padded([r.mtp_next for r in rows], dev), cache=mbatch)
+    draft_logits, _ = model.mtp_logits(
+        h_in, _right_padded([r.mtp_next for r in rows], dev), cache=mbatch, logits_at=[n - 1 for n in n_mtp]
+    )
     mbatch.commit()
-    draft_logits = request.limit_vocab(_pick(draft_logits, [n - 1 for n in n_mtp]))
+    draft_logits = request.limit_vocab(draft_logits)
     q = [filtered_probs(draft_logits[i], params[i]) for i in range(len(rows))]
     drafts = [_draw(q[i], gens[i]) for i in range(len(rows))]
 

@@ -9,6 +9,7 @@ live in `mtp.{k}` so the main stack never sees them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -74,11 +75,18 @@ class MTPLayer(DecoderLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: CacheBatch | None = None,
+        logits_at: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (B,T,D) of the main model, next token ids (B,T)) -> (logits (B,T,V), this module's hidden)."""
+        """(hidden (B,T,D) of the main model, next token ids (B,T)) -> (logits (B,T,V), this module's hidden).
+
+        With `logits_at`, only row b's position logits_at[b] gets logits: (B, V) (a draft needs one position,
+        and the head is a full-vocabulary product per position)."""
         e = self.enorm(self.embed_tokens(next_ids))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
         h = super().forward(h, cos, sin, cache)
+        if logits_at is not None:
+            picked = h[torch.arange(h.shape[0], device=h.device), torch.as_tensor(list(logits_at), device=h.device)]
+            return self.shared_head.head(self.shared_head.norm(picked[:, None]))[:, 0].float(), h
         return self.shared_head.head(self.shared_head.norm(h)).float(), h
 
 
@@ -250,11 +258,13 @@ class DeepSeekV3(nn.Module):
         positions: torch.Tensor | None = None,
         depth: int = 0,
         cache: CacheBatch | None = None,
+        logits_at: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth`: (hidden (B,T,D) at t, ids at t+1+depth) -> (logits for t+2+depth, its hidden).
 
         `hidden` is the main model's `hidden_states` (depth 0) or the previous MTP module's output.
-        Positions are the ORIGINAL positions t of `hidden`.
+        Positions are the ORIGINAL positions t of `hidden`. `logits_at[b]`: only that position of row b
+        gets logits, (B, V) (speculative drafting).
         """
         if not self.mtp:
             raise ValueError("this model has no MTP module (num_nextn_predict_layers is 0)")
@@ -264,7 +274,7 @@ class DeepSeekV3(nn.Module):
                 cache.positions(T) if cache is not None else torch.arange(T, device=next_ids.device).expand(B, T)
             )
         cos, sin = self.rotary(positions)
-        return self.mtp[depth](hidden, next_ids, cos, sin, cache)
+        return self.mtp[depth](hidden, next_ids, cos, sin, cache, logits_at)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
