@@ -63,13 +63,14 @@ def test_linear_int8_weight_matches_float64(M, N, K):
 
 @pytest.mark.parametrize("K", [8, 33, 300, 1040, 4500])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn])
-def test_one_row_gets_the_bits_it_gets_in_a_batch(K, wdtype):
-    """One activation row streams one weight row at a time (its own kernel); the fifth row of a batch of five
-    goes through the pair kernel's one-row path. Both sum in the same order: the same bits, every weight type
-    (K = 1040: a 16-column step after the 32-column ones; 4500: int8's int32 sums emptied mid-row)."""
+def test_one_or_two_rows_get_the_bits_they_get_in_a_batch(K, wdtype):
+    """One or two activation rows stream one weight row at a time (their own kernel); the fifth row of a batch
+    of five, and the fifth and sixth of six, go through the pair kernel's one- and two-row paths. Both sum in
+    the same order: the same bits, every weight type (K = 1040: a 16-column step after the 32-column ones;
+    4500: int8's int32 sums emptied mid-row)."""
     torch.manual_seed(K)
     w = torch.randn(37, K)
-    x = torch.randn(5, K)  # fp32 outputs: a different summation order shows (bf16 rounding would hide most)
+    x = torch.randn(6, K)  # fp32 outputs: a different summation order shows (bf16 rounding would hide most)
     if wdtype == torch.int8:
         args = quantize_int8(w)
         kwargs = {}
@@ -79,10 +80,10 @@ def test_one_row_gets_the_bits_it_gets_in_a_batch(K, wdtype):
     else:
         args = (w.to(wdtype),)
         kwargs = {}
-    batch = native.linear(x, *args, **kwargs)
-    alone = native.linear(x[4:], *args, **kwargs)
-    assert torch.equal(alone[0], batch[4])
-    assert not torch.equal(native.linear(x[3:4], *args, **kwargs)[0], batch[4])
+    five, six = native.linear(x[:5], *args, **kwargs), native.linear(x, *args, **kwargs)
+    assert torch.equal(native.linear(x[4:5], *args, **kwargs)[0], five[4])
+    assert torch.equal(native.linear(x[4:6], *args, **kwargs), six[4:6])
+    assert not torch.equal(native.linear(x[3:4], *args, **kwargs)[0], five[4])
 
 
 def test_int8_rows_with_inf_or_nan_give_nan_rows_only():

@@ -180,34 +180,54 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         }                                                                                                  \
     }
 
-// One activation row against ONE weight row: dot2's one-row arithmetic (two accumulator sets over each 16
-// columns, then 8, then the scalar tail: the same bits), but the weights are read as a single sequential
-// stream, prefetched 4 KiB ahead once per cache line. Two rows read side by side are two streams a row
+// One or two activation rows against ONE weight row: dot2's one/two-row arithmetic (two accumulator sets
+// over each 16 columns, then 8, then the scalar tail: the same bits), but the weights are read as a single
+// sequential stream, prefetched 4 KiB ahead once per cache line. Two rows read side by side are two streams a row
 // apart, which the hardware prefetcher follows worse: on a 132 MB product from memory, 512-byte rows
 // (bf16 x 256) stream at 17.4 GB/s this way vs 13.9 in pairs, 1 KiB rows (int8 x 1024) 16.3 vs 13.0, and
 // 2 KiB rows are even (18.0 vs 17.9; medians of 15 alternating runs, two threads).
 #define DOT1_PREFETCH 4096
-#define DEFINE_DOT1(NAME, WTYPE, LOAD)                                                                  \
-    static inline float NAME(const float *x, const WTYPE *w0, int64_t K, const float *srow, int sbs, int rnd) { \
+#define DEFINE_DOT1(NAME, WTYPE, LOAD, MT)                                                              \
+    static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, int64_t K, const float *srow, int sbs, \
+                            int rnd, float out[2]) {                                                    \
         (void)srow, (void)sbs, (void)rnd;                                                               \
-        __m256 a0 = _mm256_setzero_ps(), b0 = a0;                                                       \
+        __m256 a0[MT], b0[MT];                                                                          \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) a0[m] = b0[m] = _mm256_setzero_ps();       \
         int64_t k = 0;                                                                                  \
         for (; k + 16 <= K; k += 16) {                                                                  \
             if ((k * sizeof(WTYPE)) % 64 == 0)                                                          \
                 _mm_prefetch((const char *)(w0 + k) + DOT1_PREFETCH, _MM_HINT_T0);                      \
             __m256 v0, u0;                                                                              \
             LOAD##_16(w0, k, v0, u0);                                                                   \
-            a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + k), a0);                                       \
-            b0 = _mm256_fmadd_ps(u0, _mm256_loadu_ps(x + k + 8), b0);                                   \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                      \
+                a0[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * xs + k), a0[m]);                    \
+                b0[m] = _mm256_fmadd_ps(u0, _mm256_loadu_ps(x + m * xs + k + 8), b0[m]);                \
+            }                                                                                           \
         }                                                                                               \
-        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(LOAD(w0, k), _mm256_loadu_ps(x + k), a0);       \
-        float s0 = hsum(_mm256_add_ps(a0, b0));                                                         \
-        for (; k < K; k++) s0 += x[k] * (float)LOAD##_1(w0, k);                                         \
-        return s0;                                                                                      \
+        for (; k + 8 <= K; k += 8) {                                                                    \
+            const __m256 v0 = LOAD(w0, k);                                                              \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++)                                        \
+                a0[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * xs + k), a0[m]);                    \
+        }                                                                                               \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                          \
+            float s0 = hsum(_mm256_add_ps(a0[m], b0[m]));                                               \
+            for (int64_t kk = k; kk < K; kk++) s0 += x[m * xs + kk] * (float)LOAD##_1(w0, kk);          \
+            out[m] = s0;                                                                                \
+        }                                                                                               \
     }
-DEFINE_DOT1(dot1_bf16, uint16_t, LD_bf16)
-DEFINE_DOT1(dot1_f32, float, LD_f32)
-DEFINE_DOT1(dot1_fp8, uint8_t, LD_fp8)
+#define DEFINE_DOT1_ALL(SUFFIX, WTYPE, LOAD)                                                            \
+    DEFINE_DOT1(dot1_##SUFFIX##_1, WTYPE, LOAD, 1)                                                      \
+    DEFINE_DOT1(dot1_##SUFFIX##_2, WTYPE, LOAD, 2)                                                      \
+    static inline void dot1_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, int64_t K,    \
+                                     const float *srow, int sbs, int rnd, float out[2]) {               \
+        if (mt == 1)                                                                                    \
+            dot1_##SUFFIX##_1(x, xs, w0, K, srow, sbs, rnd, out);                                       \
+        else                                                                                            \
+            dot1_##SUFFIX##_2(x, xs, w0, K, srow, sbs, rnd, out);                                       \
+    }
+DEFINE_DOT1_ALL(bf16, uint16_t, LD_bf16)
+DEFINE_DOT1_ALL(f32, float, LD_f32)
+DEFINE_DOT1_ALL(fp8, uint8_t, LD_fp8)
 
 DEFINE_DOT2_ALL(bf16, uint16_t, LD_bf16)
 DEFINE_DOT2_ALL(f32, float, LD_f32)
@@ -299,32 +319,53 @@ DEFINE_DOT2_I16(dot2_i8q_1, 1)
 DEFINE_DOT2_I16(dot2_i8q_2, 2)
 DEFINE_DOT2_I16(dot2_i8q_3, 3)
 DEFINE_DOT2_I16(dot2_i8q_4, 4)
-// One int16 activation row against ONE int8 weight row, in one sequential stream (`DEFINE_DOT1`'s reason):
-// 32 columns per step into two int32 sets, the same integer lane sums as dot2_i8q's, so the same float.
-static inline float dot1_i8q(const int16_t *x, const int8_t *w0, int64_t K) {
-    float s0 = 0.0f;
-    const int64_t K16 = K / 16 * 16;
-    for (int64_t c0 = 0; c0 < K16; c0 += I16_CHUNK) {
-        const int64_t c1 = c0 + I16_CHUNK < K16 ? c0 + I16_CHUNK : K16;
-        __m256i a0 = _mm256_setzero_si256(), b0 = a0;
-        int64_t k = c0;
-        for (; k + 32 <= c1; k += 32) {
-            if (k % 64 == 0) _mm_prefetch((const char *)(w0 + k) + DOT1_PREFETCH, _MM_HINT_T0);
-            const __m256i r = _mm256_loadu_si256((const __m256i *)(w0 + k));
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(r)),
-                                                        _mm256_loadu_si256((const __m256i *)(x + k))));
-            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(r, 1)),
-                                                        _mm256_loadu_si256((const __m256i *)(x + k + 16))));
-        }
-        if (k < c1)  // 16 columns left
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w0 + k))),
-                                                        _mm256_loadu_si256((const __m256i *)(x + k))));
-        s0 += hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, b0)));
+// One or two int16 activation rows against ONE int8 weight row, in one sequential stream (`DEFINE_DOT1`'s
+// reason): 32 columns per step into two int32 sets, the same integer lane sums as dot2_i8q's, so the same
+// float.
+#define DEFINE_DOT1_I16(NAME, MT)                                                                       \
+    static inline void NAME(const int16_t *x, int64_t xs, const int8_t *w0, int64_t K, float out[2]) {   \
+        float s0[MT];                                                                                   \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) s0[m] = 0.0f;                              \
+        const int64_t K16 = K / 16 * 16;                                                                \
+        for (int64_t c0 = 0; c0 < K16; c0 += I16_CHUNK) {                                               \
+            const int64_t c1 = c0 + I16_CHUNK < K16 ? c0 + I16_CHUNK : K16;                             \
+            __m256i a0[MT], b0[MT];                                                                     \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) a0[m] = b0[m] = _mm256_setzero_si256(); \
+            int64_t k = c0;                                                                             \
+            for (; k + 32 <= c1; k += 32) {                                                             \
+                if (k % 64 == 0) _mm_prefetch((const char *)(w0 + k) + DOT1_PREFETCH, _MM_HINT_T0);     \
+                const __m256i r = _mm256_loadu_si256((const __m256i *)(w0 + k));                        \
+                const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(r));                     \
+                const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(r, 1));                \
+                _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                  \
+                    const int16_t *xm = x + m * xs + k;                                                 \
+                    a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xm))); \
+                    b0[m] = _mm256_add_epi32(b0[m], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xm + 16)))); \
+                }                                                                                       \
+            }                                                                                           \
+            if (k < c1) { /* 16 columns left */                                                         \
+                const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w0 + k)));   \
+                _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++)                                    \
+                    a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(x + m * xs + k)))); \
+            }                                                                                           \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++)                                        \
+                s0[m] += hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], b0[m])));                      \
+        }                                                                                               \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                          \
+            int32_t t0 = 0;                                                                             \
+            for (int64_t k = K16; k < K; k++) t0 += x[m * xs + k] * w0[k];                              \
+            out[m] = s0[m] + (float)t0;                                                                 \
+        }                                                                                               \
     }
-    int32_t t0 = 0;
-    for (int64_t k = K16; k < K; k++) t0 += x[k] * w0[k];
-    return s0 + (float)t0;
+DEFINE_DOT1_I16(dot1_i8q_1, 1)
+DEFINE_DOT1_I16(dot1_i8q_2, 2)
+static inline void dot1_i8q(const int16_t *x, int64_t xs, int mt, const int8_t *w0, int64_t K, float out[2]) {
+    if (mt == 1)
+        dot1_i8q_1(x, xs, w0, K, out);
+    else
+        dot1_i8q_2(x, xs, w0, K, out);
 }
+
 static inline void dot2_i8q(const int16_t *x, int64_t xs, int mt, const int8_t *w0, const int8_t *w1, int64_t K,
                             float out[4][2]) {
     switch (mt) {
@@ -524,19 +565,21 @@ static void rows_times_weight(const float *x, const int16_t *xq, const float *xq
                 for (int j = 0; j < 3; j++) store1(y, (m0 + m) * ys + n + j, ytype, out3[m][j]);
         }
     }
-    if (M == 1 && !key_block && !(wtype == T_FP8 && fq->act)) {  // one weight row at a time (`DEFINE_DOT1`)
+    if (M <= 2 && !key_block && !(wtype == T_FP8 && fq->act)) {  // one weight row at a time (`DEFINE_DOT1`)
+        const int mt = (int)M;
         for (; n < n1; n++) {
-            float v;
-            if (wtype == T_I8)
-                v = dot1_i8q(xq, (const int8_t *)w + n * ws, K) * xqs[0];
-            else if (wtype == T_BF16)
-                v = dot1_bf16(x, (const uint16_t *)w + n * ws, K, NULL, 0, 0);
+            float v[2];
+            if (wtype == T_I8) {
+                dot1_i8q(xq, xs, mt, (const int8_t *)w + n * ws, K, v);
+                for (int m = 0; m < mt; m++) v[m] *= xqs[m];
+            } else if (wtype == T_BF16)
+                dot1_bf16(x, xs, mt, (const uint16_t *)w + n * ws, K, NULL, 0, 0, v);
             else if (wtype == T_FP8)
-                v = dot1_fp8(x, (const uint8_t *)w + n * ws, K, fq->grid + (n >> fq->rows_log2) * fq->grid_rs,
-                             fq->cols_log2, fq->round);
+                dot1_fp8(x, xs, mt, (const uint8_t *)w + n * ws, K, fq->grid + (n >> fq->rows_log2) * fq->grid_rs,
+                         fq->cols_log2, fq->round, v);
             else
-                v = dot1_f32(x, (const float *)w + n * ws, K, NULL, 0, 0);
-            store1(y, n, ytype, v * (scale ? scale[n] : 1.0f));
+                dot1_f32(x, xs, mt, (const float *)w + n * ws, K, NULL, 0, 0, v);
+            for (int m = 0; m < mt; m++) store1(y, m * ys + n, ytype, v[m] * (scale ? scale[n] : 1.0f));
         }
         return;
     }
