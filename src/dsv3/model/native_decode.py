@@ -133,8 +133,9 @@ class _Built:
     the layer's modules (which dict held it under which name), each tensor's storage and version, and the
     modules' hook dicts."""
 
-    __slots__ = ("owners", "names", "values", "tensors", "ptrs", "versioned", "versions", "hooks", "dtype", "weights")
-    __slots__ += ("keep",)
+    __slots__ = (
+        "owners", "names", "values", "tensors", "ptrs", "versioned", "versions", "hooks", "dtype", "weights", "keep",
+    )  # fmt: skip
 
     def __init__(self, layer: DecoderLayer, x: torch.Tensor) -> None:
         # Nothing here references the layer itself: _PLANS' values must not keep their keys alive.
