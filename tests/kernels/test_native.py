@@ -238,3 +238,48 @@ def test_rope_matches_apply_rope_on_strided_views(dtype):
         assert got.shape == x.shape and got.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 2**-7
         assert bool(((got.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all())
+
+
+def _torch_combine(h: torch.Tensor, order: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The torch ops `moe.combine` ran before it called the kernel: unsort, weight (in h's dtype), sum over k."""
+    T, K = w.shape
+    y = torch.empty_like(h)
+    y[order] = h
+    return (y.view(T, K, -1) * w[..., None].to(h.dtype)).sum(dim=1)
+
+
+def _sequential_combine(h: torch.Tensor, order: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32: each product rounded, then added in k order (torch's own fp32 sum reorders the columns past its
+    last full vector, so it is not the reference there)."""
+    T, K = w.shape
+    y = torch.empty_like(h)
+    y[order] = h
+    out = torch.zeros(T, h.shape[1])
+    for k in range(K):
+        out += y.view(T, K, -1)[:, k] * w[:, k : k + 1]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, K, D", [(1, 1, 8), (3, 2, 17), (40, 6, 1000), (600, 8, 64), (5, 64, 9)])
+def test_combine_gets_the_bits_of_the_torch_ops(T, K, D, dtype):
+    """Weight rounding, product rounding, the k order of the fp32 sum and no FMA: any of them changed flips bits."""
+    from dsv3.model.moe import sort_by_expert
+
+    torch.manual_seed(T * 1000 + K)
+    h = (torch.randn(T * K, D) * 3).to(dtype)
+    w = torch.rand(T, K) * 2.5
+    order, _ = sort_by_expert(torch.randint(0, 16, (T, K)), 16)
+    reference = _torch_combine if dtype == torch.bfloat16 else _sequential_combine
+    assert torch.equal(native.combine(h, order, w), reference(h, order, w))
+
+
+def test_combine_keeps_nan_and_inf_and_refuses_a_non_permutation():
+    h = torch.tensor([[float("nan"), 1.0, float("inf")] * 3, [2.0, -1.0, 0.5] * 3], dtype=torch.bfloat16)
+    h[0, 0] = torch.tensor(0x7F81, dtype=torch.int16).view(torch.bfloat16)  # a NaN with only its lowest bit set
+    w = torch.tensor([[0.5, 0.25]])
+    got = native.combine(h, torch.tensor([1, 0]), w)
+    assert torch.isnan(got[0, 0]) and torch.isnan(got[0, 3]) and torch.isinf(got[0, 2])
+    assert torch.equal(got[0, 1:3], _torch_combine(h, torch.tensor([1, 0]), w)[0, 1:3])
+    with pytest.raises(ValueError, match="not a permutation"):
+        native.combine(h, torch.tensor([0, 0]), w)

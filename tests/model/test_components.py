@@ -9,6 +9,7 @@ import dsv3
 from dsv3.model.attention import MLA
 from dsv3.model.cache import LatentCache
 from dsv3.model.moe import Router, route_tokens
+from dsv3.model.options import InferenceOptions
 from dsv3.model.rope import apply_rope, rope_frequencies
 
 
@@ -221,6 +222,27 @@ def test_every_expert_strategy_matches_the_reference(tiny_cfg, fused):
         assert moe.choose_strategy(experts, x_sorted[:2]) == "loop"
         one = torch.cat([experts(x[t : t + 1], idx[t : t + 1], w[t : t + 1]) for t in range(40)])
     assert torch.allclose(one, ref, atol=1e-4)  # the batch-1 decode path
+
+
+def test_widened_loop_gathers_each_experts_rows_as_compute_does(tiny_cfg):
+    """A bf16 prefill under matmul_dtype fp32 runs the loop gathering each expert's rows from x itself: the
+    same bits as `compute` on the sorted copy of x, then `combine`."""
+    import dsv3.model.moe as moe
+
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval()
+    model.prepare_for_inference(InferenceOptions(matmul_dtype="fp32"))
+    experts = next(layer.mlp.experts for layer in model.model.layers if isinstance(layer.mlp, moe.MoE))
+    x = torch.randn(200, tiny_cfg.hidden_size).bfloat16()
+    idx = torch.randint(0, tiny_cfg.n_routed_experts, (200, tiny_cfg.num_experts_per_tok))
+    w = torch.rand(200, tiny_cfg.num_experts_per_tok)
+    with torch.no_grad():
+        order, counts = moe.sort_by_expert(idx, experts.num_experts)
+        x_sorted = x[order // idx.shape[1]]
+        assert moe.choose_strategy(experts, x_sorted) == "loop"
+        expected = moe.combine(experts.compute(x_sorted, counts, "loop"), order, w)
+        assert torch.equal(experts(x, idx, w), expected)
+        assert not torch.equal(experts(x, idx, w.flip(0)), expected)
 
 
 def test_router_affinities_stay_float32_under_autocast():

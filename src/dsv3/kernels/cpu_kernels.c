@@ -1227,6 +1227,67 @@ int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int6
                       kv_bs, NULL, kv_ss, w_uk, w_uv_t, wtype, scale, mask, m_bs, m_ts, out, o_bs, o_ts, o_hs, nthreads);
 }
 
+// One token of `dsv3_combine` in fp32: y = sum_k h[rows[k]] * w[k], each product rounded before its sum (no FMA:
+// torch multiplies, then sums).
+__attribute__((optimize("fp-contract=off"))) static void combine_f32(int64_t K, int64_t D, const float *h,
+                                                                      const int64_t *rows, const float *w, float *y) {
+    for (int64_t d = 0; d < D; d++) y[d] = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float wk = w[k], *hr = h + rows[k] * D;
+        for (int64_t d = 0; d < D; d++) y[d] += hr[d] * wk;
+    }
+}
+
+// One token of `dsv3_combine` in bf16: the weight and each product rounded to bf16, the sum in fp32, rounded once.
+static void combine_bf16(int64_t K, int64_t D, const uint16_t *h, const int64_t *rows, const float *w, uint16_t *y) {
+    float wk[64], acc[8];
+    for (int64_t k = 0; k < K; k++) wk[k] = bf16_to_f32(f32_to_bf16(w[k]));
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m256 p = _mm256_mul_ps(load8_bf16(h + rows[k] * D + d), _mm256_set1_ps(wk[k]));
+            // round8_bf16 would turn a NaN with only low mantissa bits into an infinity: keep NaNs as they are
+            sum = _mm256_add_ps(sum, _mm256_blendv_ps(round8_bf16(p), p, _mm256_cmp_ps(p, p, _CMP_UNORD_Q)));
+        }
+        _mm256_storeu_ps(acc, sum);
+        for (int i = 0; i < 8; i++) y[d + i] = f32_to_bf16(acc[i]);
+    }
+    for (; d < D; d++) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) sum += bf16_to_f32(f32_to_bf16(bf16_to_f32(h[rows[k] * D + d]) * wk[k]));
+        y[d] = f32_to_bf16(sum);
+    }
+}
+
+// The routed experts' combine (`moe.combine`) for T tokens of K assignments: sorted row n holds assignment
+// order[n] = t*K + k, and y[t] = sum_k h[row of (t, k)] * w[t, k], with the roundings of the torch ops (for bf16
+// the weight and each product rounded to bf16, the sum over k in order in fp32, rounded once). One pass over h.
+int dsv3_combine(int64_t T, int64_t K, int64_t D, const void *h, int type, const int64_t *order, const float *w,
+                 void *y, int nthreads) {
+    const int64_t N = T * K;
+    if (K > 64) return 2;
+    int64_t *row = (int64_t *)malloc(sizeof(int64_t) * (size_t)(N > 0 ? N : 1));
+    if (!row) return 1;
+    for (int64_t n = 0; n < N; n++) row[n] = -1;
+    for (int64_t n = 0; n < N; n++) {
+        if (order[n] < 0 || order[n] >= N || row[order[n]] >= 0) {  // not a permutation
+            free(row);
+            return 2;
+        }
+        row[order[n]] = n;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads_for(N * D, nthreads))
+    for (int64_t t = 0; t < T; t++) {
+        if (type == T_BF16)
+            combine_bf16(K, D, (const uint16_t *)h, row + t * K, w + t * K, (uint16_t *)y + t * D);
+        else
+            combine_f32(K, D, (const float *)h, row + t * K, w + t * K, (float *)y + t * D);
+    }
+    free(row);
+    return 0;
+}
+
 // RMSNorm of R rows of D values (row strides x_rs, y_rs): n = x * rsqrt(mean(x^2) + eps) in fp32, rounded to
 // the activation type, then times the weight (same type) and rounded again: what `RMSNorm.forward` does in
 // torch ops (HF's order: the weight multiplies the normalised value in the activation dtype).

@@ -115,6 +115,7 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_decode_layer.argtypes += [_ptr, _i64, _ptr, _int]
     lib.dsv3_decode_layers.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
     lib.dsv3_decode_layers.argtypes += [_ptr, _int]
+    lib.dsv3_combine.argtypes = [_i64, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     return lib
@@ -474,6 +475,37 @@ def decode_layers(
     )  # fmt: skip
     _check(rc, "decoder layers")
     return out
+
+
+def combine(h: Tensor, order: Tensor, weights: Tensor) -> Tensor:
+    """`moe.combine` in one pass: h [N, D] (rows sorted by expert, row n = assignment order[n]), weights [T, K]
+    float32 -> [T, D] in h's dtype, with the torch ops' roundings."""
+    T, K = weights.shape
+    D = h.shape[1]
+    h, order, weights = h.contiguous(), order.contiguous(), weights.contiguous()
+    y = torch.empty(T, D, dtype=h.dtype)
+    rc = _library().dsv3_combine(
+        T, K, D, h.data_ptr(), _TYPE[h.dtype], order.data_ptr(), weights.data_ptr(), y.data_ptr(), torch.get_num_threads()
+    )  # fmt: skip
+    if rc == 2:
+        raise ValueError("native combine: order is not a permutation of the T*K assignments (or K > 64)")
+    _check(rc, "combine")
+    return y
+
+
+def fits_combine(h: Tensor, order: Tensor, weights: Tensor) -> bool:
+    """Whether `combine` takes these: bf16 / fp32 rows on CPU, int64 order, float32 weights, no autograd."""
+    return (
+        available()
+        and h.dim() == 2
+        and h.dtype in (torch.float32, torch.bfloat16)
+        and order.dtype == torch.int64
+        and weights.dtype == torch.float32
+        and all(t.device.type == "cpu" for t in (h, order, weights))
+        and h.shape[0] == order.numel() == weights.numel()
+        and weights.shape[-1] <= 64
+        and not torch.is_grad_enabled()
+    )
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

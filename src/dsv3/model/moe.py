@@ -191,7 +191,12 @@ class Experts(nn.Module):
         """sum_k weight[t,k] * expert_{idx[t,k]}(x[t]) for each token (T, D)."""
         order_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
         K = topk_idx_TK.shape[1]
-        h_ND = self.compute(x_TD[order_N // K], counts_E, strategy)
+        token_N = order_N // K
+        if strategy is None and choose_strategy(self, x_TD[:1].expand(token_N.numel(), -1)) == "loop":
+            # expert by expert: each one's rows gathered as it runs (no (N, D) copy of x, ~6x its size)
+            h_ND = _experts_loop(self, x_TD, counts_E, token_N)
+        else:
+            h_ND = self.compute(x_TD.index_select(0, token_N), counts_E, strategy)
         return combine(h_ND, order_N, topk_weight_TK).to(x_TD.dtype)
 
     def compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
@@ -228,6 +233,8 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
 
 def combine(h_ND: torch.Tensor, order_N: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
     """Undo `sort_by_expert` on the expert outputs, weight them, sum over k: (T, D) in h's dtype, no scatter-add."""
+    if native.fits_combine(h_ND, order_N, topk_weight_TK):  # one pass over h, no (N, D) temporaries
+        return native.combine(h_ND, order_N, topk_weight_TK)
     T, K = topk_weight_TK.shape
     y_ND = torch.empty_like(h_ND)
     y_ND[order_N] = h_ND  # every token has exactly K rows
@@ -259,19 +266,23 @@ def _experts_grouped(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tenso
     return torch._grouped_mm(F.silu(g) * u, experts.down_proj.weight.transpose(-2, -1), offs=offs)
 
 
-def _experts_loop(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def _experts_loop(
+    experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor, row_N: torch.Tensor | None = None
+) -> torch.Tensor:
     """A matmul per ACTIVE expert over its rows: reads only the chosen experts' weights (decode, FP8).
 
     One host sync for the counts, none per expert. A one-token batch is K rows on K experts: this path.
+    With `row_N`, sorted row n is x_ND[row_N[n]] (each expert gathers its own rows).
     """
-    out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
+    N = x_ND.shape[0] if row_N is None else row_N.numel()
+    out = x_ND.new_empty(N, experts.down_proj.out_features)
     dtype, options = x_ND.dtype, experts.options
     gate_up = experts.gate_up_weights(dtype)
     begin = 0
     for e, n in enumerate(counts_E.tolist()):
         if n == 0:
             continue
-        rows = x_ND[begin : begin + n]
+        rows = x_ND[begin : begin + n] if row_N is None else x_ND.index_select(0, row_N[begin : begin + n])
         if gate_up is not None:
             g, u = matmul_wt(rows, gate_up[e], options).chunk(2, dim=-1)
         else:
