@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..kernels import pages
 from ..kernels.fp8 import dequantize_blocks
 from .names import disk_to_memory, memory_to_disk
 
@@ -236,12 +237,18 @@ def load_model(
             if row is None:
                 # get_tensor is zero-copy: a tensor kept as stored still lives in the shard's mmap, and would
                 # keep the whole file mapped (and the pages read for other tensors resident) for the model's life.
-                state[name] = tensor.to(device, copy=tensor.data_ptr() == raw.data_ptr())
+                # A large CPU weight is copied into memory advised into huge pages (kernels.pages) anyway.
+                zero_copy = tensor.data_ptr() == raw.data_ptr()
+                on_cpu = torch.device(device).type == "cpu"
+                if on_cpu and (zero_copy or pages.wanted(tensor)):
+                    state[name] = pages.copy_of(tensor)
+                else:
+                    state[name] = tensor.to(device, copy=zero_copy)
             else:
                 if not 0 <= row < target.shape[0]:
                     raise CheckpointError(f"unexpected tensor {key}: expert {row} of {target.shape[0]}")
                 if name not in state:
-                    state[name] = torch.empty(target.shape, dtype=tensor.dtype, device=device)
+                    state[name] = pages.empty(target.shape, tensor.dtype, device)
                 state[name][row].copy_(tensor)
                 filled_rows.setdefault(name, set()).add(row)
         handles.clear()  # this shard, and any other one opened only to read a scale

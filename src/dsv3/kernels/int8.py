@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import pages
+
 INT8_MAX = 127.0
 
 
@@ -34,7 +36,7 @@ def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> t
     scale = (w.abs().amax(dim=-1) / INT8_MAX).to(scale_dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives zeros
     q = torch.round(w / scale.float()[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q.contiguous(), scale
+    return (pages.copy_of(q) if pages.wanted(q) else q.contiguous()), scale  # a weight decode streams: huge pages
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:

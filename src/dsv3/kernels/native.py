@@ -496,7 +496,8 @@ def combine(h: Tensor, order: Tensor, weights: Tensor) -> Tensor:
 def fits_combine(h: Tensor, order: Tensor, weights: Tensor) -> bool:
     """Whether `combine` takes these: bf16 / fp32 rows on CPU, int64 order, float32 weights, no autograd."""
     return (
-        available()
+        not torch.compiler.is_compiling()  # a ctypes call is no graph op
+        and available()
         and h.dim() == 2
         and h.dtype in (torch.float32, torch.bfloat16)
         and order.dtype == torch.int64

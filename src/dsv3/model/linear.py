@@ -11,7 +11,7 @@ from torch import nn
 
 from ..kernels import fp8 as fp8_kernels
 from ..kernels import int8 as int8_kernels
-from ..kernels import native
+from ..kernels import native, pages
 from .options import UNPREPARED, InferenceOptions
 
 # Up to this many activation rows the native kernels (one pass over the weight, fp32 accumulators for
@@ -255,7 +255,9 @@ def fuse_weights(*layers: Linear | ExpertLinear) -> torch.Tensor | None:
         return None
     if len({(w.dtype, w.device, w.shape[:-2], w.shape[-1]) for w in weights}) != 1:
         return None
-    fused = torch.cat([w.detach() for w in weights], dim=-2)
+    shape = (*weights[0].shape[:-2], sum(w.shape[-2] for w in weights), weights[0].shape[-1])
+    fused = pages.empty(shape, weights[0].dtype, weights[0].device)  # a weight decode streams: huge pages
+    torch.cat([w.detach() for w in weights], dim=-2, out=fused)
     start = 0
     for layer, w in zip(layers, weights):
         rows = w.shape[-2]

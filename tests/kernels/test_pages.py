@@ -1,0 +1,74 @@
+"""kernels.pages: large weights land in memory advised into 2 MiB huge pages, with their values unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.kernels import pages
+
+THP = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MODE = THP.read_text().split("[")[1].split("]")[0] if THP.exists() else "never"
+needs_thp = pytest.mark.skipif(
+    MODE == "never" or not pages.enabled(), reason="transparent huge pages are off here (or not Linux)"
+)
+BIG = 40 << 20  # over glibc's largest mmap threshold (32 MiB): a mapping of its own, so the probe sees only it
+
+
+@needs_thp
+def test_empty_is_advised_before_it_is_touched_and_copy_of_keeps_the_values():
+    t = pages.empty((BIG,), torch.uint8)
+    t.fill_(7)
+    assert pages.huge_page_bytes(t) >= pages.HUGE_PAGE
+    src = torch.randn(BIG // 4)
+    copy = pages.copy_of(src[::1])
+    assert torch.equal(copy, src) and copy.data_ptr() != src.data_ptr()
+    assert pages.huge_page_bytes(copy) >= pages.HUGE_PAGE
+
+
+def test_small_tensors_and_the_switch_leave_memory_alone(monkeypatch):
+    small = torch.randn(1000)
+    assert not pages.wanted(small) and not pages.advise(small)
+    assert torch.equal(pages.copy_of(small), small) and pages.copy_of(small).data_ptr() != small.data_ptr()
+    monkeypatch.setenv("DSV3_HUGE_PAGES", "0")
+    big = torch.empty(BIG, dtype=torch.uint8)
+    assert not pages.enabled() and not pages.wanted(big) and not pages.advise(big)
+    if MODE == "madvise":
+        t = pages.empty((BIG,), torch.uint8)
+        t.fill_(1)
+        assert pages.huge_page_bytes(t) == 0  # not advised: 4 KiB pages
+
+
+@needs_thp
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_loaded_and_derived_weights_sit_in_huge_pages(tmp_path, tiny_cfg, quantize):
+    """lm_head as loaded (bf16, 40 MiB) and as quantized to int8 (20 MiB) by prepare_for_inference."""
+    cfg = dataclasses.replace(tiny_cfg, vocab_size=BIG // (2 * tiny_cfg.hidden_size) + 64)
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = dsv3.DeepSeekV3.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize=quantize)
+    head = loaded.lm_head.weight
+    assert pages.huge_page_bytes(head) >= pages.HUGE_PAGE
+    if quantize is None:
+        assert torch.equal(head, model.lm_head.weight)
+    else:
+        assert head.dtype == torch.int8
+
+
+@needs_thp
+def test_fused_projections_sit_in_huge_pages():
+    from dsv3.model.linear import Linear, fuse_weights
+
+    gate, up = Linear(2048, 5120), Linear(2048, 5120)  # 40 MiB each in fp32
+    with torch.no_grad():
+        gate.weight.normal_(), up.weight.normal_()  # Linear leaves its weight uninitialized (NaNs compare unequal)
+    expected = torch.cat([gate.weight.detach(), up.weight.detach()])
+    with torch.no_grad():
+        fused = fuse_weights(gate, up)
+    assert torch.equal(fused, expected) and gate.weight.data_ptr() == fused.data_ptr()
+    assert pages.huge_page_bytes(fused) >= pages.HUGE_PAGE
