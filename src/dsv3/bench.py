@@ -296,8 +296,22 @@ def run_bench(
     if threads:
         torch.set_num_threads(threads)
     cfg = ModelConfig.from_pretrained(config)
-    model = bench_model(cfg).prepare_for_inference()
+    model = bench_model(cfg)
     layout = None
+    hf = None
+    if launched_world_size() <= 1:
+        # Loaded from a checkpoint, as users load a model (the loader puts large weights in huge pages,
+        # kernels/pages.py); transformers reads the same files.
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = DeepSeekV3.from_pretrained(tmp, dtype=torch.bfloat16)
+            if with_hf:
+                from transformers import DeepseekV3ForCausalLM
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.set_verbosity_error()
+                hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+    model.prepare_for_inference()
     if launched_world_size() > 1:
         from .distributed.launch import parallelize
 
@@ -312,15 +326,6 @@ def run_bench(
         with_hf = False
         # One-process rows: the bandwidth bound, and rows that copy (int8) or re-drive (generate) the model.
         rows = tuple(r for r in rows if r not in ("bandwidth", "decode1_int8", "ttft512"))
-    hf = None
-    if with_hf:
-        from transformers import DeepseekV3ForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
     results = []
 
     def add(name: str, ours: float, ref: float | None, unit: str = "tokens/s", **extra) -> None:
