@@ -36,11 +36,10 @@ def test_small_tensors_and_the_switch_leave_memory_alone(monkeypatch):
     assert torch.equal(pages.copy_of(small), small) and pages.copy_of(small).data_ptr() != small.data_ptr()
     monkeypatch.setenv("DSV3_HUGE_PAGES", "0")
     big = torch.empty(BIG, dtype=torch.uint8)
+    # (No probe of the pages here: in a long test process a fresh mapping can land where the kernel already
+    # backs memory with huge pages, so only what `advise` does is checked.)
     assert not pages.enabled() and not pages.wanted(big) and not pages.advise(big)
-    if MODE == "madvise":
-        t = pages.empty((BIG,), torch.uint8)
-        t.fill_(1)
-        assert pages.huge_page_bytes(t) == 0  # not advised: 4 KiB pages
+    assert not pages.advise(pages.empty((BIG,), torch.uint8))
 
 
 @needs_thp
