@@ -499,6 +499,7 @@ def fits_combine(h: Tensor, order: Tensor, weights: Tensor) -> bool:
         not torch.compiler.is_compiling()  # a ctypes call is no graph op
         and available()
         and h.dim() == 2
+        and weights.dim() == 2
         and h.dtype in (torch.float32, torch.bfloat16)
         and order.dtype == torch.int64
         and weights.dtype == torch.float32

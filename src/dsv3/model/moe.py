@@ -192,6 +192,7 @@ class Experts(nn.Module):
         order_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
         K = topk_idx_TK.shape[1]
         token_N = order_N // K
+        # choose_strategy reads only the sorted rows' shape, dtype and device: a broadcast view stands in for them
         if strategy is None and choose_strategy(self, x_TD[:1].expand(token_N.numel(), -1)) == "loop":
             # expert by expert: each one's rows gathered as it runs (no (N, D) copy of x, ~6x its size)
             h_ND = _experts_loop(self, x_TD, counts_E, token_N)
