@@ -283,3 +283,43 @@ def test_combine_keeps_nan_and_inf_and_refuses_a_non_permutation():
     assert torch.equal(got[0, 1:3], _torch_combine(h, torch.tensor([1, 0]), w)[0, 1:3])
     with pytest.raises(ValueError, match="not a permutation"):
         native.combine(h, torch.tensor([0, 0]), w)
+
+
+@pytest.mark.parametrize("V", [1, 7, 8, 9, 129280])
+def test_argmax_rows_is_torchs_argmax(V):
+    """The first maximum on ties, the first NaN over any number, -inf rows, -0.0 == 0.0, strided rows."""
+    torch.manual_seed(V)
+    rows = torch.randn(6, V + 3)[:, :V]  # rows 3 values apart: a row stride that is not V
+    rows[1] = float("-inf")
+    rows[2, V // 2 :] = rows[2].max() + 1  # a tie from the middle on: the first of it
+    rows[3, V // 3] = float("nan")
+    rows[3, V - 1] = float("nan")
+    rows[4] = 0.0
+    rows[4, V - 1] = -0.0
+    rows[5, -1] = float("inf")
+    assert native.argmax_rows(rows) == rows.argmax(dim=-1).tolist()
+    with pytest.raises(ValueError):
+        native.argmax_rows(rows.double())
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("M", [1, 3])
+def test_linear_widened_holds_the_bits_of_the_bf16_result_widened(wdtype, M):
+    """`widen=True` (the logits) stores fp32 copies of the bf16-rounded results: `linear(x, w).float()` bit for bit."""
+    torch.manual_seed(M)
+    N, K = 300, 256
+    x = torch.randn(M, K).to(torch.bfloat16)
+    w = torch.randn(N, K)
+    scale, fp8 = None, None
+    if wdtype == torch.int8:
+        w, scale = quantize_int8(w, torch.float32)
+    elif wdtype == torch.float8_e4m3fn:
+        w = w.to(wdtype)
+        fp8 = native.Fp8Grid.of(torch.rand(3, 2) + 0.5, (128, 128), torch.bfloat16)
+    else:
+        w = w.to(wdtype)
+    got = native.linear(x, w, scale, fp8, widen=True)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, native.linear(x, w, scale, fp8).float())
+    if fp8 is None:  # fp32 activations: widening changes nothing
+        assert torch.equal(native.linear(x.float(), w, scale, widen=True), native.linear(x.float(), w, scale))

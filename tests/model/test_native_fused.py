@@ -4,6 +4,7 @@
 `native.mla_attend` must equal MLA's absorbed attention, checked against a float64 reference written here.
 """
 
+import copy
 import gc
 import math
 import weakref
@@ -19,6 +20,7 @@ from dsv3.kernels import native
 from dsv3.model import native_decode
 from dsv3.model.cache import LatentCache
 from dsv3.model.moe import MoE
+from dsv3.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2 and a C compiler")
 
@@ -475,3 +477,77 @@ def test_fp8_gemm_linear_matches_the_reference(N, K, block, M, ue8m0):
     assert ((got - want).abs() <= 1e-5 * want.abs().max()).all()
     dequant = native.linear(x, weight, fp8=native.Fp8Grid.of(scale_inv, block, torch.float32))
     assert not torch.allclose(got, dequant, rtol=1e-4, atol=0)  # the activations really were quantized
+
+
+@pytest.mark.parametrize("rope_dim, scaling", [(16, None), (8, "yarn"), (24, "yarn"), (4, None)])
+def test_the_rotary_table_holds_what_forward_computes(tiny_cfg, rope_dim, scaling):
+    """The native decode pass reads angles from `RotaryEmbedding.table`: the bits `forward` gives at each position."""
+    yarn = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
+    cfg = tiny_cfg.replace(qk_rope_head_dim=rope_dim, rope_scaling=yarn if scaling else None)
+    rotary = RotaryEmbedding(cfg)
+    cos_t, sin_t = rotary.table(100)
+    assert cos_t.shape[0] >= 100 and cos_t.shape[1] == rope_dim // 2
+    positions = torch.tensor([[0, 1, 31, 32, 33], [64, 97, 98, 99, 5]])
+    cos, sin = rotary(positions)
+    assert torch.equal(cos, cos_t[positions]) and torch.equal(sin, sin_t[positions])
+    longer = rotary.table(5000)[0]  # grown: the first rows unchanged
+    assert longer.shape[0] >= 5000 and torch.equal(longer[:100], cos_t[:100])
+    assert torch.equal(rotary(torch.tensor([[4999]]))[0][0, 0], longer[4999])
+
+
+def test_the_decode_pass_refuses_positions_past_its_rotary_tables(tiny_cfg):
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
+    batch = cache.bind([cache.allocate()], [1])
+    x = model.model.embed_tokens(torch.tensor([[3]]))
+    with torch.inference_mode():
+        stack = native_decode.plan_stack(model.model.layers, x, batch)
+        assert stack is not None
+        cos, sin = model.rotary.table(64)
+        kv = cache.kv
+        stores = [kv[i].data_ptr() for i in range(len(model.model.layers))]
+        with pytest.raises(ValueError, match="past the rotary tables"):
+            native.decode_pass(stack, x, cos[:1], sin[:1], stores, batch.slots, batch.start + 5, batch.n_new,
+                               kv.stride()[1:3], 6)  # fmt: skip
+
+
+def _change_between_steps(tiny_cfg, change) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a decode step before and after `change(model)`, one model, cache and set of options throughout."""
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 3, 48, dtype=torch.bfloat16)
+    slots = [cache.allocate() for _ in PROMPTS]
+    prefill(model, cache, slots, PROMPTS)
+    before = prefill(model, cache, slots, [[7], [8], [9]])
+    change(model)
+    return before, prefill(model, cache, slots, [[10], [11], [12]])
+
+
+def _replace_layer(model):
+    replacement = copy.deepcopy(model.model.layers[1])
+    with torch.no_grad():
+        replacement.self_attn.o_proj.weight.mul_(-1.0)
+    model.model.layers[1] = replacement
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda model: model.model.layers[0].mlp.register_forward_hook(lambda *a: None),
+        lambda model: model.model.layers[1].train(),
+        _replace_layer,
+    ],
+    ids=["hook", "training", "replaced-layer"],
+)
+def test_the_stack_plan_notices_hooks_training_and_replaced_layers(tiny_cfg, monkeypatch, change):
+    """After the stack plan was built and used, a hook registered on a sub-module, a layer put in training mode
+    or a layer replaced in the ModuleList takes effect on the next pass: the modules run it, or a new plan
+    that gives their bits."""
+    calls, marks = _native_calls(monkeypatch), []
+    got = _change_between_steps(tiny_cfg, lambda model: marks.append(len(calls)) or change(model))
+    assert calls[marks[0] - 1] == "stack"
+    assert calls[marks[0] :] == ["stack"] if change is _replace_layer else "stack" not in calls[marks[0] :]
+    _without_layer_path(monkeypatch)
+    want = _change_between_steps(tiny_cfg, change)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RequestError
+from ..kernels import native
 
 # Temperatures below this are greedy: logits / t would overflow float32 (NaN after softmax) long before
 # t reaches 0, and at 1e-5 a logit gap of 1e-4 already weighs e**10 to one.
@@ -160,7 +161,11 @@ def sample_tokens(
 ) -> list[int]:
     """One token per row; greedy rows take the argmax (lowest id on ties), others draw with their generator."""
     out = []
-    greedy = logits_BV.float().argmax(dim=-1).tolist()
+    logits_BV = logits_BV.float()
+    if native.available() and logits_BV.device.type == "cpu" and logits_BV.stride(-1) == 1 and logits_BV.shape[-1]:
+        greedy = native.argmax_rows(logits_BV)
+    else:
+        greedy = logits_BV.argmax(dim=-1).tolist()
     for b, p in enumerate(params):
         if p.temperature == 0:
             out.append(greedy[b])

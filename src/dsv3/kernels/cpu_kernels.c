@@ -10,7 +10,8 @@
 // type (round to nearest even for bf16), as torch's bf16 products are.
 //
 // Types: 0 = float32, 1 = bfloat16, 2 = int8 (weights only, with one float32 scale per output row),
-// 3 = float8 e4m3fn (weights only, with float32 scales per block of rows x columns: DeepSeek's FP8 layout).
+// 3 = float8 e4m3fn (weights only, with float32 scales per block of rows x columns: DeepSeek's FP8 layout),
+// 4 = float32 holding bfloat16 values (outputs only: rounded to bf16, stored widened, as `y.bfloat16().float()`).
 // All strides are in elements; the innermost dimension of every operand is contiguous.
 
 #include <float.h>
@@ -21,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_FP8 = 3 };
+enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_FP8 = 3, T_F32_BF16 = 4 };
 
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -96,6 +97,8 @@ static inline float load1(const void *p, int64_t i, int type) {
 static inline void store1(void *p, int64_t i, int type, float v) {
     if (type == T_BF16)
         ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else if (type == T_F32_BF16)
+        ((float *)p)[i] = bf16_to_f32(f32_to_bf16(v));
     else
         ((float *)p)[i] = v;
 }
@@ -677,7 +680,7 @@ int dsv3_linear(int64_t G, int64_t M, int64_t N, int64_t K, const void *x, int x
     const int64_t nblocks = (N + block - 1) / block;
     const int64_t items = G * nblocks;
     const size_t wsize = wtype == T_F32 ? 4 : wtype == T_BF16 ? 2 : 1;
-    const size_t ysize = ytype == T_F32 ? 4 : 2;
+    const size_t ysize = ytype == T_BF16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads_for(G * M * N * K, nthreads))
     for (int64_t it = 0; it < items; it++) {
         const int64_t g = it / nblocks, b = it % nblocks;
@@ -806,7 +809,7 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
         for (int64_t it = 0; it < na * dblocks; it++) {
             const int64_t e = active[it / dblocks], d0 = (it % dblocks) * block;
             const int64_t d1 = d0 + block < D ? d0 + block : D;
-            const size_t ysize = ytype == T_F32 ? 4 : 2;
+            const size_t ysize = ytype == T_BF16 ? 2 : 4;
             const fp8_grid fq = fp8 ? expert_grid(&fp8[2], e) : (fp8_grid){0};
             rows_times_weight(hh + start[e] * F, q8 ? hq + start[e] * F : NULL, q8 ? hqs + start[e] : NULL, F,
                               counts[e], (const char *)down + (size_t)(e * down_es) * wsize, wtype, F,
@@ -1474,5 +1477,79 @@ int dsv3_decode_layers(int64_t n, const dsv3_layer *const *L, void *const *store
         cur = dst;
     }
     free(scratch);
+    return rc;
+}
+
+// out[r] = the index of row r's largest value (x: R rows of V floats, row stride rs), as torch.argmax: the first
+// NaN if the row has one, else the first index holding the maximum. Greedy sampling reads one per decoded row.
+int dsv3_argmax_rows(int64_t R, int64_t V, const float *x, int64_t rs, int64_t *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * rs;
+        __m256 vmax = _mm256_set1_ps(-INFINITY), vnan = _mm256_setzero_ps();
+        int64_t v = 0;
+        for (; v + 8 <= V; v += 8) {
+            const __m256 a = _mm256_loadu_ps(row + v);
+            vmax = _mm256_max_ps(vmax, a);
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+        }
+        float m = -INFINITY;
+        int nan = _mm256_movemask_ps(vnan) != 0;
+        if (v) {
+            float lanes[8];
+            _mm256_storeu_ps(lanes, vmax);
+            for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+        }
+        for (int64_t t = v; t < V; t++) {
+            nan |= isnan(row[t]);
+            m = row[t] > m ? row[t] : m;
+        }
+        int64_t best = 0;
+        for (int64_t t = 0; t < V; t++)
+            if (nan ? isnan(row[t]) : row[t] == m) {
+                best = t;
+                break;
+            }
+        out[r] = best;
+    }
+    return 0;
+}
+
+// `dsv3_decode_layers` for a pass described by the cache's state instead of per-row tensors: row b appends n_new[b]
+// (<= T) tokens to slot slots[b] after its starts[b] cached ones. Built here, as `CacheBatch` builds them in torch:
+// the rotary angles of position starts[b] + t (rows of the tables rope_cos / rope_sin [rope_len, Dr/2], which
+// `RotaryEmbedding.table` fills with what it computes for those positions), the write offsets (-1: right padding),
+// and the mask (query t sees key j < S iff j <= starts[b] + t and j < starts[b] + n_new[b]; key 0 always).
+// Returns 3 when a position is past the tables.
+int dsv3_decode_pass(int64_t n, const dsv3_layer *const *L, void *const *stores, int64_t B, int64_t T, const void *x,
+                     void *out, const float *rope_cos, const float *rope_sin, int64_t rope_len, const int64_t *slots,
+                     const int64_t *starts, const int64_t *n_new, int64_t slot_stride, int64_t pos_stride, int64_t S,
+                     int nthreads) {
+    if (n <= 0) return 2;
+    const int64_t P = L[0]->Dr / 2;
+    for (int64_t b = 0; b < B; b++)
+        if (starts[b] < 0 || starts[b] + T > rope_len) return 3;
+    float *cs = malloc(sizeof(float) * (size_t)(2 * B * T * P) + 64);
+    int64_t *off = malloc(sizeof(int64_t) * (size_t)(B + B * T) + 64);
+    unsigned char *mask = malloc((size_t)(B * T * S) + 64);
+    int rc = 1;
+    if (cs && off && mask) {
+        float *cos_ = cs, *sin_ = cs + B * T * P;
+        int64_t *slot_off = off, *write_off = off + B;
+        for (int64_t b = 0; b < B; b++) {
+            slot_off[b] = slots[b] * slot_stride;
+            const int64_t end = starts[b] + n_new[b];
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t m = b * T + t, pos = starts[b] + t;
+                memcpy(cos_ + m * P, rope_cos + pos * P, sizeof(float) * (size_t)P);
+                memcpy(sin_ + m * P, rope_sin + pos * P, sizeof(float) * (size_t)P);
+                write_off[m] = t < n_new[b] ? slot_off[b] + pos * pos_stride : -1;
+                unsigned char *row = mask + m * S;
+                for (int64_t j = 0; j < S; j++) row[j] = j <= pos && j < end;
+                row[0] = 1;
+            }
+        }
+        rc = dsv3_decode_layers(n, L, stores, B, T, x, out, cos_, sin_, slot_off, write_off, S, mask, nthreads);
+    }
+    free(cs), free(off), free(mask);
     return rc;
 }

@@ -35,6 +35,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
 _TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float8_e4m3fn: 3}
+_F32_HOLDING_BF16 = 4  # an output type: float32 storage of values rounded to bf16
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
@@ -113,11 +114,12 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_decode_layer.argtypes = [ctypes.POINTER(LayerWeights), _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
     lib.dsv3_decode_layer.argtypes += [_ptr, _i64, _ptr, _int]
-    lib.dsv3_decode_layers.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
-    lib.dsv3_decode_layers.argtypes += [_ptr, _int]
+    lib.dsv3_decode_pass.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr]
+    lib.dsv3_decode_pass.argtypes += [_i64, _i64, _i64, _int]
     lib.dsv3_combine.argtypes = [_i64, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+    lib.dsv3_argmax_rows.argtypes = [_i64, _i64, _ptr, _i64, _ptr]
     return lib
 
 
@@ -187,8 +189,13 @@ def fits_linear(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, fp8: Fp8Grid | None = None) -> Tensor:
+def linear(
+    x: Tensor, weight: Tensor, scale: Tensor | None = None, fp8: Fp8Grid | None = None, widen: bool = False
+) -> Tensor:
     """x [..., K] @ (weight [N, K] (* scale [N] fp32 for int8, block scales `fp8` for FP8)).T -> [..., N] in x's dtype.
+
+    widen: return float32 holding the result rounded to x's dtype (`linear(x, w).float()` in the same pass:
+    the model's logits, without a second pass over a vocabulary-wide row).
 
     FP8 weights are dequantized value by value as `fp8.dequantize_blocks` does (rounded to bf16 when the grid
     says so), so the result is bit for bit that of the bf16 weight dequantized at load (`fits_fp8` first);
@@ -200,14 +207,15 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, fp8: Fp8Grid 
         x = x.contiguous()
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         scale = scale.float().contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32 if widen else x.dtype)
+    ytype = _F32_HOLDING_BF16 if widen and x.dtype == torch.bfloat16 else _TYPE[y.dtype]
     # Called ~40 times per decode step: straight to the kernel, no views of the operands (each costs an op).
     rc = _library().dsv3_linear(
         1, x.numel() // K, N, K,
         x.data_ptr(), _TYPE[x.dtype], 0, K,
         weight.data_ptr(), _TYPE[weight.dtype], 0, weight.stride(0),
         None if scale is None else scale.data_ptr(), 0, None if fp8 is None else ctypes.byref(fp8),
-        y.data_ptr(), _TYPE[y.dtype], 0, N,
+        y.data_ptr(), ytype, 0, N,
         torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "linear")
@@ -439,40 +447,46 @@ def decode_layer(
 
 
 class LayerStack:
-    """Several layers' `LayerWeights` as `decode_layers` passes them to C (an array of pointers to them)."""
+    """Several layers' `LayerWeights` as `decode_pass` passes them to C (an array of pointers to them)."""
 
     def __init__(self, layers: Sequence[LayerWeights]) -> None:
         self.layers = list(layers)  # the arrays below point into these structs
         self.pointers = (ctypes.c_void_p * len(self.layers))(*(ctypes.addressof(w) for w in self.layers))
 
 
-def decode_layers(
+def decode_pass(
     stack: LayerStack,
     x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
     stores: Sequence[int],
-    slot_offsets: Tensor,
-    write_offsets: Tensor,
+    slots: Tensor,
+    starts: Tensor,
+    n_new: Tensor,
+    store_strides: tuple[int, int],
     read_len: int,
-    mask: Tensor | None,
 ) -> Tensor:
-    """`decode_layer` for each of the stack's layers in turn, in one call (`dsv3_decode_layers`) -> [B, T, D].
+    """`decode_layer` for each of the stack's layers in turn, in one call (`dsv3_decode_pass`) -> [B, T, D].
 
-    stores: the data pointer of each layer's latent cache (as `decode_layer`'s store); the other arguments
-    are `decode_layer`'s, the same for every layer.
+    Row b of x [B, T, D] appends its first n_new[b] tokens to cache slot slots[b] after starts[b] cached ones
+    (int64 [B] each, contiguous); the kernel builds the rotary angles (rows starts[b] + t of the float32 tables
+    rope_cos / rope_sin [L, Dr/2]), the write offsets and the mask from them, as `CacheBatch` does. stores: the
+    data pointer of each layer's latent cache [slots, positions, R+Dr] (x's dtype, contiguous), whose slot and
+    position strides are store_strides; read_len: the positions each row's attention spans.
     """
     if len(stores) != len(stack.layers):
         raise ValueError(f"{len(stack.layers)} layers but {len(stores)} cache stores")
     B, T, _ = x.shape
-    x = x.contiguous()
+    x, slots, starts, n_new = x.contiguous(), slots.contiguous(), starts.contiguous(), n_new.contiguous()
     out = torch.empty_like(x)
     store_array = (ctypes.c_void_p * len(stack.layers))(*stores)  # per call: threads may share a stack
-    rc = _library().dsv3_decode_layers(
-        len(stack.layers), stack.pointers, store_array, B, T, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
-        sin.data_ptr(), slot_offsets.data_ptr(), write_offsets.data_ptr(), read_len,
-        None if mask is None else mask.data_ptr(), torch.get_num_threads(),
+    rc = _library().dsv3_decode_pass(
+        len(stack.layers), stack.pointers, store_array, B, T, x.data_ptr(), out.data_ptr(), rope_cos.data_ptr(),
+        rope_sin.data_ptr(), rope_cos.shape[0], slots.data_ptr(), starts.data_ptr(), n_new.data_ptr(),
+        store_strides[0], store_strides[1], read_len, torch.get_num_threads(),
     )  # fmt: skip
+    if rc == 3:
+        raise ValueError("native decode pass: a position is past the rotary tables")
     _check(rc, "decoder layers")
     return out
 
@@ -508,6 +522,16 @@ def fits_combine(h: Tensor, order: Tensor, weights: Tensor) -> bool:
         and weights.shape[-1] <= 64
         and not torch.is_grad_enabled()
     )
+
+
+def argmax_rows(x: Tensor) -> list[int]:
+    """`x.argmax(dim=-1).tolist()` for float32 rows [R, V] on CPU (the first NaN, else the first maximum), without
+    torch's index-tracking reduction (~0.3 ms for a 129,280-id row; this is one vectorised pass and a scan)."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1 or x.shape[1] == 0:
+        raise ValueError("argmax_rows takes non-empty float32 CPU rows [R, V] with contiguous rows")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _check(_library().dsv3_argmax_rows(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), out.data_ptr()), "argmax")
+    return out.tolist()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

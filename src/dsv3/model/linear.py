@@ -149,21 +149,42 @@ class Linear(nn.Module):
         if hasattr(self, "weight_scale_inv"):
             del self.weight_scale_inv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, widen: bool = False) -> torch.Tensor:
+        """x @ weight.T in x's dtype; `widen=True` returns it as float32 (`forward(x).float()`; decode-sized rows get
+        it from the kernel's own pass, not a second one over the output: the logits' case)."""
+        operands = self._native_operands(x)
+        if operands is not None:
+            return native.linear(x, *operands, widen=widen)
+        y = self._torch_forward(x)
+        return y.float() if widen else y
+
+    def _native_operands(self, x: torch.Tensor) -> tuple | None:
+        """(weight, scale, FP8 grid) as `native.linear` takes them when this product of x runs natively, else None.
+
+        Decode-sized rows: int8 and bf16 weights as they are; FP8 bytes read in place with bf16 rows, dequantized in
+        registers ('dequant': bit-identical to a weight dequantized at load) or multiplied per column block with
+        the rows quantized as `fp8.act_quant` ('gemm': linear_fp8's numerics).
+        """
+        if not uses_native(x, self.options.matvec):
+            return None
+        if self.is_fp8:
+            if x.dtype != torch.bfloat16 or not self.fits_native_fp8():
+                return None
+            if self.options.fp8_compute == "dequant":
+                return self.weight, None, native.Fp8Grid.of(self.weight_scale_inv, self.block_size, x.dtype)
+            return self.weight, None, self.native_gemm_grid(x.dtype)
+        if not native.fits_linear(x, self.weight):
+            return None
+        return self.weight, self.weight_scale if self.is_int8 else None, None
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_int8:
             return int8_matmul(x, self.weight, self.weight_scale, self.options)
         if self.is_fp8 and self.options.fp8_compute == "dequant":
             # Through the same product as a weight dequantized at load: bit-identical to it (InferenceOptions).
-            # Decode-sized bf16 rows read the FP8 bytes in place (kernels.native dequantizes in registers).
-            if x.dtype == torch.bfloat16 and uses_native(x, self.options.matvec) and self.fits_native_fp8():
-                grid = native.Fp8Grid.of(self.weight_scale_inv, self.block_size, x.dtype)
-                return native.linear(x, self.weight, fp8=grid)
             return matmul_wt(x, self.dequantized_weight(x.dtype), self.options)
         if self.is_fp8:
             o = self.options
-            # 'gemm': decode-sized rows quantize and multiply in one native call (linear_fp8's numerics).
-            if x.dtype == torch.bfloat16 and uses_native(x, o.matvec) and self.fits_native_fp8():
-                return native.linear(x, self.weight, fp8=self.native_gemm_grid(x.dtype))
             return fp8_kernels.linear_fp8(
                 x, self.weight, self.weight_scale_inv, self.block_size, o.fp8_compute, ue8m0=o.ue8m0
             )

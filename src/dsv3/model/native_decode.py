@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from .linear import Linear, fused_weight, uses_native
+from .linear import NATIVE_MAX_ROWS, Linear, fused_weight, uses_native
 from .moe import MLP, MoE, expert_fp8_grids
 
 if TYPE_CHECKING:
     from .cache import CacheBatch
+    from .rope import RotaryEmbedding
     from .transformer import DecoderLayer
 
 
@@ -62,8 +63,12 @@ def _norm_fits(norm: nn.Module, dtype: torch.dtype) -> bool:
     return norm.weight.dtype == dtype and norm.weight.is_contiguous()
 
 
-def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, list[torch.Tensor]] | None:
-    """The layer's `native.LayerWeights` for activations like x, and the tensors it points into (kept alive)."""
+def _build(
+    layer: DecoderLayer, x: torch.Tensor
+) -> tuple[native.LayerWeights, list[torch.Tensor], list[torch.Tensor]] | None:
+    """The layer's `native.LayerWeights` for activations like x, the derived tensors it points into (kept alive),
+    and the layer's tensors those were copied from: the only ones whose in-place writes the plan would miss (the
+    kernels read every other weight where it lies)."""
     dtype, attn = x.dtype, layer.self_attn
     norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
     if attn.q_lora_rank is not None:
@@ -82,6 +87,7 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
         return None
     w_uk, w_uv_t = attn.absorbed_weights(dtype)
     keep = [w_uk, w_uv_t]
+    copied = [*attn.kv_b_proj.parameters(), *attn.kv_b_proj.buffers()]
     H = w_uk.shape[0]
     w = native.LayerWeights(
         D=x.shape[-1], H=H, Dn=attn.nope_dim, Dr=attn.rope_dim, Dv=attn.v_dim, R=attn.kv_lora_rank,
@@ -121,11 +127,12 @@ def _build(layer: DecoderLayer, x: torch.Tensor) -> tuple[native.LayerWeights, l
         if g.is_int8:
             scales = [p.weight_scale.float().contiguous() for p in (g, u, d)]
             keep += scales
+            copied += [p.weight_scale for p, s in zip((g, u, d), scales) if s.data_ptr() != p.weight_scale.data_ptr()]
             w.gate_scale, w.up_scale, w.down_scale = (s.data_ptr() for s in scales)
         fp8 = expert_fp8_grids(experts, dtype)
         if fp8 is not None:
             w.expert_fp8 = (native.Fp8Grid * 3)(*fp8)
-    return w, keep
+    return w, keep, copied
 
 
 class _Built:
@@ -150,17 +157,19 @@ class _Built:
         self.owners, self.names, self.values = (list(column) for column in zip(*slots))
         self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         self.ptrs = [t.data_ptr() for t in self.tensors]
-        # Inference tensors (made under torch.inference_mode) have no version counter.
-        self.versioned = [t for t in self.tensors if not t.is_inference()]
-        self.versions = [t._version for t in self.versioned]
         self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         made = _build(layer, x)
-        self.weights, self.keep = made if made is not None else (None, None)
+        self.weights, self.keep, copied = made if made is not None else (None, None, [])
+        # Inference tensors (made under torch.inference_mode) have no version counter.
+        self.versioned = [t for t in copied if not t.is_inference()]
+        self.versions = [t._version for t in self.versioned]
 
     def current(self, dtype: torch.dtype) -> bool:
         """Whether nothing the plan depends on changed: the same objects in the same places, storages not moved,
-        tensors not written in place (the derived ones, fused and absorbed weights, are copies). About 70
-        identity checks and 60 integer reads a layer, iterated in C (`map`): every decode step checks them."""
+        the sources of its copies (the absorbed attention weights) not written in place. About 70 identity
+        checks and 30 integer reads a layer, iterated in C (`map`): every decode step checks them, with caches
+        the step's weights have just flushed (~0.6 ms for `small`'s 8 layers when every tensor's version was
+        read too)."""
         return (
             dtype == self.dtype
             and all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
@@ -172,9 +181,57 @@ class _Built:
 _data_ptr = torch.Tensor.data_ptr
 _version = operator.attrgetter("_version")
 
+
+class _Stack:
+    """A layer stack's one-call plan and what its layers' plans were built from, in flat lists: a decode pass checks
+    them with a few `map`s instead of a round of Python per layer (with cold caches, that round cost as much as
+    the checks themselves)."""
+
+    __slots__ = (
+        "plans", "stack", "modules", "count", "owners", "names", "values", "tensors", "ptrs", "versioned",
+        "versions", "hooks", "dtype", "queries",
+    )  # fmt: skip
+
+    def __init__(self, layers: nn.ModuleList, plans: list[_Built]) -> None:
+        self.plans = plans  # keeps each layer's derived tensors alive
+        self.stack = native.LayerStack([b.weights for b in plans])
+        self.dtype = plans[0].dtype
+        self.modules, self.count = layers._modules, len(layers._modules)
+        modules = [m for layer in layers for m in layer.modules()]
+        # The layers in their places, each module's training flag (True and False are singletons), and each
+        # layer's own slots; options were "native" when built and InferenceOptions is frozen.
+        slots = [(layers._modules, name, layer) for name, layer in layers._modules.items()]
+        slots += [(m.__dict__, "training", m.training) for m in modules]
+        self.owners = [owner for owner, _, _ in slots] + [o for b in plans for o in b.owners]
+        self.names = [name for _, name, _ in slots] + [n for b in plans for n in b.names]
+        self.values = [value for _, _, value in slots] + [v for b in plans for v in b.values]
+        self.tensors = [t for b in plans for t in b.tensors]
+        self.ptrs = [p for b in plans for p in b.ptrs]
+        self.versioned = [t for b in plans for t in b.versioned]
+        self.versions = [v for b in plans for v in b.versions]
+        self.hooks = [h for b in plans for h in b.hooks]
+        # Decode-sized passes have at most NATIVE_MAX_ROWS tokens a row: where absorbed attention is the cheaper.
+        self.queries = frozenset(
+            T for T in range(1, NATIVE_MAX_ROWS + 1) if all(layer.self_attn._absorbed_is_cheaper(T) for layer in layers)
+        )
+
+    def current(self, x: torch.Tensor) -> bool:
+        """Whether this plan still holds for activations like x: `_Built.current` for every layer at once, the
+        same layers, no hooks, not training, and x's tokens a row within what the plan was checked for."""
+        return (
+            x.dtype == self.dtype
+            and x.shape[1] in self.queries
+            and len(self.modules) == self.count
+            and all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
+            and list(map(_data_ptr, self.tensors)) == self.ptrs
+            and list(map(_version, self.versioned)) == self.versions
+            and not any(self.hooks)
+        )
+
+
 # layer -> its _Built. Outside the modules so that copying or pickling a model never meets the ctypes pointers.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# layer stack (ModuleList) -> (its layers' LayerWeights, the native.LayerStack made of them)
+# layer stack (ModuleList) -> its _Stack (which references the layers, never the ModuleList)
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -213,34 +270,32 @@ def plan(layer: DecoderLayer, x: torch.Tensor, cache: CacheBatch | None) -> nati
 
 
 def plan_stack(layers: nn.ModuleList, x: torch.Tensor, cache: CacheBatch | None) -> native.LayerStack | None:
-    """The whole stack as one `native.decode_layers` call when `plan` says yes for every layer, else None."""
+    """The whole stack as one `native.decode_pass` call when `plan` says yes for every layer, else None."""
     if not len(layers) or not _pass_fits(x, cache, layers[0].self_attn.options.matvec):
         return None
-    weights = []
-    for layer in layers:
-        w = _layer_plan(layer, x)
-        if w is None:
-            return None
-        weights.append(w)
     made = _STACKS.get(layers)
-    if made is None or len(made[0]) != len(weights) or any(map(operator.is_not, made[0], weights)):
-        made = _STACKS[layers] = (weights, native.LayerStack(weights))
-    return made[1]
+    if made is not None and made.current(x):
+        return made.stack
+    for layer in layers:
+        if _layer_plan(layer, x) is None:
+            return None
+    made = _STACKS[layers] = _Stack(layers, [_PLANS[layer] for layer in layers])
+    return made.stack
 
 
 def forward_stack(
-    layers: nn.ModuleList, stack: native.LayerStack, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    cache: CacheBatch,
-) -> torch.Tensor:  # fmt: skip
-    """Every layer's `forward(x, cos, sin, cache)` in turn through `native.decode_layers` (after `plan_stack`)."""
+    layers: nn.ModuleList, stack: native.LayerStack, x: torch.Tensor, rotary: RotaryEmbedding, cache: CacheBatch
+) -> torch.Tensor:
+    """Every layer's `forward(x, cos, sin, cache)` in turn through `native.decode_pass` (after `plan_stack`), at the
+    positions after each row's cached tokens (`cache.positions`)."""
     kv = cache.cache.kv
-    slot_offsets, write_offsets = cache.native_offsets(x.shape[1], kv[0])
     layer_bytes = kv.stride(0) * kv.element_size()
     stores = [kv.data_ptr() + (layer.self_attn.layer_idx - cache.cache.first_layer) * layer_bytes for layer in layers]
-    return native.decode_layers(
-        stack, x, cos.float().contiguous(), sin.float().contiguous(), stores, slot_offsets, write_offsets,
-        cache.read_len, cache.attention_mask(x.shape[1], x.device),
-    )  # fmt: skip
+    # Padding positions (up to T past a row's start) get angles too: cover the cache's length plus one pass.
+    rope_cos, rope_sin = rotary.table(cache.cache.max_len + x.shape[1])
+    return native.decode_pass(
+        stack, x, rope_cos, rope_sin, stores, cache.slots, cache.start, cache.n_new, kv.stride()[1:3], cache.read_len
+    )
 
 
 def forward(

@@ -64,6 +64,7 @@ class RotaryEmbedding(nn.Module):
         # A plain attribute, not a buffer: it is derived from the config, never saved, and must
         # survive building on `meta` followed by `load_state_dict(assign=True)`.
         self._inv_freq = {torch.device("cpu"): inv_freq}
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dev = positions.device
@@ -71,6 +72,16 @@ class RotaryEmbedding(nn.Module):
             self._inv_freq[dev] = self._inv_freq[torch.device("cpu")].to(dev)
         angles = positions.float()[..., None] * self._inv_freq[dev]
         return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
+
+    def table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [>= length, d/2] on CPU: row p is `forward` at position p (the same elementwise ops), for the
+        native decode pass, which reads its rows instead of running the ops each step. Kept; grown by doubling."""
+        have = self._table[0].shape[0] if self._table is not None else 0
+        if have < length:
+            with torch.no_grad():
+                cos, sin = self(torch.arange(max(length, 2 * have, 64))[None])
+            self._table = (cos[0].contiguous(), sin[0].contiguous())
+        return self._table
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

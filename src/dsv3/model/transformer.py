@@ -86,8 +86,8 @@ class MTPLayer(DecoderLayer):
         h = super().forward(h, cos, sin, cache)
         if logits_at is not None:
             picked = h[torch.arange(h.shape[0], device=h.device), torch.as_tensor(list(logits_at), device=h.device)]
-            return self.shared_head.head(self.shared_head.norm(picked[:, None]))[:, 0].float(), h
-        return self.shared_head.head(self.shared_head.norm(h)).float(), h
+            return self.shared_head.head(self.shared_head.norm(picked[:, None]), widen=True)[:, 0], h
+        return self.shared_head.head(self.shared_head.norm(h), widen=True), h
 
 
 class Backbone(nn.Module):
@@ -235,21 +235,22 @@ class DeepSeekV3(nn.Module):
     ) -> torch.Tensor:
         """Final-norm input (B, T, D): the main stack's output before `model.norm`."""
         B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if positions is None and cache is not None:
+            stack = native_decode.plan_stack(self.model.layers, x, cache)
+            if stack is not None:  # decode-sized on CPU: every layer's one native call, in one call
+                return native_decode.forward_stack(self.model.layers, stack, x, self.rotary, cache)
         if positions is None:
             positions = (
                 cache.positions(T) if cache is not None else torch.arange(T, device=input_ids.device).expand(B, T)
             )
         cos, sin = self.rotary(positions)
-        x = self.model.embed_tokens(input_ids)
-        stack = native_decode.plan_stack(self.model.layers, x, cache)
-        if stack is not None:  # decode-sized on CPU: every layer's one native call, in one call
-            return native_decode.forward_stack(self.model.layers, stack, x, cos, sin, cache)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.lm_head(self.model.norm(hidden), widen=True)
 
     def mtp_logits(
         self,
