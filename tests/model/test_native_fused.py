@@ -551,3 +551,90 @@ def test_the_stack_plan_notices_hooks_training_and_replaced_layers(tiny_cfg, mon
     _without_layer_path(monkeypatch)
     want = _change_between_steps(tiny_cfg, change)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _steps_through_decode_step(model, slots_order, steps=4, quantize=None):
+    """Prefill three prompts, then `decode_step`s on the slots in `slots_order`: each step's logits, the lengths,
+    and the cache."""
+    from dsv3.inference.generate import decode_step
+
+    model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+    cache = LatentCache(model.config, 4, 48, dtype=model.dtype)
+    slots = [cache.allocate() for _ in range(4)]
+    prefill(model, cache, slots[:3], PROMPTS)
+    out = []
+    with torch.inference_mode():
+        for step in range(steps):
+            out.append(decode_step(model, cache, [slots[i] for i in slots_order], [3 + step + i for i in slots_order]))
+    return torch.stack(out), cache.lengths.clone(), cache.kv.clone()
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, None)])
+def test_decode_step_in_one_native_call_equals_the_module_path(tiny_cfg, monkeypatch, dtype, quantize):
+    """`decode_step` as one `native.decode_step` call (embedding to logits, lengths advanced in C) gives the
+    logits, lengths and latent cache of the module path, slots in any order, bit for bit in bf16. (An fp32
+    model's head is not a native product: it keeps the module path.)"""
+    calls = []
+    decode_logits = native_decode.decode_logits
+    monkeypatch.setattr(native_decode, "decode_logits", lambda *a: calls.append(1) or decode_logits(*a))
+    native_step = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a: calls.append("native") or native_step(*a))
+    got = _steps_through_decode_step(_layer_model(tiny_cfg, dtype), [2, 0], quantize=quantize)
+    # The first step plans the stack through the modules; an fp32 lm_head is torch's (Linear's own choice).
+    assert calls.count("native") == (3 if dtype == torch.bfloat16 else 0)
+    monkeypatch.setattr(native_decode, "decode_logits", lambda *a: None)
+    _without_layer_path(monkeypatch)
+    want = _steps_through_decode_step(_layer_model(tiny_cfg, dtype), [2, 0], quantize=quantize)
+    assert torch.equal(got[1], want[1])
+    if dtype == torch.bfloat16:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    else:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_in_one_call_refuses_a_full_slot_a_bad_id_or_slot_and_writes_nothing(tiny_cfg):
+    from dsv3.errors import RequestError
+    from dsv3.inference.generate import decode_step
+
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 2, 6, dtype=torch.bfloat16)
+    slots = [cache.allocate(), cache.allocate()]
+    prefill(model, cache, slots, [[1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        decode_step(model, cache, slots[:1], [3])  # plans the stack; the next calls take the one-call path
+        assert native_decode.decode_logits(model, cache, slots[:1], [4]) is not None
+        lengths, kv = cache.lengths.clone(), cache.kv.clone()
+        with pytest.raises(RequestError, match="exceeds the cache length 6"):
+            decode_step(model, cache, slots, [1, 2])  # slot 1 holds 6 tokens already
+        with pytest.raises(IndexError, match="token id"):
+            native_decode.decode_logits(model, cache, slots[1:], [model.config.vocab_size])
+        with pytest.raises(IndexError, match="cache slot"):
+            native_decode.decode_logits(model, cache, [2], [1])
+        assert torch.equal(cache.lengths, lengths) and torch.equal(cache.kv, kv)
+
+
+@pytest.mark.parametrize("change", ["lm_head hook", "norm hook", "model hook", "embedding forward", "lm_head fp32"])
+def test_decode_step_in_one_call_leaves_what_it_would_skip_to_the_modules(tiny_cfg, change):
+    from dsv3.inference.generate import decode_step
+
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 1, 16, dtype=torch.bfloat16)
+    slots = [cache.allocate()]
+    prefill(model, cache, slots, [[1, 2, 3]])
+    with torch.inference_mode():
+        decode_step(model, cache, slots, [3])
+        assert native_decode.decode_logits(model, cache, slots, [4]) is not None
+        if change == "lm_head hook":
+            model.lm_head.register_forward_hook(lambda *a: None)
+        elif change == "norm hook":
+            model.model.norm.register_forward_pre_hook(lambda *a: None)
+        elif change == "model hook":
+            model.register_forward_hook(lambda *a: None)
+        elif change == "embedding forward":
+            model.model.embed_tokens.forward = lambda ids: torch.zeros(*ids.shape, model.config.hidden_size)
+        else:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.float(), requires_grad=False)
+        assert native_decode.decode_logits(model, cache, slots, [5]) is None

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import RequestError
+from ..model import native_decode
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
 from .compiled import compiled_decoder
@@ -83,6 +84,9 @@ def decode_step(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens:
     options = model.inference_options
     if options is not None and options.compile:
         return compiled_decoder(model)(cache, slots, tokens)
+    logits = native_decode.decode_logits(model, cache, slots, tokens)  # the same values in one native call
+    if logits is not None:
+        return logits
     ids = torch.tensor(tokens, dtype=torch.long, device=model_device(model))[:, None]
     batch = cache.bind(slots, [1] * len(slots))
     logits = model(ids, cache=batch)

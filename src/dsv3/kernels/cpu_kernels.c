@@ -1553,3 +1553,59 @@ int dsv3_decode_pass(int64_t n, const dsv3_layer *const *L, void *const *stores,
     free(cs), free(off), free(mask);
     return rc;
 }
+
+// The model's head: final RMSNorm weight (activation type) and eps, then the vocabulary projection.
+typedef struct {
+    const void *norm;
+    float eps;
+    dsv3_proj proj;
+} dsv3_head;
+
+// One decode step of B rows, one token each, from token ids to logits, the cache's lengths read and advanced
+// here: row b embeds ids[b] (rows of `embed` [V, D], activation type), appends it to slot slots[b] at position
+// lengths[slots[b]] (`dsv3_decode_pass`), and gets logits [B, V]: the final norm and `head` (float32 out, holding
+// bf16 values for bf16 activations: the model's logits, row stride head->proj.rows). lengths[slots[b]] advances by
+// one once everything succeeded.
+// Returns 4 when a slot is full (max_len positions), 5 for an id outside [0, V), 6 for a slot outside
+// [0, num_slots); nothing is written then.
+int dsv3_decode_step(int64_t n, const dsv3_layer *const *L, void *const *stores, int64_t B, const int64_t *ids,
+                     const void *embed, int64_t V, const dsv3_head *head, float *logits, const float *rope_cos,
+                     const float *rope_sin, int64_t rope_len, const int64_t *slots, int64_t num_slots,
+                     int64_t *lengths, int64_t max_len, int64_t slot_stride, int64_t pos_stride, int nthreads) {
+    if (n <= 0 || B <= 0) return 2;
+    const int t = L[0]->xtype;
+    const int64_t D = L[0]->D;
+    const size_t asz = t == T_F32 ? 4 : 2;
+    int64_t S = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= num_slots) return 6;
+    for (int64_t b = 0; b < B; b++) {
+        if (lengths[slots[b]] + 1 > max_len) return 4;
+        if (ids[b] < 0 || ids[b] >= V) return 5;
+        S = lengths[slots[b]] + 1 > S ? lengths[slots[b]] + 1 : S;
+    }
+    int64_t *meta = malloc(sizeof(int64_t) * (size_t)(2 * B) + 64);
+    char *x = malloc(asz * (size_t)(3 * B * D) + 64);
+    int rc = 1;
+    if (meta && x) {
+        int64_t *starts = meta, *ones = meta + B;
+        char *h = x + asz * (size_t)(B * D), *hn = h + asz * (size_t)(B * D);
+        for (int64_t b = 0; b < B; b++) {
+            starts[b] = lengths[slots[b]], ones[b] = 1;
+            memcpy(x + asz * (size_t)(b * D), (const char *)embed + asz * (size_t)(ids[b] * D), asz * (size_t)D);
+        }
+        rc = dsv3_decode_pass(n, L, stores, B, 1, x, h, rope_cos, rope_sin, rope_len, slots, starts, ones,
+                              slot_stride, pos_stride, S, nthreads);
+        if (!rc) {
+            dsv3_rms_norm(B, D, h, t, D, head->norm, head->eps, hn, D);
+            const dsv3_proj *p = &head->proj;
+            rc = dsv3_linear(1, B, p->rows, p->cols, hn, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
+                             p->type == T_FP8 ? &p->fp8 : NULL, logits, t == T_BF16 ? T_F32_BF16 : T_F32, 0,
+                             p->rows, nthreads);
+        }
+        if (!rc)  // as `CacheBatch.commit`: a slot named twice advances once
+            for (int64_t b = 0; b < B; b++) lengths[slots[b]] = starts[b] + 1;
+    }
+    free(meta), free(x);
+    return rc;
+}

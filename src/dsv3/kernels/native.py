@@ -120,6 +120,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     lib.dsv3_argmax_rows.argtypes = [_i64, _i64, _ptr, _i64, _ptr]
+    lib.dsv3_decode_step.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, ctypes.POINTER(HeadWeights), _ptr]
+    lib.dsv3_decode_step.argtypes += [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
     return lib
 
 
@@ -489,6 +491,54 @@ def decode_pass(
         raise ValueError("native decode pass: a position is past the rotary tables")
     _check(rc, "decoder layers")
     return out
+
+
+class HeadWeights(ctypes.Structure):
+    """`dsv3_head`: the final RMSNorm's weight (activation type) and eps, and the vocabulary projection."""
+
+    _fields_ = [("norm", _ptr), ("eps", ctypes.c_float), ("proj", Projection)]
+
+
+def decode_step(
+    stack: LayerStack,
+    head: HeadWeights,
+    ids: Sequence[int],
+    embed: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    stores: Sequence[int],
+    slots: Sequence[int],
+    lengths: Tensor,
+    store_shape: tuple[int, int, int],
+) -> Tensor:
+    """One token per row from ids to float32 logits [B, V] in one call (`dsv3_decode_step`), the cache advanced.
+
+    Row b embeds ids[b] (rows of `embed` [V, D], the activations' dtype), appends it to cache slot slots[b] at
+    position lengths[slots[b]] (lengths: the cache's int64 lengths [slots], contiguous, advanced in place on success), runs
+    `decode_pass` over the stack, then the head. store_shape: (max positions, slot stride, position stride) of
+    the layers' stores. OverflowError when a slot is full, IndexError for an id outside the vocabulary or a slot
+    outside the cache (nothing written then).
+    """
+    B = len(ids)
+    V = head.proj.rows
+    ids_c, slots_c = (ctypes.c_int64 * B)(*ids), (ctypes.c_int64 * B)(*slots)
+    logits = torch.empty(B, V, dtype=torch.float32)
+    store_array = (ctypes.c_void_p * len(stack.layers))(*stores)
+    max_len, slot_stride, pos_stride = store_shape
+    rc = _library().dsv3_decode_step(
+        len(stack.layers), stack.pointers, store_array, B, ids_c, embed.data_ptr(), embed.shape[0], ctypes.byref(head),
+        logits.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0], slots_c, lengths.shape[0],
+        lengths.data_ptr(), max_len, slot_stride, pos_stride, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 4:
+        longest = max(int(lengths[s]) for s in slots) + 1
+        raise OverflowError(f"sequence of {longest} tokens exceeds the cache length {max_len}")
+    if rc == 5:
+        raise IndexError(f"token id out of range: ids must be in [0, {embed.shape[0]})")
+    if rc == 6:
+        raise IndexError(f"cache slot out of range: slots must be in [0, {lengths.shape[0]})")
+    _check(rc, "decode step")
+    return logits
 
 
 def combine(h: Tensor, order: Tensor, weights: Tensor) -> Tensor:

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..errors import RequestError
 from ..kernels import native
 from .linear import NATIVE_MAX_ROWS, Linear, fused_weight, uses_native
 from .moe import MLP, MoE, expert_fp8_grids
 
 if TYPE_CHECKING:
-    from .cache import CacheBatch
+    from .cache import CacheBatch, LatentCache
     from .rope import RotaryEmbedding
-    from .transformer import DecoderLayer
+    from .transformer import DecoderLayer, DeepSeekV3
 
 
 def _projection(layer: Linear, dtype: torch.dtype) -> native.Projection | None:
@@ -189,7 +190,7 @@ class _Stack:
 
     __slots__ = (
         "plans", "stack", "modules", "count", "owners", "names", "values", "tensors", "ptrs", "versioned",
-        "versions", "hooks", "dtype", "queries",
+        "versions", "hooks", "dtype", "queries", "layer_indices",
     )  # fmt: skip
 
     def __init__(self, layers: nn.ModuleList, plans: list[_Built]) -> None:
@@ -210,17 +211,18 @@ class _Stack:
         self.versioned = [t for b in plans for t in b.versioned]
         self.versions = [v for b in plans for v in b.versions]
         self.hooks = [h for b in plans for h in b.hooks]
+        self.layer_indices = [layer.self_attn.layer_idx for layer in layers]
         # Decode-sized passes have at most NATIVE_MAX_ROWS tokens a row: where absorbed attention is the cheaper.
         self.queries = frozenset(
             T for T in range(1, NATIVE_MAX_ROWS + 1) if all(layer.self_attn._absorbed_is_cheaper(T) for layer in layers)
         )
 
-    def current(self, x: torch.Tensor) -> bool:
-        """Whether this plan still holds for activations like x: `_Built.current` for every layer at once, the
-        same layers, no hooks, not training, and x's tokens a row within what the plan was checked for."""
+    def current(self, dtype: torch.dtype, tokens_per_row: int) -> bool:
+        """Whether this plan still holds for activations of `dtype`: `_Built.current` for every layer at once, the
+        same layers, no hooks, not training, and the tokens a row within what the plan was checked for."""
         return (
-            x.dtype == self.dtype
-            and x.shape[1] in self.queries
+            dtype == self.dtype
+            and tokens_per_row in self.queries
             and len(self.modules) == self.count
             and all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
             and list(map(_data_ptr, self.tensors)) == self.ptrs
@@ -229,10 +231,61 @@ class _Stack:
         )
 
 
+class _Head:
+    """The model's embedding, final norm and lm_head as `native.decode_step` takes them (`weights`, None where the
+    module path would not run them through the native kernels), and what that was built from."""
+
+    __slots__ = ("weights", "owners", "names", "values", "tensors", "ptrs", "hooks")
+
+    def __init__(self, model: DeepSeekV3, dtype: torch.dtype) -> None:
+        embed, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+        d = embed.__dict__
+        slots = [
+            (model._modules, "model", model.model), (model._modules, "lm_head", head),
+            (model.model._modules, "embed_tokens", embed), (model.model._modules, "norm", norm),
+            (d, "forward", d.get("forward")), (d, "max_norm", d.get("max_norm")),  # tensor parallelism's embedding
+        ]  # fmt: skip
+        for m in (embed, norm, head):
+            d = m.__dict__
+            slots += [(d, "options", d.get("options")), (d, "training", m.training)]
+            for owner in (d["_parameters"], d["_buffers"], d["_modules"]):
+                slots += [(owner, name, value) for name, value in owner.items()]
+        self.owners, self.names, self.values = (list(column) for column in zip(*slots))
+        self.tensors = [t for m in (embed, norm, head) for t in (*m._parameters.values(), *m._buffers.values())]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.hooks = [d for m in (model, embed, norm, head) for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.weights = None
+        probe = torch.empty(1, 1, head.in_features, dtype=dtype)  # decode-sized rows: does Linear go native?
+        fits = (
+            not any(self.hooks)  # the module path runs them
+            and embed.max_norm is None
+            and "forward" not in embed.__dict__
+            and embed.weight.dtype == dtype
+            and embed.weight.is_contiguous()
+            and embed.weight.device.type == "cpu"
+            and _norm_fits(norm, dtype)
+            and norm.options.matvec == "native"
+            and head._native_operands(probe) is not None
+        )
+        projection = _projection(head, dtype) if fits else None
+        if projection is not None:
+            self.weights = native.HeadWeights(norm.weight.data_ptr(), norm.eps, projection)
+
+    def current(self) -> bool:
+        """Whether the same modules hold the same tensors in the same storage, with no hooks."""
+        return (
+            all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
+            and list(map(_data_ptr, self.tensors)) == self.ptrs
+            and not any(self.hooks)
+        )
+
+
 # layer -> its _Built. Outside the modules so that copying or pickling a model never meets the ctypes pointers.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # layer stack (ModuleList) -> its _Stack (which references the layers, never the ModuleList)
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> its _Head (which references the model's modules, never the model)
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pass_fits(x: torch.Tensor, cache: CacheBatch | None, matvec: str) -> bool:
@@ -274,7 +327,7 @@ def plan_stack(layers: nn.ModuleList, x: torch.Tensor, cache: CacheBatch | None)
     if not len(layers) or not _pass_fits(x, cache, layers[0].self_attn.options.matvec):
         return None
     made = _STACKS.get(layers)
-    if made is not None and made.current(x):
+    if made is not None and made.current(x.dtype, x.shape[1]):
         return made.stack
     for layer in layers:
         if _layer_plan(layer, x) is None:
@@ -290,7 +343,10 @@ def forward_stack(
     positions after each row's cached tokens (`cache.positions`)."""
     kv = cache.cache.kv
     layer_bytes = kv.stride(0) * kv.element_size()
-    stores = [kv.data_ptr() + (layer.self_attn.layer_idx - cache.cache.first_layer) * layer_bytes for layer in layers]
+    index = [layer.self_attn.layer_idx - cache.cache.first_layer for layer in layers]
+    if not 0 <= min(index) <= max(index) < len(kv):  # as `CacheBatch.update` would fail
+        raise IndexError(f"the cache holds {len(kv)} layers from layer {cache.cache.first_layer}, not these layers")
+    stores = [kv.data_ptr() + i * layer_bytes for i in index]
     # Padding positions (up to T past a row's start) get angles too: cover the cache's length plus one pass.
     rope_cos, rope_sin = rotary.table(cache.cache.max_len + x.shape[1])
     return native.decode_pass(
@@ -310,3 +366,45 @@ def forward(
         weights, x, cos.float().contiguous(), sin.float().contiguous(), store, slot_offsets, write_offsets,
         cache.read_len, mask,
     )  # fmt: skip
+
+
+def decode_logits(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens: list[int]) -> torch.Tensor | None:
+    """`model(ids, cache=batch)[:, -1]` and `batch.commit()` for one token per slot, as one `native.decode_step`
+    call (embedding, the layers' stack, final norm and lm_head, the cache's lengths read and advanced in C), or
+    None where the module path must run: the stack not planned yet (its first pass plans it) or no longer
+    current, a head the native kernels do not take, hooks, grad, more rows than a decode-sized pass.
+
+    Why: with the weights streamed through the caches every step, the ~40 torch ops and Python calls around the
+    kernels of a step (binding the cache, angles, offsets, mask, norm, head) cost ~1-2 ms on `small`.
+    """
+    stack = _STACKS.get(model.model.layers)
+    kv = cache.kv
+    if (
+        stack is None
+        or not 0 < len(tokens) <= NATIVE_MAX_ROWS
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or kv.dtype != stack.dtype
+        or kv.device.type != "cpu"
+        or not kv.is_contiguous()
+        or cache.lengths.dtype != torch.int64
+        or not cache.lengths.is_contiguous()
+        or not 0 <= stack.layer_indices[0] - cache.first_layer <= stack.layer_indices[-1] - cache.first_layer < len(kv)
+        or not stack.current(stack.dtype, 1)
+    ):
+        return None
+    head = _HEADS.get(model)
+    if head is None or not head.current():
+        head = _HEADS[model] = _Head(model, stack.dtype)
+    if head.weights is None:
+        return None
+    layer_bytes = kv.stride(0) * kv.element_size()
+    stores = [kv.data_ptr() + (i - cache.first_layer) * layer_bytes for i in stack.layer_indices]
+    rope_cos, rope_sin = model.rotary.table(cache.max_len + 1)
+    try:
+        return native.decode_step(
+            stack.stack, head.weights, tokens, model.model.embed_tokens.weight, rope_cos, rope_sin, stores, slots,
+            cache.lengths, (cache.max_len, kv.stride(1), kv.stride(2)),
+        )  # fmt: skip
+    except OverflowError as e:
+        raise RequestError(str(e)) from None
