@@ -3,9 +3,11 @@
 Why: a decode step of a small model is mostly overhead. Through the modules a layer costs ~13 native
 calls and ~35 torch ops, each a few microseconds of Python and dispatch; `dsv3_decode_layer` runs the same
 kernels in sequence in C, rounding the activations wherever the module path rounds them, so its output
-equals `DecoderLayer.forward` on the native path (the tests compare them). `dsv3_decode_layers` runs a
-whole stack of them in one call: the Python between layers runs with cold caches (the step streams the
-weights through them) and cost more than the small layers' C.
+equals `DecoderLayer.forward` on the native path (the tests compare them). `dsv3_decode_pass` runs a
+whole stack of them in one call, building the pass's rotary angles, cache offsets and mask from the cache's
+state itself: the Python between layers runs with cold caches (the step streams the weights through them)
+and cost more than the small layers' C. `decode_logits` goes one step further for a plain decode step: one
+call from token ids to logits, the cache's lengths advanced in C.
 
 `plan(layer, x, cache)` says whether the layer can run this way and returns its weights as a
 `native.LayerWeights` (pointers, rebuilt whenever a weight tensor moves); `plan_stack` says it for all
