@@ -20,14 +20,24 @@ BIG = 40 << 20  # over glibc's largest mmap threshold (32 MiB): a mapping of its
 
 
 @needs_thp
+def _gets_huge_pages(make) -> bool:
+    """Whether one of up to three tensors from `make()` (all kept alive: each a range of its own) sits in huge pages.
+    The kernel may back a fresh range with small pages when it has no free 2 MiB block at that moment (seen
+    once in a long test process); three misses in a row mean the memory was not advised."""
+    made = []
+    for _ in range(3):
+        made.append(make())
+        if pages.huge_page_bytes(made[-1]) >= pages.HUGE_PAGE:
+            return True
+    return False
+
+
 def test_empty_is_advised_before_it_is_touched_and_copy_of_keeps_the_values():
-    t = pages.empty((BIG,), torch.uint8)
-    t.fill_(7)
-    assert pages.huge_page_bytes(t) >= pages.HUGE_PAGE
+    assert _gets_huge_pages(lambda: pages.empty((BIG,), torch.uint8).fill_(7))
     src = torch.randn(BIG // 4)
     copy = pages.copy_of(src[::1])
     assert torch.equal(copy, src) and copy.data_ptr() != src.data_ptr()
-    assert pages.huge_page_bytes(copy) >= pages.HUGE_PAGE
+    assert _gets_huge_pages(lambda: pages.copy_of(src))
 
 
 def test_small_tensors_and_the_switch_leave_memory_alone(monkeypatch):

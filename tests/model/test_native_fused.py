@@ -341,11 +341,12 @@ def test_a_model_that_decoded_natively_is_freed_when_dropped(tiny_cfg):
     alive once the user drops the model."""
     model = _layer_model(tiny_cfg, torch.bfloat16)
     _decode(model, torch.bfloat16, steps=1)
-    assert len(native_decode._PLANS) > 0
-    layer = weakref.ref(model.model.layers[1])
+    _steps_through_decode_step(model, [0, 1], steps=2)  # the one-call step keeps the model's head plan too
+    assert len(native_decode._PLANS) > 0 and model in native_decode._HEADS
+    layer, head = weakref.ref(model.model.layers[1]), weakref.ref(model.lm_head)
     del model
     gc.collect()
-    assert layer() is None
+    assert layer() is None and head() is None
 
 
 def _one_token_step(model):

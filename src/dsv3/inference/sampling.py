@@ -162,7 +162,7 @@ def sample_tokens(
     """One token per row; greedy rows take the argmax (lowest id on ties), others draw with their generator."""
     out = []
     logits_BV = logits_BV.float()
-    if native.available() and logits_BV.device.type == "cpu" and logits_BV.stride(-1) == 1 and logits_BV.shape[-1]:
+    if native.available() and logits_BV.dim() == 2 and logits_BV.device.type == "cpu" and logits_BV.stride(-1) == 1:
         greedy = native.argmax_rows(logits_BV)
     else:
         greedy = logits_BV.argmax(dim=-1).tolist()

@@ -392,13 +392,12 @@ def decode_logits(model: DeepSeekV3, cache: LatentCache, slots: list[int], token
         or cache.lengths.dtype != torch.int64
         or not cache.lengths.is_contiguous()
         or not 0 <= stack.layer_indices[0] - cache.first_layer <= stack.layer_indices[-1] - cache.first_layer < len(kv)
-        or not stack.current(stack.dtype, 1)
     ):
         return None
     head = _HEADS.get(model)
     if head is None or not head.current():
         head = _HEADS[model] = _Head(model, stack.dtype)
-    if head.weights is None:
+    if head.weights is None or not stack.current(stack.dtype, 1):  # the cheaper check first
         return None
     layer_bytes = kv.stride(0) * kv.element_size()
     stores = [kv.data_ptr() + (i - cache.first_layer) * layer_bytes for i in stack.layer_indices]
