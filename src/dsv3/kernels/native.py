@@ -514,8 +514,8 @@ def decode_step(
     """One token per row from ids to float32 logits [B, V] in one call (`dsv3_decode_step`), the cache advanced.
 
     Row b embeds ids[b] (rows of `embed` [V, D], the activations' dtype), appends it to cache slot slots[b] at
-    position lengths[slots[b]] (lengths: the cache's int64 lengths [slots], contiguous, advanced in place on success), runs
-    `decode_pass` over the stack, then the head. store_shape: (max positions, slot stride, position stride) of
+    position lengths[slots[b]] (lengths: the cache's int64 lengths [slots], contiguous, advanced in place on
+    success), runs `decode_pass` over the stack, then the head. store_shape: (max positions, slot stride, position stride) of
     the layers' stores. OverflowError when a slot is full, IndexError for an id outside the vocabulary or a slot
     outside the cache (nothing written then).
     """
