@@ -138,6 +138,21 @@ def _build(
     return w, keep, copied
 
 
+def _module_slots(m: nn.Module) -> list[tuple[dict, str, object]]:
+    """(dict, name, value) for what a plan made from module m depends on: its `options` object and each parameter,
+    buffer and child module it holds (checked by identity: `dict.get(name) is value`)."""
+    d = m.__dict__
+    slots: list[tuple[dict, str, object]] = [(d, "options", d.get("options"))]
+    for owner in (d["_parameters"], d["_buffers"], d["_modules"]):
+        slots += [(owner, name, value) for name, value in owner.items()]
+    return slots
+
+
+def _module_tensors(modules: tuple[nn.Module, ...] | list[nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers the modules hold themselves (not their children's), None entries left out."""
+    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+
 class _Built:
     """A layer's plan and what it was built from: every parameter, buffer, child module and `options` object of
     the layer's modules (which dict held it under which name), each tensor's storage and version, and the
@@ -151,14 +166,9 @@ class _Built:
         # Nothing here references the layer itself: _PLANS' values must not keep their keys alive.
         modules = tuple(layer.modules())
         self.dtype = x.dtype
-        slots: list[tuple[dict, str, object]] = []
-        for m in modules:
-            d = m.__dict__
-            slots.append((d, "options", d.get("options")))
-            for owner in (d["_parameters"], d["_buffers"], d["_modules"]):
-                slots += [(owner, name, value) for name, value in owner.items()]
+        slots = [slot for m in modules for slot in _module_slots(m)]
         self.owners, self.names, self.values = (list(column) for column in zip(*slots))
-        self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.tensors = _module_tensors(modules)
         self.ptrs = [t.data_ptr() for t in self.tensors]
         self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         made = _build(layer, x)
@@ -248,12 +258,9 @@ class _Head:
             (d, "forward", d.get("forward")), (d, "max_norm", d.get("max_norm")),  # tensor parallelism's embedding
         ]  # fmt: skip
         for m in (embed, norm, head):
-            d = m.__dict__
-            slots += [(d, "options", d.get("options")), (d, "training", m.training)]
-            for owner in (d["_parameters"], d["_buffers"], d["_modules"]):
-                slots += [(owner, name, value) for name, value in owner.items()]
+            slots += [*_module_slots(m), (m.__dict__, "training", m.training)]
         self.owners, self.names, self.values = (list(column) for column in zip(*slots))
-        self.tensors = [t for m in (embed, norm, head) for t in (*m._parameters.values(), *m._buffers.values())]
+        self.tensors = _module_tensors((embed, norm, head))
         self.ptrs = [t.data_ptr() for t in self.tensors]
         self.hooks = [d for m in (model, embed, norm, head) for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.weights = None
