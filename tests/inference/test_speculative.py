@@ -9,17 +9,17 @@ from dsv3.inference.speculative import SpeculativeStats, speculative_stream
 PROMPTS = [[5, 9, 13], [7] * 17, [100, 3, 250, 4, 8, 19, 40, 2, 77, 31, 64], [300]]
 
 
-def random_model():
+def random_model(dtype=None):
     torch.manual_seed(0)
-    return dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny")).eval()
+    return dsv3.DeepSeekV3(dsv3.ModelConfig.from_pretrained("tiny"), dtype=dtype).eval()
 
 
-def mostly_bigram_model(attn_scale: float):
+def mostly_bigram_model(attn_scale: float, dtype=None):
     """A model the MTP module can predict: the main stack is (nearly) a bigram model and the MTP block
     is an identity whose input is the embedding of token t+1, so MTP's guess for t+2 is the main
     model's bigram prediction from t+1. `attn_scale` > 0 lets attention perturb the main model, so
     some drafts are wrong."""
-    m = random_model()
+    m = random_model(dtype)
     D = m.config.hidden_size
     with torch.no_grad():
         for layer in list(m.model.layers) + list(m.mtp):
@@ -82,6 +82,32 @@ def test_greedy_identical_with_accepted_drafts(attn_scale):
         assert stats.acceptance_rate == 1.0 and stats.tokens_per_step > 1.8
     else:
         assert 0.0 < stats.acceptance_rate < 1.0, stats
+
+
+@pytest.mark.parametrize("attn_scale", [0.0, 3.0])
+def test_bf16_speculative_steps_in_native_calls_give_the_module_paths_tokens(monkeypatch, attn_scale):
+    """A bf16 model drafts and verifies in one native call each (after the first step); its tokens, acceptances
+    and steps equal the module path's and plain greedy decoding's, with drafts both accepted and rejected."""
+    from dsv3.kernels import native
+    from dsv3.model import native_decode
+
+    if not native.available():
+        pytest.skip("native kernels need x86-64 with AVX2 and a C compiler")
+    m = mostly_bigram_model(attn_scale, torch.bfloat16)
+    plain = dsv3.generate(m, PROMPTS, max_new_tokens=15, stop_token_ids=[])
+    calls = []
+    for name in ("decode_step", "mtp_draft"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    spec, stats = run(m, PROMPTS, 15, stop_token_ids=[])
+    assert calls.count("decode_step") == calls.count("mtp_draft") == stats.steps - 1
+    monkeypatch.setattr(native_decode, "decode_logits", lambda *a: None)
+    monkeypatch.setattr(native_decode, "draft_logits", lambda *a: None)
+    modules, module_stats = run(m, PROMPTS, 15, stop_token_ids=[])
+    assert spec == modules == plain
+    assert stats == module_stats and stats.accepted > 0
+    if attn_scale:
+        assert stats.accepted < stats.drafted
 
 
 def test_generate_api_and_stop_and_budget():

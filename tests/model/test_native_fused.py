@@ -639,3 +639,95 @@ def test_decode_step_in_one_call_leaves_what_it_would_skip_to_the_modules(tiny_c
         else:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.float(), requires_grad=False)
         assert native_decode.decode_logits(model, cache, slots, [5]) is None
+
+
+def _verify_and_draft(model, one_call: bool):
+    """Two rounds of speculative decoding's two passes on slots 2 and 0 (ragged, out of order): the main model over
+    [last, draft] (logits and hidden states), then the MTP layer over 2 and 1 pending positions (draft logits), in
+    one native call each or through the modules; with both caches' lengths and contents."""
+    cfg = model.config
+    main = LatentCache(cfg, 3, 40, dtype=model.dtype)
+    mtp = LatentCache(cfg, 3, 40, dtype=model.dtype, num_layers=1, first_layer=cfg.num_hidden_layers)
+    slots = [main.allocate() for _ in range(3)]
+    assert [mtp.allocate() for _ in range(3)] == slots
+    prefill(model, main, slots, PROMPTS)
+    order, out = [2, 0], []
+    with torch.inference_mode():
+        for mtp_len in (3, 5):
+            mtp.lengths[order] = mtp_len
+            tokens = [[11, 40], [3, 200]]
+            made = native_decode.decode_logits(model, main, order, sum(tokens, []), 2, True) if one_call else None
+            if made is None:
+                assert not one_call or not out  # the first pass plans the stack through the modules
+                batch = main.bind(order, [2, 2])
+                hidden = model.hidden_states(torch.tensor(tokens), cache=batch)
+                batch.commit()
+                made = model.logits(hidden), hidden
+            logits, hidden = made
+            n_new, next_ids = [2, 1], torch.tensor([[17, 33], [60, 0]])
+            draft = native_decode.draft_logits(model, mtp, order, hidden, next_ids, n_new) if one_call else None
+            if draft is None:
+                assert not one_call
+                batch = mtp.bind(order, n_new)
+                draft = model.mtp_logits(hidden, next_ids, cache=batch, logits_at=[1, 0])[0]
+                batch.commit()
+            out += [logits, hidden, draft]
+    return out + [main.lengths.clone(), main.kv.clone(), mtp.lengths.clone(), mtp.kv.clone()]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_speculative_passes_in_one_call_equal_the_module_path(tiny_cfg, monkeypatch, quantize):
+    """Verification of two tokens a row (`decode_logits(..., 2, hidden=True)`) and the MTP draft (`draft_logits`,
+    ragged rows) as one native call each give the module path's logits, hidden states, lengths and caches, bit
+    for bit (bf16, and int8 weights)."""
+    calls = []
+    for name in ("decode_step", "mtp_draft"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    def model():
+        m = _layer_model(tiny_cfg, torch.bfloat16)
+        return m.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+
+    got = _verify_and_draft(model(), one_call=True)
+    assert calls == ["mtp_draft", "decode_step", "mtp_draft"]
+    want = _verify_and_draft(model(), one_call=False)
+    assert len(calls) == 3
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert got[2].shape == (2, tiny_cfg.vocab_size) and not torch.equal(got[2], got[5])
+
+
+def test_mtp_draft_in_one_call_refuses_bad_input_writes_nothing_and_steps_aside_for_hooks(tiny_cfg):
+    from dsv3.errors import RequestError
+
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cfg = model.config
+    mtp = LatentCache(cfg, 2, 6, dtype=torch.bfloat16, num_layers=1, first_layer=cfg.num_hidden_layers)
+    slots = [mtp.allocate(), mtp.allocate()]
+    mtp.lengths[1] = 5
+    hidden = torch.randn(2, 2, cfg.hidden_size).to(torch.bfloat16)
+    ids = torch.tensor([[3, 4], [5, 6]])
+    with torch.inference_mode():
+        lengths, kv = mtp.lengths.clone(), mtp.kv.clone()
+        with pytest.raises(RequestError, match="exceeds the cache length 6"):
+            native_decode.draft_logits(model, mtp, slots, hidden, ids, [2, 2])  # slot 1 has room for one
+        with pytest.raises(IndexError, match="token id"):
+            native_decode.draft_logits(model, mtp, slots, hidden, torch.tensor([[3, 4], [cfg.vocab_size, 0]]), [2, 1])
+        with pytest.raises(IndexError, match="cache slot"):
+            native_decode.draft_logits(model, mtp, [0, 2], hidden, ids, [1, 1])
+        with pytest.raises(ValueError, match="new positions"):
+            native_decode.draft_logits(model, mtp, slots, hidden, ids, [0, 1])
+        assert torch.equal(mtp.lengths, lengths) and torch.equal(mtp.kv, kv)
+        # A padding id past the vocabulary is never read.
+        assert (
+            native_decode.draft_logits(model, mtp, slots, hidden, torch.tensor([[3, 4], [5, -1]]), [2, 1]) is not None
+        )
+        assert mtp.lengths.tolist() == [2, 6]
+        handle = model.mtp[0].shared_head.norm.register_forward_hook(lambda *a: None)
+        assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is None
+        handle.remove()
+        assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is not None
+        model.mtp[0].eh_proj.train()
+        assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is None

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RequestError
+from ..kernels import native
+from ..model import native_decode
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekV3
 from .request import GenerationRequest
@@ -79,6 +81,44 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
 
 
+def _argmax_rows(x: torch.Tensor) -> list[int]:
+    """`x.argmax(-1).tolist()` for float32 rows (B, V): `native.argmax_rows` where it applies (the same rules)."""
+    if native.available() and x.device.type == "cpu" and x.stride(-1) == 1 and x.dtype == torch.float32:
+        return native.argmax_rows(x)
+    return x.argmax(dim=-1).tolist()
+
+
+def _draft_logits(model: DeepSeekV3, mtp_cache: LatentCache, rows: list[DraftState]) -> torch.Tensor:
+    """The MTP layer over each row's pending positions; the logits (B, V) of the last one. The cache advances."""
+    dev, D = model.device, model.config.hidden_size
+    slots, n_mtp = [r.slot for r in rows], [len(r.mtp_next) for r in rows]
+    h_in = torch.zeros(len(rows), max(n_mtp), D, dtype=rows[0].mtp_hidden.dtype, device=dev)
+    for i, r in enumerate(rows):
+        h_in[i, : n_mtp[i]] = r.mtp_hidden
+    next_ids = _right_padded([r.mtp_next for r in rows], dev)
+    logits = native_decode.draft_logits(model, mtp_cache, slots, h_in, next_ids, n_mtp)  # the same in one call
+    if logits is None:
+        batch = mtp_cache.bind(slots, n_mtp)
+        logits, _ = model.mtp_logits(h_in, next_ids, cache=batch, logits_at=[n - 1 for n in n_mtp])
+        batch.commit()
+    return logits
+
+
+def _verify(
+    model: DeepSeekV3, main_cache: LatentCache, rows: list[DraftState], drafts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[last, draft] through the main model for every row in one pass: (logits (B, 2, V), hidden (B, 2, D))."""
+    slots = [r.slot for r in rows]
+    made = native_decode.decode_logits(model, main_cache, slots, [t for r, d in zip(rows, drafts) for t in (r.last, d)], 2, True)  # fmt: skip
+    if made is not None:
+        return made
+    batch = main_cache.bind(slots, [2] * len(rows))
+    ids = torch.tensor([[r.last, d] for r, d in zip(rows, drafts)], dtype=torch.long, device=model.device)
+    hidden = model.hidden_states(ids, cache=batch)
+    batch.commit()
+    return model.logits(hidden), hidden
+
+
 @torch.inference_mode()
 def speculative_step(
     model: DeepSeekV3,
@@ -91,42 +131,44 @@ def speculative_step(
     stats: SpeculativeStats,
 ) -> list[list[int]]:
     """Draft with the MTP layer, verify [last, draft] in one main pass, accept or correct: each row's 1 or 2
-    new tokens. Advances both caches and each row's state."""
-    dev, D = model.device, model.config.hidden_size
+    new tokens. Advances both caches and each row's state.
+
+    Greedy rows skip the probabilities: their q and p are one-hot, so the rule reduces to "accept iff the main
+    model's argmax is the draft", the bonus and the correction are argmaxes too (no draws from their generators).
+    """
+    B = len(rows)
+    greedy = [p.temperature == 0 for p in params]
     # 1. Draft: the MTP layer over each row's pending positions; the draft comes from the last one.
-    n_mtp = [len(r.mtp_next) for r in rows]
-    h_in = torch.zeros(len(rows), max(n_mtp), D, dtype=rows[0].mtp_hidden.dtype, device=dev)
-    for i, r in enumerate(rows):
-        h_in[i, : n_mtp[i]] = r.mtp_hidden
-    mbatch = mtp_cache.bind([r.slot for r in rows], n_mtp)
-    draft_logits, _ = model.mtp_logits(
-        h_in, _right_padded([r.mtp_next for r in rows], dev), cache=mbatch, logits_at=[n - 1 for n in n_mtp]
-    )
-    mbatch.commit()
-    draft_logits = request.limit_vocab(draft_logits)
-    q = [filtered_probs(draft_logits[i], params[i]) for i in range(len(rows))]
-    drafts = [_draw(q[i], gens[i]) for i in range(len(rows))]
+    draft_logits = request.limit_vocab(_draft_logits(model, mtp_cache, rows))
+    top = _argmax_rows(draft_logits) if any(greedy) else [0] * B
+    q = [None if greedy[i] else filtered_probs(draft_logits[i], params[i]) for i in range(B)]
+    drafts = [top[i] if greedy[i] else _draw(q[i], gens[i]) for i in range(B)]
 
     # 2. Verify [last, draft] for every row in one pass of the main model.
-    vbatch = main_cache.bind([r.slot for r in rows], [2] * len(rows))
-    ids = torch.tensor([[r.last, d] for r, d in zip(rows, drafts)], dtype=torch.long, device=dev)
-    vh = model.hidden_states(ids, cache=vbatch)
-    vbatch.commit()
-    vlogits = request.limit_vocab(model.logits(vh))
+    vlogits, vh = _verify(model, main_cache, rows, drafts)
+    vlogits = request.limit_vocab(vlogits)
     stats.steps += 1
+    stats.drafted += B
+    pairs = _argmax_rows(vlogits.reshape(2 * B, -1)) if any(greedy) else [0] * 2 * B
 
     # 3. Accept or correct, then the bonus token.
     out = []
     for i, (r, d) in enumerate(zip(rows, drafts)):
-        p_now = filtered_probs(vlogits[i, 0], params[i])
-        stats.drafted += 1
-        if float(torch.rand(1, generator=gens[i])) * float(q[i][d]) < float(p_now[d]):
+        if greedy[i]:
+            accepted = pairs[2 * i] == d
+            new = [d, pairs[2 * i + 1]] if accepted else [pairs[2 * i]]
+        else:
+            p_now = filtered_probs(vlogits[i, 0], params[i])
+            accepted = float(torch.rand(1, generator=gens[i])) * float(q[i][d]) < float(p_now[d])
+            if accepted:
+                new = [d, _draw(filtered_probs(vlogits[i, 1], params[i]), gens[i])]
+            else:
+                residual = (p_now - q[i]).clamp(min=0)
+                new = [_draw(residual / residual.sum() if residual.sum() > 0 else p_now, gens[i])]
+        if accepted:
             stats.accepted += 1
-            new = [d, _draw(filtered_probs(vlogits[i, 1], params[i]), gens[i])]
             r.mtp_hidden, r.mtp_next = vh[i, :2], new
         else:
-            residual = (p_now - q[i]).clamp(min=0)
-            new = [_draw(residual / residual.sum() if residual.sum() > 0 else p_now, gens[i])]
             main_cache.truncate(r.slot, int(main_cache.lengths[r.slot]) - 1)  # d's entry
             r.mtp_hidden, r.mtp_next = vh[i, :1], new
         r.last = new[-1]

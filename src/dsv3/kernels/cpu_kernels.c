@@ -1561,51 +1561,123 @@ typedef struct {
     dsv3_proj proj;
 } dsv3_head;
 
-// One decode step of B rows, one token each, from token ids to logits, the cache's lengths read and advanced
-// here: row b embeds ids[b] (rows of `embed` [V, D], activation type), appends it to slot slots[b] at position
-// lengths[slots[b]] (`dsv3_decode_pass`), and gets logits [B, V]: the final norm and `head` (float32 out, holding
-// bf16 values for bf16 activations: the model's logits, row stride head->proj.rows). lengths[slots[b]] advances by
-// one once everything succeeded.
-// Returns 4 when a slot is full (max_len positions), 5 for an id outside [0, V), 6 for a slot outside
-// [0, num_slots); nothing is written then.
-int dsv3_decode_step(int64_t n, const dsv3_layer *const *L, void *const *stores, int64_t B, const int64_t *ids,
-                     const void *embed, int64_t V, const dsv3_head *head, float *logits, const float *rope_cos,
-                     const float *rope_sin, int64_t rope_len, const int64_t *slots, int64_t num_slots,
-                     int64_t *lengths, int64_t max_len, int64_t slot_stride, int64_t pos_stride, int nthreads) {
-    if (n <= 0 || B <= 0) return 2;
+// One decode step of B rows, T tokens each, from token ids to logits, the cache's lengths read and advanced here:
+// row b embeds ids[b*T .. b*T+T) (rows of `embed` [V, D], activation type), appends them to slot slots[b] at
+// positions lengths[slots[b]] + t (`dsv3_decode_pass`), and gets logits [B*T, V]: the final norm and `head` (float32
+// out, holding bf16 values for bf16 activations: the model's logits, row stride head->proj.rows). hidden, when not
+// NULL, receives the stack's output [B*T, D] (activation type: the final norm's input, what MTP drafting reads).
+// lengths[slots[b]] advances by T once everything succeeded. T = 1 is a plain decode step; T = 2 verifies a draft.
+// Returns 4 when a slot has no room for T more positions (max_len), 5 for an id outside [0, V), 6 for a slot
+// outside [0, num_slots); nothing is written then.
+int dsv3_decode_step(int64_t n, const dsv3_layer *const *L, void *const *stores, int64_t B, int64_t T,
+                     const int64_t *ids, const void *embed, int64_t V, const dsv3_head *head, float *logits,
+                     void *hidden, const float *rope_cos, const float *rope_sin, int64_t rope_len,
+                     const int64_t *slots, int64_t num_slots, int64_t *lengths, int64_t max_len, int64_t slot_stride,
+                     int64_t pos_stride, int nthreads) {
+    if (n <= 0 || B <= 0 || T <= 0) return 2;
     const int t = L[0]->xtype;
-    const int64_t D = L[0]->D;
+    const int64_t D = L[0]->D, M = B * T;
     const size_t asz = t == T_F32 ? 4 : 2;
     int64_t S = 0;
     for (int64_t b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= num_slots) return 6;
     for (int64_t b = 0; b < B; b++) {
-        if (lengths[slots[b]] + 1 > max_len) return 4;
-        if (ids[b] < 0 || ids[b] >= V) return 5;
-        S = lengths[slots[b]] + 1 > S ? lengths[slots[b]] + 1 : S;
+        if (lengths[slots[b]] + T > max_len) return 4;
+        S = lengths[slots[b]] + T > S ? lengths[slots[b]] + T : S;
     }
+    for (int64_t m = 0; m < M; m++)
+        if (ids[m] < 0 || ids[m] >= V) return 5;
     int64_t *meta = malloc(sizeof(int64_t) * (size_t)(2 * B) + 64);
-    char *x = malloc(asz * (size_t)(3 * B * D) + 64);
+    char *x = malloc(asz * (size_t)(3 * M * D) + 64);
     int rc = 1;
     if (meta && x) {
-        int64_t *starts = meta, *ones = meta + B;
-        char *h = x + asz * (size_t)(B * D), *hn = h + asz * (size_t)(B * D);
-        for (int64_t b = 0; b < B; b++) {
-            starts[b] = lengths[slots[b]], ones[b] = 1;
-            memcpy(x + asz * (size_t)(b * D), (const char *)embed + asz * (size_t)(ids[b] * D), asz * (size_t)D);
-        }
-        rc = dsv3_decode_pass(n, L, stores, B, 1, x, h, rope_cos, rope_sin, rope_len, slots, starts, ones,
+        int64_t *starts = meta, *counts = meta + B;
+        char *h = hidden ? (char *)hidden : x + asz * (size_t)(M * D), *hn = x + asz * (size_t)(2 * M * D);
+        for (int64_t b = 0; b < B; b++) starts[b] = lengths[slots[b]], counts[b] = T;
+        for (int64_t m = 0; m < M; m++)
+            memcpy(x + asz * (size_t)(m * D), (const char *)embed + asz * (size_t)(ids[m] * D), asz * (size_t)D);
+        rc = dsv3_decode_pass(n, L, stores, B, T, x, h, rope_cos, rope_sin, rope_len, slots, starts, counts,
                               slot_stride, pos_stride, S, nthreads);
         if (!rc) {
-            dsv3_rms_norm(B, D, h, t, D, head->norm, head->eps, hn, D);
+            dsv3_rms_norm(M, D, h, t, D, head->norm, head->eps, hn, D);
             const dsv3_proj *p = &head->proj;
-            rc = dsv3_linear(1, B, p->rows, p->cols, hn, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
+            rc = dsv3_linear(1, M, p->rows, p->cols, hn, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
                              p->type == T_FP8 ? &p->fp8 : NULL, logits, t == T_BF16 ? T_F32_BF16 : T_F32, 0,
                              p->rows, nthreads);
         }
         if (!rc)  // as `CacheBatch.commit`: a slot named twice advances once
-            for (int64_t b = 0; b < B; b++) lengths[slots[b]] = starts[b] + 1;
+            for (int64_t b = 0; b < B; b++) lengths[slots[b]] = starts[b] + T;
     }
     free(meta), free(x);
+    return rc;
+}
+
+// A multi-token-prediction module's input side: its embedding [V, D], the norms of that embedding (enorm) and of the
+// main model's hidden state (hnorm), and the projection of their concatenation [2D -> D]; then its head.
+typedef struct {
+    const void *embed, *enorm, *hnorm;
+    float eps_e, eps_h;
+    dsv3_proj eh;
+    dsv3_head head;
+} dsv3_mtp;
+
+// An MTP module's draft for B rows (`MTPLayer.forward` with logits at one position a row, decode-sized): row b feeds
+// its first n_new[b] (1..T) positions, main-model hidden states hidden[b*T + t] (activation type [B*T, D]) beside
+// the ids of the tokens after them ids[b*T + t], to the module's decoder layer L (cache store `store`, the module's
+// latent cache) at positions lengths[slots[b]] + t, and gets the logits [B, V] of its last one (float32, as
+// `dsv3_decode_step`'s). lengths[slots[b]] advances by n_new[b]. Padding positions (t >= n_new[b]) are computed on
+// id 0 and never written to the cache. Returns 4, 5, 6 as `dsv3_decode_step` (7: an n_new outside [1, T]).
+int dsv3_mtp_draft(const dsv3_layer *L, void *store, const dsv3_mtp *mtp, int64_t B, int64_t T, const int64_t *ids,
+                   const int64_t *n_new, const void *hidden, int64_t V, float *logits, const float *rope_cos,
+                   const float *rope_sin, int64_t rope_len, const int64_t *slots, int64_t num_slots, int64_t *lengths,
+                   int64_t max_len, int64_t slot_stride, int64_t pos_stride, int nthreads) {
+    if (B <= 0 || T <= 0) return 2;
+    const int t = L->xtype;
+    const int64_t D = L->D, M = B * T;
+    const size_t asz = t == T_F32 ? 4 : 2;
+    int64_t S = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= num_slots) return 6;
+    for (int64_t b = 0; b < B; b++) {
+        if (n_new[b] < 1 || n_new[b] > T) return 7;
+        if (lengths[slots[b]] + n_new[b] > max_len) return 4;
+        for (int64_t j = 0; j < n_new[b]; j++)
+            if (ids[b * T + j] < 0 || ids[b * T + j] >= V) return 5;
+        S = lengths[slots[b]] + n_new[b] > S ? lengths[slots[b]] + n_new[b] : S;  // as `LatentCache.bind`
+    }
+    const dsv3_layer *const layers[1] = {L};
+    void *const stores[1] = {store};
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)B + 64);
+    char *x = malloc(asz * (size_t)(M * 2 * D + 2 * M * D + 2 * B * D) + 64);
+    int rc = 1;
+    if (starts && x) {
+        char *cat = x, *e = cat + asz * (size_t)(M * 2 * D), *h = e + asz * (size_t)(M * D);
+        char *last = h + asz * (size_t)(M * D), *ln = last + asz * (size_t)(B * D);
+        for (int64_t b = 0; b < B; b++) starts[b] = lengths[slots[b]];
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t id = m % T < n_new[m / T] ? ids[m] : 0;
+            memcpy(e + asz * (size_t)(m * D), (const char *)mtp->embed + asz * (size_t)(id * D),
+                   asz * (size_t)D);
+        }
+        // cat(enorm(embed(ids)), hnorm(hidden)) -> eh_proj -> the decoder layer
+        dsv3_rms_norm(M, D, e, t, D, mtp->enorm, mtp->eps_e, cat, 2 * D);
+        dsv3_rms_norm(M, D, hidden, t, D, mtp->hnorm, mtp->eps_h, cat + asz * (size_t)D, 2 * D);
+        rc = project(&mtp->eh, M, cat, t, 2 * D, e, D, nthreads);
+        if (!rc)
+            rc = dsv3_decode_pass(1, layers, stores, B, T, e, h, rope_cos, rope_sin, rope_len, slots, starts, n_new,
+                                  slot_stride, pos_stride, S, nthreads);
+        if (!rc) {
+            for (int64_t b = 0; b < B; b++)
+                memcpy(last + asz * (size_t)(b * D), h + asz * (size_t)((b * T + n_new[b] - 1) * D), asz * (size_t)D);
+            dsv3_rms_norm(B, D, last, t, D, mtp->head.norm, mtp->head.eps, ln, D);
+            const dsv3_proj *p = &mtp->head.proj;
+            rc = dsv3_linear(1, B, p->rows, p->cols, ln, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
+                             p->type == T_FP8 ? &p->fp8 : NULL, logits, t == T_BF16 ? T_F32_BF16 : T_F32, 0,
+                             p->rows, nthreads);
+        }
+        if (!rc)
+            for (int64_t b = 0; b < B; b++) lengths[slots[b]] = starts[b] + n_new[b];
+    }
+    free(starts), free(x);
     return rc;
 }

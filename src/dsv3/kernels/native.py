@@ -120,8 +120,10 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_rms_norm.argtypes = [_i64, _i64, _ptr, _int, _i64, _ptr, ctypes.c_float, _ptr, _i64]
     lib.dsv3_rope.argtypes = [_i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     lib.dsv3_argmax_rows.argtypes = [_i64, _i64, _ptr, _i64, _ptr]
-    lib.dsv3_decode_step.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, ctypes.POINTER(HeadWeights), _ptr]
-    lib.dsv3_decode_step.argtypes += [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_decode_step.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.POINTER(HeadWeights)]
+    lib.dsv3_decode_step.argtypes += [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_mtp_draft.argtypes = [ctypes.POINTER(LayerWeights), _ptr, ctypes.POINTER(MtpWeights), _i64, _i64, _ptr]
+    lib.dsv3_mtp_draft.argtypes += [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
     return lib
 
 
@@ -510,34 +512,94 @@ def decode_step(
     slots: Sequence[int],
     lengths: Tensor,
     store_shape: tuple[int, int, int],
-) -> Tensor:
-    """One token per row from ids to float32 logits [B, V] in one call (`dsv3_decode_step`), the cache advanced.
+    tokens_per_row: int = 1,
+    hidden: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """T = tokens_per_row tokens a row from ids to float32 logits [B, T, V] ([B, V] for T = 1) in one call
+    (`dsv3_decode_step`), the cache advanced; with `hidden`, also the stack's output [B, T, D] (the final norm's
+    input, in the embedding's dtype).
 
-    Row b embeds ids[b] (rows of `embed` [V, D], the activations' dtype), appends it to cache slot slots[b] at
-    position lengths[slots[b]] (lengths: the cache's int64 lengths [slots], contiguous, advanced in place on
-    success), runs `decode_pass` over the stack, then the head. store_shape: (max positions, slot stride, position stride) of
-    the layers' stores. OverflowError when a slot is full, IndexError for an id outside the vocabulary or a slot
-    outside the cache (nothing written then).
+    Row b embeds ids[b*T:(b+1)*T] (rows of `embed` [V, D], the activations' dtype), appends them to cache slot
+    slots[b] from position lengths[slots[b]] (lengths: the cache's int64 lengths [slots], contiguous, advanced by T in
+    place on success), runs `decode_pass` over the stack, then the head. store_shape: (max positions, slot stride,
+    position stride) of the layers' stores. OverflowError when a slot has no room, IndexError for an id outside the
+    vocabulary or a slot outside the cache (nothing written then).
     """
-    B = len(ids)
-    V = head.proj.rows
-    ids_c, slots_c = (ctypes.c_int64 * B)(*ids), (ctypes.c_int64 * B)(*slots)
-    logits = torch.empty(B, V, dtype=torch.float32)
+    B, T = len(slots), tokens_per_row
+    if len(ids) != B * T:
+        raise ValueError(f"{len(ids)} ids for {B} rows of {T} tokens")
+    V, D = head.proj.rows, embed.shape[1]
+    ids_c, slots_c = (ctypes.c_int64 * (B * T))(*ids), (ctypes.c_int64 * B)(*slots)
+    logits = torch.empty(B, T, V, dtype=torch.float32)
+    states = torch.empty(B, T, D, dtype=embed.dtype) if hidden else None
     store_array = (ctypes.c_void_p * len(stack.layers))(*stores)
     max_len, slot_stride, pos_stride = store_shape
     rc = _library().dsv3_decode_step(
-        len(stack.layers), stack.pointers, store_array, B, ids_c, embed.data_ptr(), embed.shape[0], ctypes.byref(head),
+        len(stack.layers), stack.pointers, store_array, B, T, ids_c, embed.data_ptr(), embed.shape[0],
+        ctypes.byref(head), logits.data_ptr(), None if states is None else states.data_ptr(), rope_cos.data_ptr(),
+        rope_sin.data_ptr(), rope_cos.shape[0], slots_c, lengths.shape[0], lengths.data_ptr(), max_len, slot_stride,
+        pos_stride, torch.get_num_threads(),
+    )  # fmt: skip
+    _check_step(rc, lengths, slots, T, max_len, embed.shape[0])
+    logits = logits[:, 0] if T == 1 and not hidden else logits
+    return (logits, states) if hidden else logits
+
+
+def _check_step(rc: int, lengths: Tensor, slots: Sequence[int], n_new: int, max_len: int, vocab: int) -> None:
+    if rc == 4:
+        longest = max(int(lengths[s]) for s in slots) + n_new
+        raise OverflowError(f"sequence of {longest} tokens exceeds the cache length {max_len}")
+    if rc == 5:
+        raise IndexError(f"token id out of range: ids must be in [0, {vocab})")
+    if rc == 6:
+        raise IndexError(f"cache slot out of range: slots must be in [0, {lengths.shape[0]})")
+    if rc == 7:
+        raise ValueError("a row's count of new positions is outside [1, tokens per row]")
+    _check(rc, "decode step")
+
+
+class MtpWeights(ctypes.Structure):
+    """`dsv3_mtp`: an MTP module's embedding, enorm and hnorm weights (activation type) and eps, eh_proj, and its
+    head (shared_head.norm and shared_head.head)."""
+
+    _fields_ = [
+        ("embed", _ptr), ("enorm", _ptr), ("hnorm", _ptr), ("eps_e", ctypes.c_float), ("eps_h", ctypes.c_float),
+        ("eh", Projection), ("head", HeadWeights),
+    ]  # fmt: skip
+
+
+def mtp_draft(
+    layer: LayerWeights,
+    mtp: MtpWeights,
+    ids: Tensor,
+    n_new: Sequence[int],
+    hidden: Tensor,
+    vocab: int,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    store: int,
+    slots: Sequence[int],
+    lengths: Tensor,
+    store_shape: tuple[int, int, int],
+) -> Tensor:
+    """An MTP module's draft logits, float32 [B, V], in one call (`dsv3_mtp_draft`): row b feeds its first n_new[b]
+    positions (hidden [B, T, D] main-model states, ids [B, T] int64 of the tokens after them; the rest is right
+    padding) to the module at positions lengths[slots[b]] + t of its cache (`store`: the data pointer of its latent
+    cache [slots, positions, R+Dr], store_shape as `decode_step`'s) and gets the logits of its last one. The module's
+    cache lengths advance by n_new[b]; errors as `decode_step`'s."""
+    B, T, D = hidden.shape
+    if ids.shape != (B, T) or ids.dtype != torch.int64 or len(n_new) != B or len(slots) != B:
+        raise ValueError("mtp_draft: ids [B, T] int64, n_new and slots [B] for hidden [B, T, D]")
+    ids, hidden = ids.contiguous(), hidden.contiguous()
+    counts, slots_c = (ctypes.c_int64 * B)(*n_new), (ctypes.c_int64 * B)(*slots)
+    logits = torch.empty(B, mtp.head.proj.rows, dtype=torch.float32)
+    max_len, slot_stride, pos_stride = store_shape
+    rc = _library().dsv3_mtp_draft(
+        ctypes.byref(layer), store, ctypes.byref(mtp), B, T, ids.data_ptr(), counts, hidden.data_ptr(), vocab,
         logits.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0], slots_c, lengths.shape[0],
         lengths.data_ptr(), max_len, slot_stride, pos_stride, torch.get_num_threads(),
     )  # fmt: skip
-    if rc == 4:
-        longest = max(int(lengths[s]) for s in slots) + 1
-        raise OverflowError(f"sequence of {longest} tokens exceeds the cache length {max_len}")
-    if rc == 5:
-        raise IndexError(f"token id out of range: ids must be in [0, {embed.shape[0]})")
-    if rc == 6:
-        raise IndexError(f"cache slot out of range: slots must be in [0, {lengths.shape[0]})")
-    _check(rc, "decode step")
+    _check_step(rc, lengths, slots, max(n_new), max_len, vocab)
     return logits
 
 

@@ -377,11 +377,20 @@ def forward(
     )  # fmt: skip
 
 
-def decode_logits(model: DeepSeekV3, cache: LatentCache, slots: list[int], tokens: list[int]) -> torch.Tensor | None:
-    """`model(ids, cache=batch)[:, -1]` and `batch.commit()` for one token per slot, as one `native.decode_step`
-    call (embedding, the layers' stack, final norm and lm_head, the cache's lengths read and advanced in C), or
-    None where the module path must run: the stack not planned yet (its first pass plans it) or no longer
-    current, a head the native kernels do not take, hooks, grad, more rows than a decode-sized pass.
+def decode_logits(
+    model: DeepSeekV3,
+    cache: LatentCache,
+    slots: list[int],
+    tokens: list[int],
+    tokens_per_row: int = 1,
+    hidden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """`model(ids, cache=batch)` and `batch.commit()` for T = tokens_per_row tokens a slot (`tokens`: row-major, B*T
+    ids) as one `native.decode_step` call (embedding, the layers' stack, final norm and lm_head, the cache's lengths
+    read and advanced in C): the last position's logits (B, V) for T = 1, all of them (B, T, V) otherwise; with
+    `hidden`, (logits (B, T, V), `hidden_states` (B, T, D)). None where the module path must run: the stack not
+    planned yet (its first pass plans it) or no longer current, a head the native kernels do not take, hooks, grad,
+    more tokens than a decode-sized pass.
 
     Why: with the weights streamed through the caches every step, the ~40 torch ops and Python calls around the
     kernels of a step (binding the cache, angles, offsets, mask, norm, head) cost ~1-2 ms on `small`.
@@ -391,28 +400,140 @@ def decode_logits(model: DeepSeekV3, cache: LatentCache, slots: list[int], token
     if (
         stack is None
         or not 0 < len(tokens) <= NATIVE_MAX_ROWS
-        or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-        or kv.dtype != stack.dtype
-        or kv.device.type != "cpu"
-        or not kv.is_contiguous()
-        or cache.lengths.dtype != torch.int64
-        or not cache.lengths.is_contiguous()
+        or not _cache_fits(cache, stack.dtype)
         or not 0 <= stack.layer_indices[0] - cache.first_layer <= stack.layer_indices[-1] - cache.first_layer < len(kv)
     ):
         return None
     head = _HEADS.get(model)
     if head is None or not head.current():
         head = _HEADS[model] = _Head(model, stack.dtype)
-    if head.weights is None or not stack.current(stack.dtype, 1):  # the cheaper check first
+    if head.weights is None or not stack.current(stack.dtype, tokens_per_row):  # the cheaper check first
         return None
     layer_bytes = kv.stride(0) * kv.element_size()
     stores = [kv.data_ptr() + (i - cache.first_layer) * layer_bytes for i in stack.layer_indices]
-    rope_cos, rope_sin = model.rotary.table(cache.max_len + 1)
+    rope_cos, rope_sin = model.rotary.table(cache.max_len + tokens_per_row)
     try:
         return native.decode_step(
             stack.stack, head.weights, tokens, model.model.embed_tokens.weight, rope_cos, rope_sin, stores, slots,
-            cache.lengths, (cache.max_len, kv.stride(1), kv.stride(2)),
+            cache.lengths, (cache.max_len, kv.stride(1), kv.stride(2)), tokens_per_row, hidden,
+        )  # fmt: skip
+    except OverflowError as e:
+        raise RequestError(str(e)) from None
+
+
+def _cache_fits(cache: LatentCache, dtype: torch.dtype) -> bool:
+    """Whether the one-call kernels can address this cache for activations of `dtype` in this mode."""
+    kv = cache.kv
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kv.dtype == dtype
+        and kv.device.type == "cpu"
+        and kv.is_contiguous()
+        and cache.lengths.dtype == torch.int64
+        and cache.lengths.is_contiguous()
+    )
+
+
+class _Mtp:
+    """An MTP module as `native.mtp_draft` takes it (`weights`, with its decoder layer's `_Built`; None where the module
+    path would not run it through the native kernels), and what that was built from."""
+
+    __slots__ = ("built", "weights", "owners", "names", "values", "hooks", "hooked", "queries", "dtype")
+
+    def __init__(self, model: DeepSeekV3, depth: int, dtype: torch.dtype) -> None:
+        layer = model.mtp[depth]
+        modules = tuple(layer.modules())
+        d = layer.embed_tokens.__dict__
+        slots = [(model._modules, "mtp", model.mtp), (model.mtp._modules, str(depth), layer)]
+        slots += [(d, "forward", d.get("forward")), (d, "max_norm", d.get("max_norm"))]
+        slots += [(m.__dict__, "training", m.training) for m in modules]
+        self.owners, self.names, self.values = (list(column) for column in zip(*slots))
+        self.hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hooked, self.dtype = any(self.hooks), dtype
+        self.queries = frozenset(T for T in range(1, NATIVE_MAX_ROWS + 1) if layer.self_attn._absorbed_is_cheaper(T))
+        self.built, self.weights = None, None
+        D = model.config.hidden_size
+        probe = torch.empty(1, 1, D, dtype=dtype)
+        cat_probe = torch.empty(1, 1, 2 * D, dtype=dtype)
+        embed, head, head_norm = layer.embed_tokens, layer.shared_head.head, layer.shared_head.norm
+        if (
+            self.hooked
+            or any(m.training for m in modules)  # as `_Stack`: a training module may compute differently
+            or layer.self_attn.options.matvec != "native"
+            or embed.max_norm is not None
+            or "forward" in d
+            or embed.weight.dtype != dtype
+            or not embed.weight.is_contiguous()
+            or embed.weight.device.type != "cpu"
+            or not all(_norm_fits(n, dtype) for n in (layer.enorm, layer.hnorm, head_norm))
+            or layer.eh_proj._native_operands(cat_probe) is None
+            or head._native_operands(probe) is None
+        ):
+            return
+        eh, out = _projection(layer.eh_proj, dtype), _projection(head, dtype)
+        built = _Built(layer, probe)
+        if eh is None or out is None or built.weights is None:
+            return
+        self.built = built
+        self.weights = native.MtpWeights(
+            embed.weight.data_ptr(), layer.enorm.weight.data_ptr(), layer.hnorm.weight.data_ptr(), layer.enorm.eps,
+            layer.hnorm.eps, eh, native.HeadWeights(head_norm.weight.data_ptr(), head_norm.eps, out),
+        )  # fmt: skip
+
+    def current(self, dtype: torch.dtype) -> bool:
+        """Whether the module, its children and their tensors are the ones this was built from, for the same dtype,
+        with hooks where there were (none, for a plan with weights) and the same training flags."""
+        return (
+            dtype == self.dtype
+            and all(map(operator.is_, map(dict.get, self.owners, self.names), self.values))
+            and any(self.hooks) == self.hooked
+            and (self.built is None or self.built.current(dtype))
+        )
+
+
+# model.mtp (ModuleList) -> {depth: its _Mtp} (which references the MTP layers, never the ModuleList)
+_MTPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def draft_logits(
+    model: DeepSeekV3,
+    cache: LatentCache,
+    slots: list[int],
+    hidden: torch.Tensor,
+    next_ids: torch.Tensor,
+    n_new: list[int],
+    depth: int = 0,
+) -> torch.Tensor | None:
+    """`model.mtp_logits(hidden, next_ids, cache=batch, depth=depth, logits_at=[n - 1 for n in n_new])[0]` and
+    `batch.commit()` for `batch = cache.bind(slots, n_new)` (hidden (B, T, D), next_ids (B, T) right-padded) as one
+    `native.mtp_draft` call, or None where the module path must run (as `decode_logits`: hooks, training, grad,
+    weights or a cache the kernels do not take, more than a decode-sized pass)."""
+    B, T, _ = hidden.shape
+    kv = cache.kv
+    mtp_layers = model.mtp
+    if (
+        not 0 < B * T <= NATIVE_MAX_ROWS
+        or hidden.dtype != kv.dtype
+        or hidden.device.type != "cpu"
+        or not _cache_fits(cache, hidden.dtype)
+        or not 0 <= depth < len(mtp_layers)
+        or not 0 <= mtp_layers[depth].self_attn.layer_idx - cache.first_layer < len(kv)
+    ):
+        return None
+    plans = _MTPS.setdefault(mtp_layers, {})
+    made = plans.get(depth)
+    if made is None or not made.current(hidden.dtype):
+        made = plans[depth] = _Mtp(model, depth, hidden.dtype)
+    if made.weights is None or T not in made.queries:
+        return None
+    layer_bytes = kv.stride(0) * kv.element_size()
+    store = kv.data_ptr() + (mtp_layers[depth].self_attn.layer_idx - cache.first_layer) * layer_bytes
+    rope_cos, rope_sin = model.rotary.table(cache.max_len + T)
+    try:
+        return native.mtp_draft(
+            made.built.weights, made.weights, next_ids, n_new, hidden, mtp_layers[depth].embed_tokens.weight.shape[0],
+            rope_cos, rope_sin, store, slots, cache.lengths, (cache.max_len, kv.stride(1), kv.stride(2)),
         )  # fmt: skip
     except OverflowError as e:
         raise RequestError(str(e)) from None
