@@ -86,8 +86,9 @@ def test_greedy_identical_with_accepted_drafts(attn_scale):
 
 @pytest.mark.parametrize("attn_scale", [0.0, 3.0])
 def test_bf16_speculative_steps_in_native_calls_give_the_module_paths_tokens(monkeypatch, attn_scale):
-    """A bf16 model drafts and verifies in one native call each (after the first step); its tokens, acceptances
-    and steps equal the module path's and plain greedy decoding's, with drafts both accepted and rejected."""
+    """A bf16 model runs its greedy speculative steps as one native call each (`native.speculative_step`, once the
+    plans exist), else as two (the draft, then the verification), else through the modules: the three give the same
+    tokens, acceptances and steps as each other and as plain greedy decoding, with drafts accepted and rejected."""
     from dsv3.kernels import native
     from dsv3.model import native_decode
 
@@ -96,16 +97,24 @@ def test_bf16_speculative_steps_in_native_calls_give_the_module_paths_tokens(mon
     m = mostly_bigram_model(attn_scale, torch.bfloat16)
     plain = dsv3.generate(m, PROMPTS, max_new_tokens=15, stop_token_ids=[])
     calls = []
-    for name in ("decode_step", "mtp_draft"):
+    for name in ("speculative_step", "decode_step", "mtp_draft"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    spec, stats = run(m, PROMPTS, 15, stop_token_ids=[])
-    assert calls.count("decode_step") == calls.count("mtp_draft") == stats.steps - 1
+    runs = {"one call": run(m, PROMPTS, 15, stop_token_ids=[])}
+    # The first step drafts over the prompts through the modules (generate planned the main stack: its verification
+    # is one call); the second plans the MTP layer in two calls; then one call a step.
+    steps = runs["one call"][1].steps
+    assert calls == ["decode_step"] + ["mtp_draft", "decode_step"] + ["speculative_step"] * (steps - 2)
+    monkeypatch.setattr(native_decode, "speculative_greedy", lambda *a: None)
+    calls.clear()
+    runs["two calls"] = run(m, PROMPTS, 15, stop_token_ids=[])
+    assert calls == ["decode_step"] + ["mtp_draft", "decode_step"] * (steps - 1)
     monkeypatch.setattr(native_decode, "decode_logits", lambda *a: None)
     monkeypatch.setattr(native_decode, "draft_logits", lambda *a: None)
-    modules, module_stats = run(m, PROMPTS, 15, stop_token_ids=[])
-    assert spec == modules == plain
-    assert stats == module_stats and stats.accepted > 0
+    runs["modules"] = run(m, PROMPTS, 15, stop_token_ids=[])
+    (spec, stats), *others = runs.values()
+    assert spec == plain and all(other == (spec, stats) for other in others)
+    assert stats.accepted > 0
     if attn_scale:
         assert stats.accepted < stats.drafted
 

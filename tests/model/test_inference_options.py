@@ -149,3 +149,25 @@ def test_fp32_products_of_a_bf16_model_match_its_bf16_products(tiny_cfg):
     ref, got = out["bf16"].float(), out["fp32"].float()
     assert (got - ref).norm() / ref.norm() < 0.02
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_preparing_again_with_the_same_options_keeps_the_decode_plans(tiny_cfg, monkeypatch):
+    """`stream` prepares the model at every call: options equal to the applied ones keep their object, so the next
+    call's first decode step is already one native call (it used to replan the stack through the modules)."""
+    if not native.available():
+        pytest.skip("native kernels need x86-64 with AVX2 and a C compiler")
+    model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval().prepare_for_inference()
+    applied = model.inference_options
+    assert model.prepare_for_inference().inference_options is applied
+    assert model.prepare_for_inference(InferenceOptions()).inference_options is applied
+    calls = []
+    real = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a: calls.append(1) or real(*a))
+    prompt = [list(range(2, 22))]  # longer than a decode-sized pass: the prefill does not plan the stack
+    first = dsv3.generate(model, prompt, max_new_tokens=4, stop_token_ids=[])
+    assert len(calls) == 2  # the first decode step plans the stack through the modules
+    calls.clear()
+    assert dsv3.generate(model, prompt, max_new_tokens=4, stop_token_ids=[]) == first
+    assert len(calls) == 3
+    model.prepare_for_inference(InferenceOptions(fp8_compute="gemm"))  # other options: a new object, plans rebuilt
+    assert model.inference_options is not applied and model.inference_options.fp8_compute == "gemm"

@@ -731,3 +731,97 @@ def test_mtp_draft_in_one_call_refuses_bad_input_writes_nothing_and_steps_aside_
         assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is not None
         model.mtp[0].eh_proj.train()
         assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is None
+
+
+def _speculative_setup(tiny_cfg, quantize=None):
+    """A bf16 model with both plans made, and main / MTP caches holding the prompts (slots 0-2)."""
+    from dsv3.inference.generate import decode_step
+
+    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+    cfg = model.config
+    main = LatentCache(cfg, 3, 40, dtype=torch.bfloat16)
+    mtp = LatentCache(cfg, 3, 40, dtype=torch.bfloat16, num_layers=1, first_layer=cfg.num_hidden_layers)
+    slots = [main.allocate() for _ in range(3)]
+    assert [mtp.allocate() for _ in range(3)] == slots
+    prefill(model, main, slots, PROMPTS)
+    with torch.inference_mode():
+        decode_step(model, main, [0], [3])  # plans the stack
+        hidden = torch.randn(3, 2, cfg.hidden_size).to(torch.bfloat16)
+        assert native_decode.draft_logits(model, mtp, [1], hidden[:1], torch.tensor([[4, 5]]), [2]) is not None
+    return model, main, mtp
+
+
+@pytest.mark.parametrize("quantize, limit", [(None, None), (None, 1), (None, 3), ("int8", None), ("int8", 1)])
+def test_greedy_speculative_step_in_one_call_equals_its_two_calls_and_the_argmax_rule(tiny_cfg, quantize, limit):
+    """`speculative_greedy` (one native call) against `draft_logits` + `decode_logits(..., 2, hidden=True)` and the rule
+    written here: the draft is the argmax of the draft logits (over the first `limit` ids), the row takes [d, a1] when
+    the verification's first argmax a0 is d, else [a0] and drops d's cache entry. Tokens, hidden states, both
+    caches' lengths and contents, bit for bit; rows of 1 and 2 pending positions, slots out of order."""
+    V = tiny_cfg.vocab_size
+    limit = limit or V
+    torch.manual_seed(5)
+    pending_hidden = torch.randn(3, 2, tiny_cfg.hidden_size).to(torch.bfloat16)
+    rows = dict(slots=[2, 0, 1], last=[7, 250, 31], pending=[[12, 9], [33], [100, 101]])
+    results = []
+    for one_call in (True, False):
+        model, main, mtp = _speculative_setup(tiny_cfg, quantize)
+        with torch.inference_mode():
+            if one_call:
+                new, hidden = native_decode.speculative_greedy(model, main, mtp, **rows, pending_hidden=pending_hidden,
+                                                               limit=limit)  # fmt: skip
+            else:
+                ids = torch.tensor([p + [0] * (2 - len(p)) for p in rows["pending"]])
+                n_new = [len(p) for p in rows["pending"]]
+                draft = native_decode.draft_logits(model, mtp, rows["slots"], pending_hidden, ids, n_new)
+                drafts = draft[:, :limit].argmax(-1).tolist()
+                tokens = [t for last, d in zip(rows["last"], drafts) for t in (last, d)]
+                logits, hidden = native_decode.decode_logits(model, main, rows["slots"], tokens, 2, True)
+                top = logits[..., :limit].argmax(-1).tolist()
+                new = []
+                for slot, d, (a0, a1) in zip(rows["slots"], drafts, top):
+                    new.append([d, a1] if a0 == d else [a0])
+                    if a0 != d:
+                        main.truncate(slot, int(main.lengths[slot]) - 1)
+        results.append((new, hidden, main.lengths.clone(), main.kv.clone(), mtp.lengths.clone(), mtp.kv.clone()))
+    (new, *tensors), (want_new, *want_tensors) = results
+    assert new == want_new and all(max(t) < limit for t in new)
+    if limit == 1:  # every argmax is id 0: every draft accepted
+        assert new == [[0, 0]] * 3
+    elif limit == V:  # random weights: the MTP head has learnt nothing
+        assert any(len(t) == 1 for t in new)
+    for got, want in zip(tensors, want_tensors, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_greedy_speculative_step_in_one_call_refuses_bad_input_and_writes_nothing(tiny_cfg):
+    from dsv3.errors import RequestError
+
+    model, main, mtp = _speculative_setup(tiny_cfg)
+    hidden = torch.randn(2, 2, tiny_cfg.hidden_size).to(torch.bfloat16)
+    V = tiny_cfg.vocab_size
+    rows = dict(slots=[0, 1], last=[7, 8], pending=[[1, 2], [3]], pending_hidden=hidden, limit=V)
+    with torch.inference_mode():
+        before = [main.lengths.clone(), main.kv.clone(), mtp.lengths.clone(), mtp.kv.clone()]
+        main.lengths[1] = 39  # room for one more: the verification needs two
+        with pytest.raises(RequestError, match="exceeds the cache length 40"):
+            native_decode.speculative_greedy(model, main, mtp, **rows)
+        main.lengths[1] = before[0][1]
+        mtp.lengths[0] = 39
+        with pytest.raises(RequestError, match="exceeds the cache length 40"):
+            native_decode.speculative_greedy(model, main, mtp, **rows)
+        mtp.lengths[0] = before[2][0]
+        with pytest.raises(IndexError, match="token id"):
+            native_decode.speculative_greedy(model, main, mtp, **{**rows, "last": [7, V]})
+        with pytest.raises(IndexError, match="token id"):
+            native_decode.speculative_greedy(model, main, mtp, **{**rows, "pending": [[1, -2], [3]]})
+        with pytest.raises(IndexError, match="cache slot"):
+            native_decode.speculative_greedy(model, main, mtp, **{**rows, "slots": [0, 3]})
+        with pytest.raises(ValueError, match="limit"):
+            native_decode.speculative_greedy(model, main, mtp, **{**rows, "limit": V + 1})
+        for got, want in zip([main.lengths, main.kv, mtp.lengths, mtp.kv], before):
+            assert torch.equal(got, want)
+        handle = model.mtp[0].register_forward_pre_hook(lambda *a: None)
+        assert native_decode.speculative_greedy(model, main, mtp, **rows) is None
+        handle.remove()
+        assert native_decode.speculative_greedy(model, main, mtp, **rows) is not None

@@ -119,6 +119,32 @@ def _verify(
     return model.logits(hidden), hidden
 
 
+def _greedy_step(
+    model: DeepSeekV3,
+    main_cache: LatentCache,
+    mtp_cache: LatentCache,
+    rows: list[DraftState],
+    request: GenerationRequest,
+) -> list[list[int]] | None:
+    """`speculative_step` for greedy rows with at most 2 pending MTP positions each, in one native call (None where
+    it does not apply); advances the caches and the rows' state."""
+    pending = torch.zeros(len(rows), 2, model.config.hidden_size, dtype=rows[0].mtp_hidden.dtype)
+    for i, r in enumerate(rows):
+        pending[i, : len(r.mtp_next)] = r.mtp_hidden
+    V = model.config.vocab_size
+    limit = min(request.vocab_limit or V, V)
+    made = native_decode.speculative_greedy(
+        model, main_cache, mtp_cache, [r.slot for r in rows], [r.last for r in rows], [r.mtp_next for r in rows],
+        pending, limit,
+    )  # fmt: skip
+    if made is None:
+        return None
+    new, hidden = made
+    for i, (r, tokens) in enumerate(zip(rows, new)):
+        r.mtp_hidden, r.mtp_next, r.last = hidden[i, : len(tokens)], tokens, tokens[-1]
+    return new
+
+
 @torch.inference_mode()
 def speculative_step(
     model: DeepSeekV3,
@@ -138,6 +164,13 @@ def speculative_step(
     """
     B = len(rows)
     greedy = [p.temperature == 0 for p in params]
+    if all(greedy) and all(len(r.mtp_next) <= 2 for r in rows):
+        made = _greedy_step(model, main_cache, mtp_cache, rows, request)
+        if made is not None:
+            stats.steps += 1
+            stats.drafted += B
+            stats.accepted += sum(len(new) == 2 for new in made)
+            return made
     # 1. Draft: the MTP layer over each row's pending positions; the draft comes from the last one.
     draft_logits = request.limit_vocab(_draft_logits(model, mtp_cache, rows))
     top = _argmax_rows(draft_logits) if any(greedy) else [0] * B

@@ -1681,3 +1681,59 @@ int dsv3_mtp_draft(const dsv3_layer *L, void *store, const dsv3_mtp *mtp, int64_
     free(starts), free(x);
     return rc;
 }
+
+// One greedy speculative step of B rows (`speculative_step` for rows at temperature 0), in one call: the MTP module
+// drafts from each row's pending positions (`dsv3_mtp_draft`: mtp_n[b] of them, hidden states mtp_hidden [B*2, D]
+// and the ids after them mtp_ids [B*2]; its cache is mtp_store, lengths mtp_lengths), the draft d is its argmax; the
+// main model verifies [last[b], d] (`dsv3_decode_step` with T = 2, lengths); with a0, a1 the argmaxes of the two
+// positions, the row takes [d, a1] when a0 == d and [a0] otherwise, dropping d's cache entry. Argmaxes run over the
+// first `limit` ids. Out: tokens [B*2] (-1 after a row's count), counts [B], hidden [B*2, D] (the main stack's output
+// at both positions: the MTP inputs of the next step). The two caches share max_len and strides.
+// Returns 4, 5, 6, 7 as `dsv3_mtp_draft` / `dsv3_decode_step`, checked for both passes before anything is written.
+int dsv3_speculative_step(int64_t n, const dsv3_layer *const *L, void *const *stores, const dsv3_head *head,
+                          const void *embed, int64_t V, const dsv3_layer *mtp_layer, void *mtp_store,
+                          const dsv3_mtp *mtp, int64_t mtp_V, int64_t limit, int64_t B, const int64_t *slots,
+                          int64_t num_slots, const int64_t *last, const int64_t *mtp_ids, const int64_t *mtp_n,
+                          const void *mtp_hidden, int64_t *tokens, int64_t *counts, void *hidden,
+                          const float *rope_cos, const float *rope_sin, int64_t rope_len, int64_t *lengths,
+                          int64_t *mtp_lengths, int64_t max_len, int64_t slot_stride, int64_t pos_stride,
+                          int nthreads) {
+    if (n <= 0 || B <= 0 || limit <= 0 || limit > V || limit > mtp_V) return 2;
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= num_slots) return 6;
+    for (int64_t b = 0; b < B; b++) {
+        if (mtp_n[b] < 1 || mtp_n[b] > 2) return 7;
+        if (lengths[slots[b]] + 2 > max_len || mtp_lengths[slots[b]] + mtp_n[b] > max_len) return 4;
+        if (last[b] < 0 || last[b] >= V) return 5;
+        for (int64_t j = 0; j < mtp_n[b]; j++)
+            if (mtp_ids[b * 2 + j] < 0 || mtp_ids[b * 2 + j] >= mtp_V) return 5;
+    }
+    float *draft = malloc(sizeof(float) * (size_t)(B * mtp_V + 2 * B * V) + 64);
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)(5 * B) + 64);
+    int rc = 1;
+    if (draft && ids) {
+        float *verify = draft + B * mtp_V;
+        int64_t *d = ids + 2 * B, *top = ids + 3 * B;
+        rc = dsv3_mtp_draft(mtp_layer, mtp_store, mtp, B, 2, mtp_ids, mtp_n, mtp_hidden, mtp_V, draft, rope_cos,
+                            rope_sin, rope_len, slots, num_slots, mtp_lengths, max_len, slot_stride, pos_stride,
+                            nthreads);
+        if (!rc) {
+            dsv3_argmax_rows(B, limit, draft, mtp_V, d);
+            for (int64_t b = 0; b < B; b++) ids[2 * b] = last[b], ids[2 * b + 1] = d[b];
+            rc = dsv3_decode_step(n, L, stores, B, 2, ids, embed, V, head, verify, hidden, rope_cos, rope_sin,
+                                  rope_len, slots, num_slots, lengths, max_len, slot_stride, pos_stride, nthreads);
+        }
+        if (!rc) {
+            dsv3_argmax_rows(2 * B, limit, verify, V, top);
+            for (int64_t b = 0; b < B; b++) {
+                const int accepted = top[2 * b] == d[b];
+                tokens[2 * b] = accepted ? d[b] : top[2 * b];
+                tokens[2 * b + 1] = accepted ? top[2 * b + 1] : -1;
+                counts[b] = accepted ? 2 : 1;
+                if (!accepted) lengths[slots[b]] -= 1;  // d's entry
+            }
+        }
+    }
+    free(draft), free(ids);
+    return rc;
+}

@@ -124,6 +124,10 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_decode_step.argtypes += [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_mtp_draft.argtypes = [ctypes.POINTER(LayerWeights), _ptr, ctypes.POINTER(MtpWeights), _i64, _i64, _ptr]
     lib.dsv3_mtp_draft.argtypes += [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_speculative_step.argtypes = [_i64, _ptr, _ptr, ctypes.POINTER(HeadWeights), _ptr, _i64]
+    lib.dsv3_speculative_step.argtypes += [ctypes.POINTER(LayerWeights), _ptr, ctypes.POINTER(MtpWeights), _i64, _i64]
+    lib.dsv3_speculative_step.argtypes += [_i64, _ptr, _i64] + [_ptr] * 7 + [_ptr, _ptr, _i64, _ptr, _ptr]
+    lib.dsv3_speculative_step.argtypes += [_i64, _i64, _i64, _int]
     return lib
 
 
@@ -601,6 +605,60 @@ def mtp_draft(
     )  # fmt: skip
     _check_step(rc, lengths, slots, max(n_new), max_len, vocab)
     return logits
+
+
+def speculative_step(
+    stack: LayerStack,
+    head: HeadWeights,
+    embed: Tensor,
+    stores: Sequence[int],
+    mtp_layer: LayerWeights,
+    mtp: MtpWeights,
+    mtp_vocab: int,
+    mtp_store: int,
+    limit: int,
+    slots: Sequence[int],
+    last: Sequence[int],
+    pending: Sequence[Sequence[int]],
+    pending_hidden: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    lengths: Tensor,
+    mtp_lengths: Tensor,
+    store_shape: tuple[int, int, int],
+) -> tuple[list[list[int]], Tensor]:
+    """One greedy speculative step in one call (`dsv3_speculative_step`): each row's 1 or 2 new tokens, and the main
+    stack's hidden states at the two verified positions [B, 2, D] (the next step's MTP inputs).
+
+    Row b drafts from its pending MTP positions (the ids pending[b], 1 or 2 of them, beside the hidden states
+    pending_hidden[b, :len(pending[b])], [B, 2, D]) at the end of its MTP cache (`mtp_store`, `mtp_lengths`), and the
+    main model verifies [last[b], draft] at the end of its cache (`stores`, `lengths`); argmaxes over the first
+    `limit` ids. Both caches advance (the main one by 1 when the draft is rejected); errors as `decode_step`'s, with
+    nothing written.
+    """
+    B = len(slots)
+    if len(last) != B or len(pending) != B or pending_hidden.shape[:2] != (B, 2):
+        raise ValueError("speculative_step: one slot, last token and 1-2 pending ids a row, pending_hidden [B, 2, D]")
+    i64 = ctypes.c_int64
+    slots_c, last_c = (i64 * B)(*slots), (i64 * B)(*last)
+    ids_c = (i64 * (2 * B))(*[t for p in pending for t in (p[0], p[-1] if len(p) > 1 else 0)])
+    n_c = (i64 * B)(*[len(p) for p in pending])
+    tokens, counts = (i64 * (2 * B))(), (i64 * B)()
+    hidden = torch.empty(B, 2, pending_hidden.shape[2], dtype=pending_hidden.dtype)
+    pending_hidden = pending_hidden.contiguous()
+    store_array = (ctypes.c_void_p * len(stack.layers))(*stores)
+    max_len, slot_stride, pos_stride = store_shape
+    rc = _library().dsv3_speculative_step(
+        len(stack.layers), stack.pointers, store_array, ctypes.byref(head), embed.data_ptr(), embed.shape[0],
+        ctypes.byref(mtp_layer), mtp_store, ctypes.byref(mtp), mtp_vocab, limit, B, slots_c, lengths.shape[0], last_c,
+        ids_c, n_c, pending_hidden.data_ptr(), tokens, counts, hidden.data_ptr(), rope_cos.data_ptr(),
+        rope_sin.data_ptr(), rope_cos.shape[0], lengths.data_ptr(), mtp_lengths.data_ptr(), max_len, slot_stride,
+        pos_stride, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        raise ValueError(f"speculative_step: limit {limit} outside [1, vocabulary]")
+    _check_step(rc, lengths, slots, 2, max_len, embed.shape[0])
+    return [list(tokens[2 * b : 2 * b + counts[b]]) for b in range(B)], hidden
 
 
 def combine(h: Tensor, order: Tensor, weights: Tensor) -> Tensor:

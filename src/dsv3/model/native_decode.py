@@ -537,3 +537,69 @@ def draft_logits(
         )  # fmt: skip
     except OverflowError as e:
         raise RequestError(str(e)) from None
+
+
+def speculative_greedy(
+    model: DeepSeekV3,
+    main_cache: LatentCache,
+    mtp_cache: LatentCache,
+    slots: list[int],
+    last: list[int],
+    pending: list[list[int]],
+    pending_hidden: torch.Tensor,
+    limit: int,
+) -> tuple[list[list[int]], torch.Tensor] | None:
+    """A greedy speculative step (`draft_logits`, then `decode_logits` over [last, draft] with hidden states, then
+    the argmax rule) as one `native.speculative_step` call: each row's new tokens and the verified positions' hidden
+    states (B, 2, D). None where the module path or the two-call path must run (as `draft_logits` and
+    `decode_logits`: plans not made or not current, hooks, grad, caches the kernels do not take, big batches).
+
+    Why: on a small model, the draft's and the verification's Python (plan checks, argmaxes, state) cost as much as
+    their C, which a greedy step needs none of between the two passes.
+    """
+    B = len(slots)
+    stack = _STACKS.get(model.model.layers)
+    mtp_plans = _MTPS.get(model.mtp)
+    made = mtp_plans.get(0) if mtp_plans else None
+    kv, mkv = main_cache.kv, mtp_cache.kv
+    if (
+        stack is None
+        or made is None
+        or not 0 < 2 * B <= NATIVE_MAX_ROWS
+        or pending_hidden.shape != (B, 2, model.config.hidden_size)
+        or pending_hidden.dtype != stack.dtype
+        or pending_hidden.device.type != "cpu"
+        or not _cache_fits(main_cache, stack.dtype)
+        or not _cache_fits(mtp_cache, stack.dtype)
+        or (main_cache.max_len, kv.shape[1], kv.stride()[1:]) != (mtp_cache.max_len, mkv.shape[1], mkv.stride()[1:])
+        or not 0 <= stack.layer_indices[0] - main_cache.first_layer
+        or not stack.layer_indices[-1] - main_cache.first_layer < len(kv)
+        or not 0 <= model.mtp[0].self_attn.layer_idx - mtp_cache.first_layer < len(mkv)
+    ):
+        return None
+    head = _HEADS.get(model)
+    if head is None or not head.current():
+        head = _HEADS[model] = _Head(model, stack.dtype)
+    if (
+        head.weights is None
+        or not made.current(stack.dtype)
+        or made.weights is None
+        or 2 not in made.queries
+        or not stack.current(stack.dtype, 2)
+    ):
+        return None
+    layer_bytes = kv.stride(0) * kv.element_size()
+    stores = [kv.data_ptr() + (i - main_cache.first_layer) * layer_bytes for i in stack.layer_indices]
+    mtp_layer = model.mtp[0]
+    mtp_store = (
+        mkv.data_ptr() + (mtp_layer.self_attn.layer_idx - mtp_cache.first_layer) * mkv.stride(0) * mkv.element_size()
+    )
+    rope_cos, rope_sin = model.rotary.table(main_cache.max_len + 2)
+    try:
+        return native.speculative_step(
+            stack.stack, head.weights, model.model.embed_tokens.weight, stores, made.built.weights, made.weights,
+            mtp_layer.embed_tokens.weight.shape[0], mtp_store, limit, slots, last, pending, pending_hidden, rope_cos,
+            rope_sin, main_cache.lengths, mtp_cache.lengths, (main_cache.max_len, kv.stride(1), kv.stride(2)),
+        )  # fmt: skip
+    except OverflowError as e:
+        raise RequestError(str(e)) from None

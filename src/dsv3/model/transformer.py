@@ -171,6 +171,8 @@ class DeepSeekV3(nn.Module):
         if options is None:
             options = self.inference_options or InferenceOptions()
         resolved = options.resolve(self.config)
+        if resolved == self.inference_options:  # the same object: the decode plans (identity checks) stay current
+            resolved = self.inference_options
         quantized = any(isinstance(m, Linear) and m.is_int8 for m in self.modules())
         if quantized and resolved.quantize is None:
             raise ConfigError("this model's weights are int8 already (quantize='int8'); reload it to undo that")
