@@ -119,6 +119,23 @@ def test_bf16_speculative_steps_in_native_calls_give_the_module_paths_tokens(mon
         assert stats.accepted < stats.drafted
 
 
+def test_bf16_greedy_speculative_steps_respect_a_vocabulary_limit():
+    """A request's vocab_limit holds in the one-call step too: the same tokens as plain decoding with the limit,
+    none at or past it (the bigram model's favourites are past it, so the limit changes the output)."""
+    from dsv3.inference.generate import stream
+
+    m = mostly_bigram_model(3.0, torch.bfloat16)
+    unlimited = dsv3.generate(m, PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    limit = 150
+    plain = [[] for _ in PROMPTS]
+    for step in stream(m, PROMPTS, 12, stop_token_ids=[], vocab_limit=limit):
+        for b, t in step.items():
+            plain[b].append(t)
+    spec, stats = run(m, PROMPTS, 12, stop_token_ids=[], vocab_limit=limit)
+    assert spec == plain != unlimited and max(map(max, spec)) < limit
+    assert stats.steps > 2
+
+
 def test_generate_api_and_stop_and_budget():
     m = mostly_bigram_model(0.0)
     plain = dsv3.generate(m, PROMPTS, max_new_tokens=7, stop_token_ids=[])

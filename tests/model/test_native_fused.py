@@ -675,8 +675,9 @@ def _verify_and_draft(model, one_call: bool):
     return out + [main.lengths.clone(), main.kv.clone(), mtp.lengths.clone(), mtp.kv.clone()]
 
 
+@pytest.mark.parametrize("config", sorted(LAYER_CONFIGS))
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_speculative_passes_in_one_call_equal_the_module_path(tiny_cfg, monkeypatch, quantize):
+def test_speculative_passes_in_one_call_equal_the_module_path(tiny_cfg, monkeypatch, quantize, config):
     """Verification of two tokens a row (`decode_logits(..., 2, hidden=True)`) and the MTP draft (`draft_logits`,
     ragged rows) as one native call each give the module path's logits, hidden states, lengths and caches, bit
     for bit (bf16, and int8 weights)."""
@@ -686,7 +687,7 @@ def test_speculative_passes_in_one_call_equal_the_module_path(tiny_cfg, monkeypa
         monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
 
     def model():
-        m = _layer_model(tiny_cfg, torch.bfloat16)
+        m = _layer_model(tiny_cfg, torch.bfloat16, **LAYER_CONFIGS[config])
         return m.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
 
     got = _verify_and_draft(model(), one_call=True)
@@ -733,11 +734,11 @@ def test_mtp_draft_in_one_call_refuses_bad_input_writes_nothing_and_steps_aside_
         assert native_decode.draft_logits(model, mtp, [0], hidden[:1], ids[:1], [1]) is None
 
 
-def _speculative_setup(tiny_cfg, quantize=None):
+def _speculative_setup(tiny_cfg, quantize=None, config="tiny"):
     """A bf16 model with both plans made, and main / MTP caches holding the prompts (slots 0-2)."""
     from dsv3.inference.generate import decode_step
 
-    model = _layer_model(tiny_cfg, torch.bfloat16)
+    model = _layer_model(tiny_cfg, torch.bfloat16, **LAYER_CONFIGS[config])
     model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
     cfg = model.config
     main = LatentCache(cfg, 3, 40, dtype=torch.bfloat16)
@@ -752,8 +753,14 @@ def _speculative_setup(tiny_cfg, quantize=None):
     return model, main, mtp
 
 
-@pytest.mark.parametrize("quantize, limit", [(None, None), (None, 1), (None, 3), ("int8", None), ("int8", 1)])
-def test_greedy_speculative_step_in_one_call_equals_its_two_calls_and_the_argmax_rule(tiny_cfg, quantize, limit):
+@pytest.mark.parametrize(
+    "quantize, limit, config",
+    [(None, None, "tiny"), (None, 1, "tiny"), (None, 3, "tiny"), ("int8", None, "tiny"), ("int8", 1, "tiny")]
+    + [(None, None, config) for config in sorted(LAYER_CONFIGS) if config != "tiny"],
+)
+def test_greedy_speculative_step_in_one_call_equals_its_two_calls_and_the_argmax_rule(
+    tiny_cfg, quantize, limit, config
+):
     """`speculative_greedy` (one native call) against `draft_logits` + `decode_logits(..., 2, hidden=True)` and the rule
     written here: the draft is the argmax of the draft logits (over the first `limit` ids), the row takes [d, a1] when
     the verification's first argmax a0 is d, else [a0] and drops d's cache entry. Tokens, hidden states, both
@@ -761,11 +768,12 @@ def test_greedy_speculative_step_in_one_call_equals_its_two_calls_and_the_argmax
     V = tiny_cfg.vocab_size
     limit = limit or V
     torch.manual_seed(5)
-    pending_hidden = torch.randn(3, 2, tiny_cfg.hidden_size).to(torch.bfloat16)
+    D = LAYER_CONFIGS[config].get("hidden_size", tiny_cfg.hidden_size)
+    pending_hidden = torch.randn(3, 2, D).to(torch.bfloat16)
     rows = dict(slots=[2, 0, 1], last=[7, 250, 31], pending=[[12, 9], [33], [100, 101]])
     results = []
     for one_call in (True, False):
-        model, main, mtp = _speculative_setup(tiny_cfg, quantize)
+        model, main, mtp = _speculative_setup(tiny_cfg, quantize, config)
         with torch.inference_mode():
             if one_call:
                 new, hidden = native_decode.speculative_greedy(model, main, mtp, **rows, pending_hidden=pending_hidden,
