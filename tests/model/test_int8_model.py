@@ -70,3 +70,32 @@ def test_int8_cannot_be_undone_in_place(tiny_cfg):
         model.prepare_for_inference(InferenceOptions())
     with pytest.raises(ConfigError, match="quantize must be int8"):
         InferenceOptions(quantize="int4").validate()
+
+
+@pytest.mark.parametrize(
+    "dtype, matmul_dtype", [(torch.bfloat16, "fp32"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")]
+)
+def test_prefill_sized_int8_products_dequantize_for_a_gemm_in_blocks(monkeypatch, dtype, matmul_dtype):
+    """More rows than a decode-sized pass: the weight dequantized a block of output rows at a time (fp32 products
+    where bf16 products widen) and one GEMM a block, never torch's weight-only int8 kernel (10-28x slower there);
+    the result is the float64 product of the dequantized weight, rounded once, within the products' rounding."""
+    import dsv3.model.linear as linear
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", None)  # a call would fail
+    monkeypatch.setattr(linear, "WIDEN_MAX_ELEMENTS", 40 * 6)  # 6 rows a block, a ragged last block
+    torch.manual_seed(0)
+    q, scale = quantize_int8(torch.randn(45, 40))
+    options = InferenceOptions(matvec="native", matmul_dtype=matmul_dtype)
+    for rows in (17, 64):
+        x = torch.randn(2, rows // 2 + 1, 40).to(dtype)
+        with torch.no_grad():
+            got = linear.int8_matmul(x, q, scale, options)
+        w = dequantize_int8(q, scale, torch.float64 if matmul_dtype == "fp32" else dtype).double()
+        exact = x.double() @ w.T
+        assert got.shape == (2, rows // 2 + 1, 45) and got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
+        if matmul_dtype == "fp32" and dtype == torch.bfloat16:  # one fp32 product, rounded once to bf16
+            assert torch.equal(
+                got, torch.nn.functional.linear(x.float(), dequantize_int8(q, scale, torch.float32)).to(dtype)
+            )
