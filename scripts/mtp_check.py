@@ -7,6 +7,14 @@ round runs plain `stream` and `speculative_stream` once per batch size, alternat
 speed drifts between processes); printed are each mode's median tokens/s over the rounds, for the whole stream
 (prefill included) and for decoding alone (from the first yielded token to the last), the MTP acceptance, and the
 ratio MTP / plain. Greedy, no stop ids: both modes produce the same tokens (checked).
+
+    python scripts/mtp_check.py --perfect-draft ~/.cache/dsv3/bench-small [--quantize int8]
+
+times another checkpoint's shapes at acceptance 1.0, where its MTP head has learnt nothing: the main model is made
+a bigram model (attention and MLP outputs zeroed: every weight is still read) and the MTP module an exact copy of
+its next-token step (`eh_proj` passes the embedding of token t+1 through, head and final norm copied), so every
+draft is the main model's own next token. Prompts are then fixed ids. An upper bound for that checkpoint's shapes:
+a trained head reaches 0.94-0.98 on the packaged model.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ import json
 import pathlib
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from dsv3 import DeepSeekV3
+from dsv3 import DeepSeekV3, InferenceOptions
 from dsv3.inference.generate import stream
 from dsv3.inference.speculative import SpeculativeStats, speculative_stream
 from dsv3.pretrained import packaged_model_dir
@@ -45,20 +54,52 @@ def timed(it) -> tuple[float, float, list[list[int]], int]:
     return end - t0, end - first, [rows[b] for b in sorted(rows)], later
 
 
+def make_drafts_perfect(model: DeepSeekV3) -> None:
+    """Main model -> bigram model, MTP module -> its exact next-token step (see the module docstring)."""
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for layer in [*model.model.layers, *model.mtp]:
+            layer.self_attn.o_proj.weight.zero_()
+            mlp = layer.mlp
+            for down in (getattr(mlp, "down_proj", None), getattr(getattr(mlp, "experts", None), "down_proj", None)):
+                if down is not None:
+                    down.weight.zero_()
+            shared = getattr(mlp, "shared_experts", None)
+            if shared is not None:
+                shared.down_proj.weight.zero_()
+        mtp = model.mtp[0]
+        mtp.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :D] = torch.eye(D)
+        mtp.enorm.weight.fill_(1.0)
+        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
+        mtp.shared_head.head.weight.copy_(model.lm_head.weight)
+    model.invalidate_derived_()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=120)
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--perfect-draft", metavar="CHECKPOINT", help="time this checkpoint's shapes at acceptance 1.0")
+    ap.add_argument("--quantize", choices=["int8"], help="with --perfect-draft: int8 weights")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    d = packaged_model_dir()
-    model = DeepSeekV3.from_pretrained(d, dtype=torch.bfloat16).eval()
-    tok = Tokenizer.from_dir(d)
-    src = pathlib.Path(inspect.getfile(json)).read_text()
-    prompts = [tok.encode(src[i * 2000 : i * 2000 + 600])[:200] for i in range(8)]
+    if args.perfect_draft:
+        model = DeepSeekV3.from_pretrained(Path(args.perfect_draft).expanduser(), dtype=torch.bfloat16).eval()
+        make_drafts_perfect(model)
+        model.prepare_for_inference(InferenceOptions(quantize=args.quantize))
+        V = model.config.vocab_size
+        prompts = [[(7919 * (i + 1) * (j + 3)) % (V - 2) + 2 for j in range(200)] for i in range(8)]
+    else:
+        d = packaged_model_dir()
+        model = DeepSeekV3.from_pretrained(d, dtype=torch.bfloat16).eval()
+        tok = Tokenizer.from_dir(d)
+        src = pathlib.Path(inspect.getfile(json)).read_text()
+        prompts = [tok.encode(src[i * 2000 : i * 2000 + 600])[:200] for i in range(8)]
     runs = {
         "plain": lambda p, st: stream(model, p, args.tokens, stop_token_ids=[]),
         "mtp": lambda p, st: speculative_stream(model, p, args.tokens, stop_token_ids=[], stats=st),

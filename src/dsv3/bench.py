@@ -44,6 +44,7 @@ ROWS = (
     "decode8",
     "decode1_long",
     "decode1_int8",
+    "ttft512_int8",
     "mtp",
     "bandwidth",
 )
@@ -59,6 +60,8 @@ ROW_HELP = {
     "decode1_long": "decode batch 1 after a 4096-token prompt (and both caches' bytes)",
     "decode1_int8": "decode batch 1 after 128 with dsv3's weight-only int8 (InferenceOptions(quantize='int8'), "
     "lm_head included) vs transformers bf16",
+    "ttft512_int8": "time to first token after a 512-token prompt with dsv3's int8 weights (dsv3.generate) vs "
+    "transformers bf16 generate, as prompt tokens/s",
     "mtp": "MTP speculative decoding, batch 1 after 128 (acceptance and tokens/step; dsv3 only)",
     "bandwidth": "decode batch 1 as a fraction of the bound: bf16 matrix-vector bandwidth / weight bytes per token",
 }
@@ -161,18 +164,13 @@ def ours_ttft(model: DeepSeekV3, n: int) -> float:
     return n / _timed(run, repeats=2)
 
 
-def ours_decode_int8(model: DeepSeekV3, batch: int, context: int, steps: int) -> float:
-    """ours_decode on an int8 copy of the model (the bf16 model is left as it is)."""
+def int8_copy(model: DeepSeekV3) -> DeepSeekV3:
+    """An int8 copy of the model, as `from_pretrained(quantize='int8')` makes it (the bf16 model is left as it is)."""
     import copy
 
     from .model.options import InferenceOptions
 
-    quantized = copy.deepcopy(model).prepare_for_inference(InferenceOptions(quantize="int8"))
-    try:
-        return ours_decode(quantized, batch, context, steps)
-    finally:
-        del quantized
-        gc.collect()
+    return copy.deepcopy(model).prepare_for_inference(InferenceOptions(quantize="int8"))
 
 
 # ---------------------------------------------------------------------------------------------- transformers side
@@ -325,7 +323,7 @@ def run_bench(
         )
         with_hf = False
         # One-process rows: the bandwidth bound, and rows that copy (int8) or re-drive (generate) the model.
-        rows = tuple(r for r in rows if r not in ("bandwidth", "decode1_int8", "ttft512"))
+        rows = tuple(r for r in rows if r not in ("bandwidth", "decode1_int8", "ttft512", "ttft512_int8"))
     results = []
 
     def add(name: str, ours: float, ref: float | None, unit: str = "tokens/s", **extra) -> None:
@@ -362,11 +360,20 @@ def run_bench(
             latent = cfg.kv_cache_dim * cfg.num_hidden_layers * 2 * (4096 + steps)
             add("decode b=1 after 4096", ours, ref, cache_bytes_dsv3=latent, cache_bytes_transformers=hf_cache)
             gc.collect()
+        quantized = int8_copy(model) if {"decode1_int8", "ttft512_int8"} & set(rows) else None
         if "decode1_int8" in rows:
             ref = next((r["transformers"] for r in results if r["row"] == "decode b=1 after 128"), None)
             if ref is None and hf:
                 ref = hf_decode(hf, 1, 128, steps)[0]
-            add("decode b=1 after 128, int8", ours_decode_int8(model, 1, 128, steps), ref)
+            add("decode b=1 after 128, int8", ours_decode(quantized, 1, 128, steps), ref)
+        if "ttft512_int8" in rows:
+            n = min(512, cfg.max_position_embeddings - 1)
+            ref = next((r["transformers"] for r in results if r["row"] == f"TTFT 1x{n} (generate)"), None)
+            if ref is None and hf:
+                ref = hf_ttft(hf, n)
+            add(f"TTFT 1x{n} (generate), int8", ours_ttft(quantized, n), ref, unit="prompt tokens/s")
+        del quantized
+        gc.collect()
         if "mtp" in rows and cfg.num_nextn_predict_layers:
             tps, st = ours_mtp(model, 128, steps * 2)
             add(

@@ -28,6 +28,7 @@ ROW_COUNTERPART: dict[str, tuple[str, tuple[str, ...]]] = {
     "decode b=8 after 128": ("bf16", ("batched b=8",)),
     "decode b=1 after 4096": ("bf16", ("tg16 @ d4096",)),
     "decode b=1 after 128, int8": ("q8_0", ("tg16 @ d128", "tg128")),
+    "TTFT 1x512 (generate), int8": ("q8_0", ("pp512",)),
 }
 
 
