@@ -833,3 +833,29 @@ def test_greedy_speculative_step_in_one_call_refuses_bad_input_and_writes_nothin
         assert native_decode.speculative_greedy(model, main, mtp, **rows) is None
         handle.remove()
         assert native_decode.speculative_greedy(model, main, mtp, **rows) is not None
+
+
+def test_global_forward_hooks_keep_every_module_path(tiny_cfg):
+    """A forward hook registered for every module (profilers, activation recorders) sees each decoder layer and
+    attention of a decode step, a verification and a draft: the one-call kernels step aside while it is there."""
+    from dsv3.inference.generate import decode_step
+
+    model, main, mtp = _speculative_setup(tiny_cfg)
+    seen = []
+
+    def hook(module, args, output):
+        seen.append(type(module).__name__)
+
+    hidden = torch.randn(1, 2, tiny_cfg.hidden_size).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert native_decode.decode_logits(model, main, [1], [4]) is not None
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            assert native_decode.decode_logits(model, main, [1], [4]) is None
+            assert native_decode.draft_logits(model, mtp, [0], hidden, torch.tensor([[1, 2]]), [2]) is None
+            assert native_decode.speculative_greedy(model, main, mtp, [0], [3], [[1, 2]], hidden, 10) is None
+            decode_step(model, main, [1], [5])
+        finally:
+            handle.remove()
+        assert seen.count("DecoderLayer") == tiny_cfg.num_hidden_layers and "MLA" in seen
+        assert native_decode.decode_logits(model, main, [1], [6]) is not None

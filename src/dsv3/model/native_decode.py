@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..errors import RequestError
 from ..kernels import native
@@ -297,11 +298,18 @@ _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (`torch.nn.modules.module.register_module_forward_hook`,
+    profilers and activation recorders use them): the module path calls them, the one-call kernels would not."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def _pass_fits(x: torch.Tensor, cache: CacheBatch | None, matvec: str) -> bool:
     """What every layer of this pass shares: decode-sized CPU activations, no grad, a latent cache in x's dtype
-    that the kernel can address, the kernels built."""
+    that the kernel can address, the kernels built, no global hooks."""
     return (
         cache is not None
+        and not _global_hooks()
         and uses_native(x, matvec)
         and x.dtype in (torch.bfloat16, torch.float32)
         and hasattr(cache, "native_offsets")
@@ -422,10 +430,12 @@ def decode_logits(
 
 
 def _cache_fits(cache: LatentCache, dtype: torch.dtype) -> bool:
-    """Whether the one-call kernels can address this cache for activations of `dtype` in this mode."""
+    """Whether the one-call kernels can address this cache for activations of `dtype` in this mode (no grad, no
+    global hooks)."""
     kv = cache.kv
     return (
         not torch.is_grad_enabled()
+        and not _global_hooks()
         and not torch.compiler.is_compiling()
         and kv.dtype == dtype
         and kv.device.type == "cpu"
