@@ -342,11 +342,13 @@ def test_a_model_that_decoded_natively_is_freed_when_dropped(tiny_cfg):
     model = _layer_model(tiny_cfg, torch.bfloat16)
     _decode(model, torch.bfloat16, steps=1)
     _steps_through_decode_step(model, [0, 1], steps=2)  # the one-call step keeps the model's head plan too
-    assert len(native_decode._PLANS) > 0 and model in native_decode._HEADS
+    _verify_and_draft(model, one_call=True)  # and the MTP module's
+    assert len(native_decode._PLANS) > 0 and model in native_decode._HEADS and model in native_decode._MTPS
     layer, head = weakref.ref(model.model.layers[1]), weakref.ref(model.lm_head)
+    mtp, mtp_head = weakref.ref(model.mtp), weakref.ref(model.mtp[0].shared_head.head)
     del model
     gc.collect()
-    assert layer() is None and head() is None
+    assert layer() is None and head() is None and mtp() is None and mtp_head() is None
 
 
 def _one_token_step(model):

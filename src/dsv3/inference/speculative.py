@@ -109,7 +109,8 @@ def _verify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[last, draft] through the main model for every row in one pass: (logits (B, 2, V), hidden (B, 2, D))."""
     slots = [r.slot for r in rows]
-    made = native_decode.decode_logits(model, main_cache, slots, [t for r, d in zip(rows, drafts) for t in (r.last, d)], 2, True)  # fmt: skip
+    tokens = [t for r, d in zip(rows, drafts) for t in (r.last, d)]
+    made = native_decode.decode_logits(model, main_cache, slots, tokens, 2, True)
     if made is not None:
         return made
     batch = main_cache.bind(slots, [2] * len(rows))
@@ -164,7 +165,7 @@ def speculative_step(
     """
     B = len(rows)
     greedy = [p.temperature == 0 for p in params]
-    if all(greedy) and all(len(r.mtp_next) <= 2 for r in rows):
+    if model.device.type == "cpu" and all(greedy) and all(len(r.mtp_next) <= 2 for r in rows):
         made = _greedy_step(model, main_cache, mtp_cache, rows, request)
         if made is not None:
             stats.steps += 1

@@ -502,7 +502,7 @@ class _Mtp:
         )
 
 
-# model.mtp (ModuleList) -> {depth: its _Mtp} (which references the MTP layers, never the ModuleList)
+# model -> {depth: its _Mtp} (which references the model's modules, never the model)
 _MTPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -531,7 +531,7 @@ def draft_logits(
         or not 0 <= mtp_layers[depth].self_attn.layer_idx - cache.first_layer < len(kv)
     ):
         return None
-    plans = _MTPS.setdefault(mtp_layers, {})
+    plans = _MTPS.setdefault(model, {})
     made = plans.get(depth)
     if made is None or not made.current(hidden.dtype):
         made = plans[depth] = _Mtp(model, depth, hidden.dtype)
@@ -569,7 +569,7 @@ def speculative_greedy(
     """
     B = len(slots)
     stack = _STACKS.get(model.model.layers)
-    mtp_plans = _MTPS.get(model.mtp)
+    mtp_plans = _MTPS.get(model)
     made = mtp_plans.get(0) if mtp_plans else None
     kv, mkv = main_cache.kv, mtp_cache.kv
     if (
