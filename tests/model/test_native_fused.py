@@ -643,16 +643,23 @@ def test_decode_step_in_one_call_leaves_what_it_would_skip_to_the_modules(tiny_c
         assert native_decode.decode_logits(model, cache, slots, [5]) is None
 
 
-def _verify_and_draft(model, one_call: bool):
-    """Two rounds of speculative decoding's two passes on slots 2 and 0 (ragged, out of order): the main model over
-    [last, draft] (logits and hidden states), then the MTP layer over 2 and 1 pending positions (draft logits), in
-    one native call each or through the modules; with both caches' lengths and contents."""
+def _prompts_in_both_caches(model) -> tuple[LatentCache, LatentCache]:
+    """A main and an MTP latent cache of 3 slots and 40 positions (slot b the same in both), PROMPTS prefilled in
+    the main one."""
     cfg = model.config
     main = LatentCache(cfg, 3, 40, dtype=model.dtype)
     mtp = LatentCache(cfg, 3, 40, dtype=model.dtype, num_layers=1, first_layer=cfg.num_hidden_layers)
     slots = [main.allocate() for _ in range(3)]
     assert [mtp.allocate() for _ in range(3)] == slots
     prefill(model, main, slots, PROMPTS)
+    return main, mtp
+
+
+def _verify_and_draft(model, one_call: bool):
+    """Two rounds of speculative decoding's two passes on slots 2 and 0 (ragged, out of order): the main model over
+    [last, draft] (logits and hidden states), then the MTP layer over 2 and 1 pending positions (draft logits), in
+    one native call each or through the modules; with both caches' lengths and contents."""
+    main, mtp = _prompts_in_both_caches(model)
     order, out = [2, 0], []
     with torch.inference_mode():
         for mtp_len in (3, 5):
@@ -742,15 +749,10 @@ def _speculative_setup(tiny_cfg, quantize=None, config="tiny"):
 
     model = _layer_model(tiny_cfg, torch.bfloat16, **LAYER_CONFIGS[config])
     model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
-    cfg = model.config
-    main = LatentCache(cfg, 3, 40, dtype=torch.bfloat16)
-    mtp = LatentCache(cfg, 3, 40, dtype=torch.bfloat16, num_layers=1, first_layer=cfg.num_hidden_layers)
-    slots = [main.allocate() for _ in range(3)]
-    assert [mtp.allocate() for _ in range(3)] == slots
-    prefill(model, main, slots, PROMPTS)
+    main, mtp = _prompts_in_both_caches(model)
     with torch.inference_mode():
         decode_step(model, main, [0], [3])  # plans the stack
-        hidden = torch.randn(3, 2, cfg.hidden_size).to(torch.bfloat16)
+        hidden = torch.randn(3, 2, model.config.hidden_size).to(torch.bfloat16)
         assert native_decode.draft_logits(model, mtp, [1], hidden[:1], torch.tensor([[4, 5]]), [2]) is not None
     return model, main, mtp
 
