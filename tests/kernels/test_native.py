@@ -323,3 +323,28 @@ def test_linear_widened_holds_the_bits_of_the_bf16_result_widened(wdtype, M):
     assert torch.equal(got, native.linear(x, w, scale, fp8).float())
     if fp8 is None:  # fp32 activations: widening changes nothing
         assert torch.equal(native.linear(x.float(), w, scale, widen=True), native.linear(x.float(), w, scale))
+
+
+@pytest.mark.parametrize("N, K, block, rows", [(300, 256, (128, 128), None), (45, 40, (16, 16), (5, 33)),
+                                              (37, 70, (8, 32), (9, 37)), (130, 24, (128, 128), (0, 129))])  # fmt: skip
+def test_dequantize_fp8_equals_dequantize_blocks_on_every_code(N, K, block, rows):
+    """The one-pass native dequantization: value for value `dequantize_blocks` (bf16-rounded or fp32), every
+    non-NaN e4m3fn code, scales of very different sizes, partial blocks both ways, row slices that start inside a
+    block of the scale grid."""
+    from dsv3.kernels.fp8 import dequantize_blocks
+
+    torch.manual_seed(N)
+    codes = torch.randint(0, 256, (N, K), dtype=torch.uint8)
+    codes[codes == 0x7F], codes[codes == 0xFF] = 0, 0x80  # no NaN codes (quantize_blocks never makes them)
+    codes.view(-1)[:254] = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
+    weight = codes.view(torch.float8_e4m3fn)
+    grid = (-(-N // block[0]), -(-K // block[1]))
+    scale = torch.exp(torch.randn(grid) * 4).float()  # e^-12 .. e^12
+    assert native.fits_dequantize_fp8(weight, scale)
+    n0, n1 = rows or (0, N)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = native.dequantize_fp8(weight, scale, block, dtype == torch.bfloat16, rows)
+        want = dequantize_blocks(weight, scale, block, dtype).float()[n0:n1]
+        assert got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(ValueError, match="rows outside"):
+        native.dequantize_fp8(weight, scale, block, True, (0, N + 1))

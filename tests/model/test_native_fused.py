@@ -863,3 +863,27 @@ def test_global_forward_hooks_keep_every_module_path(tiny_cfg):
             handle.remove()
         assert seen.count("DecoderLayer") == tiny_cfg.num_hidden_layers and "MLA" in seen
         assert native_decode.decode_logits(model, main, [1], [6]) is not None
+
+
+def test_fp8_prefill_dequantizes_in_one_native_pass_with_the_same_logits(tiny_cfg, tmp_path, monkeypatch):
+    """Prefill-sized bf16 products of FP8 weights computed in fp32 (`fp8_compute="dequant"`): projections and experts
+    dequantize each of `widened_linear`'s blocks straight to fp32 in one native pass; the logits are the torch
+    dequantization's, bit for bit, with blocks of rows that start inside a 128-row block of the scale grid."""
+    import dsv3.model.linear as linear
+
+    _layer_model(tiny_cfg, torch.float32).save_pretrained(tmp_path / "fp8", fp8=True)
+    model = dsv3.DeepSeekV3.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, fp8=True)
+    model.prepare_for_inference(InferenceOptions(matvec="native", matmul_dtype="fp32", fp8_compute="dequant"))
+    monkeypatch.setattr(linear, "WIDEN_MAX_ELEMENTS", tiny_cfg.hidden_size * 5)  # 5 weight rows a block
+    shapes = []
+    real = native.dequantize_fp8
+    monkeypatch.setattr(native, "dequantize_fp8", lambda w, *a: shapes.append(tuple(w.shape)) or real(w, *a))
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = model(ids)
+        experts = model.model.layers[tiny_cfg.first_k_dense_replace].mlp.experts
+        assert (experts.gate_proj.out_features, tiny_cfg.hidden_size) in shapes  # an expert's weight
+        assert (model.model.layers[0].self_attn.o_proj.out_features, tiny_cfg.hidden_size) in shapes
+        monkeypatch.setattr(linear, "dequantized_fp8_linear", lambda *a: None)
+        want = model(ids)
+    assert torch.equal(got, want)

@@ -128,6 +128,7 @@ def _library() -> ctypes.CDLL | None:
     lib.dsv3_speculative_step.argtypes += [ctypes.POINTER(LayerWeights), _ptr, ctypes.POINTER(MtpWeights), _i64, _i64]
     lib.dsv3_speculative_step.argtypes += [_i64, _ptr, _i64] + [_ptr] * 7 + [_ptr, _ptr, _i64, _ptr, _ptr]
     lib.dsv3_speculative_step.argtypes += [_i64, _i64, _i64, _int]
+    lib.dsv3_dequantize_fp8.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int, _ptr, _i64, _int]
     return lib
 
 
@@ -183,6 +184,45 @@ def fits_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> bool:
         and scale_inv.is_contiguous()
         and scale_inv.shape == (*weight.shape[:-2], -(-N // b0), -(-K // b1))
     )  # fmt: skip
+
+
+def fits_dequantize_fp8(weight: Tensor, scale_inv: Tensor) -> bool:
+    """Whether `dequantize_fp8` takes these: a 2-D e4m3fn CPU weight with contiguous rows, 2-D float32 scales."""
+    return (
+        available()
+        and weight.dtype == torch.float8_e4m3fn
+        and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.stride(1) == 1
+        and scale_inv.dtype == torch.float32
+        and scale_inv.dim() == 2
+        and scale_inv.device.type == "cpu"
+        and scale_inv.stride(1) == 1
+    )
+
+
+def dequantize_fp8(
+    weight: Tensor, scale_inv: Tensor, block: tuple[int, int], round_to_bf16: bool, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """float32 [n1 - n0, K] holding `fp8.dequantize_blocks(weight, scale_inv, block, dtype)[n0:n1]` for dtype bf16
+    (`round_to_bf16`) or fp32, value for value, in one pass (`dsv3_dequantize_fp8`; the torch version takes six).
+
+    weight [N, K] e4m3fn, scale_inv [ceil(N/b0), ceil(K/b1)] float32 (`fits_dequantize_fp8`); rows = (n0, n1), a
+    slice of the weight's rows (default: all of them)."""
+    n0, n1 = rows if rows is not None else (0, weight.shape[0])
+    K = weight.shape[1]
+    out = torch.empty(max(0, n1 - n0), K, dtype=torch.float32)
+    if n1 == n0 or K == 0:
+        return out
+    b0, b1 = block
+    if not (0 <= n0 < n1 <= weight.shape[0]) or scale_inv.shape != (-(-weight.shape[0] // b0), -(-K // b1)):
+        raise ValueError("dequantize_fp8: rows outside the weight, or scales not on its block grid")
+    rc = _library().dsv3_dequantize_fp8(
+        n1 - n0, K, n0, weight[n0].data_ptr(), weight.stride(0), scale_inv.data_ptr(), scale_inv.stride(0), b0, b1,
+        int(round_to_bf16), out.data_ptr(), K, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "dequantize_fp8")
+    return out
 
 
 def fits_linear(x: Tensor, weight: Tensor) -> bool:
