@@ -298,9 +298,17 @@ class ExpertLinear(nn.Module):
         if self.is_int8:
             return int8_matmul(x, self.weight[e], self.weight_scale[e], options)
         if self.is_fp8:
-            y = dequantized_fp8_linear(x, self.weight[e], self.weight_scale_inv[e], self.block_size, options)
+            weight, scale_inv = self.weight[e], self.weight_scale_inv[e]
+            y = dequantized_fp8_linear(x, weight, scale_inv, self.block_size, options)
             if y is not None:
                 return y
+            if (
+                x.dtype == torch.bfloat16
+                and uses_native(x, options.matvec)
+                and native.available()
+                and native.fits_fp8(weight, scale_inv, self.block_size)
+            ):  # a few rows (an expert's share of a prompt): the FP8 bytes read in place, the same values
+                return native.linear(x, weight, fp8=native.Fp8Grid.of(scale_inv, self.block_size, x.dtype))
         return matmul_wt(x, self.expert_weight(e, x.dtype), options)
 
     @torch.no_grad()
