@@ -113,8 +113,8 @@ def dequantized_fp8_linear(
 
     Why: the torch dequantization takes six passes over the weight and `widened_linear` one more; for a 200-token
     prompt that cost more than the GEMM itself (a 2816 x 1024 weight: 9.6 ms against 8.4)."""
-    if not (widens(x, options) and x.dtype == torch.bfloat16 and native.fits_dequantize_fp8(weight, scale_inv)):
-        return None
+    if torch.compiler.is_compiling() or not (widens(x, options) and native.fits_dequantize_fp8(weight, scale_inv)):
+        return None  # (inductor picks its own kernels, as in `matmul_wt`)
     N, K = weight.shape
     rows = max(1, WIDEN_MAX_ELEMENTS // max(1, K))  # widened_linear's blocks: the same products
     xf = x.float()
