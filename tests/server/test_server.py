@@ -207,7 +207,11 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server, client, to
     assert m["dsv3_requests_active"] == 0 and m["dsv3_queue_depth"] == 0
 
 
-def test_client_disconnect_frees_the_slot(server, client):
+def test_client_disconnect_frees_the_slot(server, client, monkeypatch):
+    # Each decode step takes at least 10 ms here, so MAX_TOKENS tokens outlast the client's 0.5 s timeout below
+    # however fast the step itself is (the tiny model's steps got fast enough to finish first).
+    real_step, steps = engine_mod.decode_step, []
+    monkeypatch.setattr(engine_mod, "decode_step", lambda *a: steps.append(time.sleep(0.01)) or real_step(*a))
     before = metrics(server)
     stream = client.completions.create(
         model=MODEL, prompt="A very long story", max_tokens=MAX_TOKENS, temperature=0, stream=True
@@ -229,6 +233,7 @@ def test_client_disconnect_frees_the_slot(server, client):
     m = wait_for_metric(server, "dsv3_cache_slots_in_use", 0)
     assert m[cancelled] == before[cancelled] + 2
     assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=2).usage.completion_tokens >= 1
+    assert steps  # the engine's steps went through the slowed function
 
 
 def test_flood_past_the_queue_gets_429_while_admitted_requests_finish(start_server, tokenizer, offline):
