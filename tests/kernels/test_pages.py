@@ -60,8 +60,14 @@ def test_loaded_and_derived_weights_sit_in_huge_pages(tmp_path, tiny_cfg, quanti
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(cfg, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)
-    loaded = dsv3.DeepSeekV3.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize=quantize)
-    head = loaded.lm_head.weight
+    # Up to three loads, each kept alive: the kernel may back one range with small pages when it has no free 2 MiB
+    # block at that moment (seen once in a full run); weights allocated without the advice never get huge pages.
+    kept = []
+    for _ in range(3):
+        kept.append(dsv3.DeepSeekV3.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize=quantize))
+        head = kept[-1].lm_head.weight
+        if pages.huge_page_bytes(head) >= pages.HUGE_PAGE:
+            break
     assert pages.huge_page_bytes(head) >= pages.HUGE_PAGE
     if quantize is None:
         assert torch.equal(head, model.lm_head.weight)

@@ -353,17 +353,24 @@ def plan_stack(layers: nn.ModuleList, x: torch.Tensor, cache: CacheBatch | None)
     return made.stack
 
 
+def _layer_stores(cache: LatentCache, layer_indices: list[int]) -> list[int]:
+    """The data pointer of each layer's latent store [slots, positions, R+Dr] in `cache` (model layer indices)."""
+    kv = cache.kv
+    layer_bytes = kv.stride(0) * kv.element_size()
+    return [kv.data_ptr() + (i - cache.first_layer) * layer_bytes for i in layer_indices]
+
+
 def forward_stack(
     layers: nn.ModuleList, stack: native.LayerStack, x: torch.Tensor, rotary: RotaryEmbedding, cache: CacheBatch
 ) -> torch.Tensor:
     """Every layer's `forward(x, cos, sin, cache)` in turn through `native.decode_pass` (after `plan_stack`), at the
     positions after each row's cached tokens (`cache.positions`)."""
     kv = cache.cache.kv
-    layer_bytes = kv.stride(0) * kv.element_size()
-    index = [layer.self_attn.layer_idx - cache.cache.first_layer for layer in layers]
-    if not 0 <= min(index) <= max(index) < len(kv):  # as `CacheBatch.update` would fail
+    indices = [layer.self_attn.layer_idx for layer in layers]
+    if not 0 <= min(indices) - cache.cache.first_layer <= max(indices) - cache.cache.first_layer < len(kv):
+        # as `CacheBatch.update` would fail
         raise IndexError(f"the cache holds {len(kv)} layers from layer {cache.cache.first_layer}, not these layers")
-    stores = [kv.data_ptr() + i * layer_bytes for i in index]
+    stores = _layer_stores(cache.cache, indices)
     # Padding positions (up to T past a row's start) get angles too: cover the cache's length plus one pass.
     rope_cos, rope_sin = rotary.table(cache.cache.max_len + x.shape[1])
     return native.decode_pass(
@@ -417,8 +424,7 @@ def decode_logits(
         head = _HEADS[model] = _Head(model, stack.dtype)
     if head.weights is None or not stack.current(stack.dtype, tokens_per_row):  # the cheaper check first
         return None
-    layer_bytes = kv.stride(0) * kv.element_size()
-    stores = [kv.data_ptr() + (i - cache.first_layer) * layer_bytes for i in stack.layer_indices]
+    stores = _layer_stores(cache, stack.layer_indices)
     rope_cos, rope_sin = model.rotary.table(cache.max_len + tokens_per_row)
     try:
         return native.decode_step(
@@ -537,8 +543,7 @@ def draft_logits(
         made = plans[depth] = _Mtp(model, depth, hidden.dtype)
     if made.weights is None or T not in made.queries:
         return None
-    layer_bytes = kv.stride(0) * kv.element_size()
-    store = kv.data_ptr() + (mtp_layers[depth].self_attn.layer_idx - cache.first_layer) * layer_bytes
+    (store,) = _layer_stores(cache, [mtp_layers[depth].self_attn.layer_idx])
     rope_cos, rope_sin = model.rotary.table(cache.max_len + T)
     try:
         return native.mtp_draft(
@@ -598,12 +603,9 @@ def speculative_greedy(
         or not stack.current(stack.dtype, 2)
     ):
         return None
-    layer_bytes = kv.stride(0) * kv.element_size()
-    stores = [kv.data_ptr() + (i - main_cache.first_layer) * layer_bytes for i in stack.layer_indices]
+    stores = _layer_stores(main_cache, stack.layer_indices)
     mtp_layer = model.mtp[0]
-    mtp_store = (
-        mkv.data_ptr() + (mtp_layer.self_attn.layer_idx - mtp_cache.first_layer) * mkv.stride(0) * mkv.element_size()
-    )
+    (mtp_store,) = _layer_stores(mtp_cache, [mtp_layer.self_attn.layer_idx])
     rope_cos, rope_sin = model.rotary.table(main_cache.max_len + 2)
     try:
         return native.speculative_step(
