@@ -21,7 +21,7 @@ def test_quantize_int8_error_is_at_most_half_a_step_per_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M, N, K", [(1, 40, 64), (5, 17, 264), (3, 16, 33)])
+@pytest.mark.parametrize("M, N, K", [(1, 40, 64), (5, 17, 264), (3, 16, 33), (10, 17, 24), (4, 7, 272)])
 def test_linear_int8_matches_the_reference(dtype, M, N, K):
     torch.manual_seed(0)
     q, scale = quantize_int8(torch.randn(N, K), dtype)
@@ -32,5 +32,5 @@ def test_linear_int8_matches_the_reference(dtype, M, N, K):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     scale_out = exact.abs().max()
     assert (got - exact).abs().max() <= tol * scale_out and (ref - exact).abs().max() <= tol * scale_out
-    if K % 8:  # the shapes torch's kernel mishandles take the reference itself
+    if K % 16:  # the shapes torch's kernel mishandles (K = 24 and 264 crash it on AVX-512) take the reference
         assert torch.equal(got, ref)

@@ -11,9 +11,11 @@ Why each choice:
   inputs: decode-sized ones on x86-64 go to `kernels.native` instead): it converts each
   int8 weight in registers and reads each weight byte once, which is what makes 8-bit weights
   faster than 16-bit on a memory-bound decode step (a dequantize-then-matmul reads them three times).
-  In torch 2.13 its bf16 path crashes or returns NaN when the input width K is not a multiple of 8
-  (seen at K = 33 and 300); those shapes, and any device or dtype it does not take, run
-  `linear_int8_reference` (dequantize, then F.linear), which the fast path is tested against.
+  In torch 2.13 its bf16 path crashes or returns garbage when the input width K is not a multiple of 8
+  on AVX2 CPUs (seen at K = 33 and 300), and of 16 on AVX-512 ones (K = 24, 264, 4104: a segfault
+  from two rows up); so it takes only K % 16 == 0 (every DeepSeek width). Other shapes, and any device
+  or dtype it does not take, run `linear_int8_reference` (dequantize, then F.linear), which the fast
+  path is tested against.
 - Decode-sized inputs in `kernels.native` multiply the int8 weights by int16 activation rows (one scale
   per row, max |row| / 32767: each activation off by at most 2**-16 of its row's largest, against the
   weights' 2**-8 of theirs), 16 products per instruction into int32 sums: 1.2x / 1.4x the fp32-widening
@@ -55,7 +57,7 @@ def linear_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     fits = (
         x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and K % 8 == 0
+        and K % 16 == 0  # see the module docstring: torch's kernel mishandles other widths
         and x.numel() > 0
         and q.is_contiguous()
     )
