@@ -291,6 +291,29 @@ def test_expert_strategies_on_fp8_weights(tiny_cfg):
         order, counts = moe.sort_by_expert(idx, experts.num_experts)
         x_sorted = x[order // 2]
         reference = moe.experts_reference(experts, x_sorted, counts)
-        assert moe.choose_strategy(experts, x_sorted) == "loop"  # no grouped GEMM on FP8 weights
-        for name in ("loop", "gather"):
+        # no grouped GEMM on FP8 weights: its products group by group, each expert dequantized in turn
+        assert moe.choose_strategy(experts, x_sorted) == "dequantized"
+        assert moe.choose_strategy(experts, x_sorted[:2]) == "loop"
+        for name in ("loop", "gather", "dequantized"):
             assert torch.allclose(experts.compute(x_sorted, counts, name), reference, atol=1e-5), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dequantized_strategy_has_the_grouped_gemms_bits(tiny_cfg, fused):
+    """What lets an FP8 checkpoint kept as FP8 prefill to the bits of the same checkpoint dequantized at load:
+    torch's grouped GEMM equals a GEMM per group here (bf16, ragged groups, an empty one), gate and up fused or not."""
+    import dsv3.model.moe as moe
+
+    torch.manual_seed(0)
+    experts = moe.Experts(tiny_cfg).to(torch.bfloat16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    counts = torch.zeros(experts.num_experts, dtype=torch.long)
+    counts[: min(5, experts.num_experts)] = torch.tensor([7, 0, 1, 30, 3])[: min(5, experts.num_experts)]
+    x = torch.randn(int(counts.sum()), tiny_cfg.hidden_size).bfloat16()
+    with torch.no_grad():
+        if fused:
+            experts.fuse_()
+        grouped = experts.compute(x, counts, "grouped")
+        assert torch.equal(experts.compute(x, counts, "dequantized"), grouped)
+        assert not torch.equal(experts.compute(x, counts.roll(1), "dequantized"), grouped)

@@ -294,6 +294,28 @@ def _experts_loop(
     return out
 
 
+def _experts_dequantized(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """`_experts_grouped` group by group for 8-bit experts: each active expert's weights dequantized to x's dtype,
+    then the GEMMs one group of the grouped call runs (gate and up as one [2F, D] weight).
+
+    Why: an FP8 checkpoint kept as FP8 must give the logits of the same checkpoint dequantized at load
+    (`fp8_compute="dequant"`), which runs "grouped" on a prompt; torch's grouped GEMM on CPU is a GEMM per
+    group, so these are its bits (tests/model/test_moe.py checks that on this torch), while the native
+    kernels' order, which the loop takes for an expert's few rows, is another."""
+    out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
+    dtype = x_ND.dtype
+    begin = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        rows = x_ND[begin : begin + n]
+        gate_up = torch.cat([experts.gate_proj.expert_weight(e, dtype), experts.up_proj.expert_weight(e, dtype)])
+        g, u = F.linear(rows, gate_up).chunk(2, dim=-1)
+        out[begin : begin + n] = F.linear(F.silu(g) * u, experts.down_proj.expert_weight(e, dtype))
+        begin += n
+    return out
+
+
 def _experts_gather(experts: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Each row's expert weights gathered, then batched matmuls: no host sync, no data-dependent shape.
 
@@ -362,22 +384,24 @@ EXPERT_STRATEGIES: dict[str, Callable[[Experts, torch.Tensor, torch.Tensor], tor
     "loop": _experts_loop,
     "gather": _experts_gather,
     "native": _experts_native,
+    "dequantized": _experts_dequantized,
     "reference": experts_reference,
 }
 # Average rows per expert from which the grouped GEMM beats the loop over active experts.
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 1
 
 
-def _grouped_mm_fits(experts: Experts, x_ND: torch.Tensor) -> bool:
-    w = experts.gate_proj.weight
+def _grouped_mm_fits(experts: Experts, x_ND: torch.Tensor, weight_dtype: torch.dtype | None = None) -> bool:
+    """Whether `_experts_grouped` takes these rows; `weight_dtype`: as if the weights were of that dtype."""
     D, F_ = experts.gate_proj.in_features, experts.gate_proj.out_features
+    if weight_dtype is None:
+        weight_dtype = None if experts.gate_proj.is_fp8 or experts.gate_proj.is_int8 else experts.gate_proj.weight.dtype
     return (
         hasattr(torch, "_grouped_mm")
         # _grouped_mm wants every row stride a multiple of 16 bytes (bf16 with 20-wide experts is not)
         and (D * x_ND.element_size()) % 16 == 0
         and (F_ * x_ND.element_size()) % 16 == 0
-        and not experts.gate_proj.is_fp8
-        and x_ND.dtype == w.dtype
+        and x_ND.dtype == weight_dtype
         and x_ND.dtype in (torch.bfloat16, torch.float32)
         and x_ND.shape[0] > 0
     )
@@ -390,6 +414,9 @@ def choose_strategy(experts: Experts, x_ND: torch.Tensor) -> str:
     - one grouped GEMM once experts see several rows each (prefill, large batches), where it fits,
       unless bf16 products are to run in fp32 (`InferenceOptions.matmul_dtype`): then the loop, which
       widens one expert's weights at a time (the grouped GEMM would need all experts' in fp32);
+    - FP8 experts (fp8_compute 'dequant') where the same checkpoint dequantized at load would run the grouped
+      GEMM: its products group by group, each active expert dequantized in turn (the same bits, and never
+      the whole stack in 16 bits);
     - otherwise the active experts only, each one's weights read once: in one call into the native
       kernels where the model's `matvec` is "native" and they take these weights, else a loop (decode).
     """
@@ -400,6 +427,9 @@ def choose_strategy(experts: Experts, x_ND: torch.Tensor) -> str:
         return "loop"  # fp32 products expert by expert: one expert's widened weights at a time
     if many_rows and _grouped_mm_fits(experts, x_ND):
         return "grouped"
+    if many_rows and experts.gate_proj.is_fp8 and experts.options.fp8_compute == "dequant":
+        if _grouped_mm_fits(experts, x_ND, weight_dtype=x_ND.dtype):
+            return "dequantized"  # what "grouped" computes on this checkpoint dequantized at load
     if experts.options.matvec == "native" and not torch.is_grad_enabled() and _native_fits(experts, x_ND):
         return "native"
     return "loop"
