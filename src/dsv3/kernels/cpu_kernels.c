@@ -14,6 +14,10 @@
 // 4 = float32 holding bfloat16 values (outputs only: rounded to bf16, stored widened, as `y.bfloat16().float()`).
 // All strides are in elements; the innermost dimension of every operand is contiguous.
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define DSV3_AVX512 1
+#endif
+
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
@@ -114,7 +118,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define PREFETCH_AHEAD 2048
 #define DEFINE_DOT2(NAME, WTYPE, LOAD, MT)                                                              \
     static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
-                            const float *srow, int sbs, int rnd, float out[4][2]) {                     \
+                            const float *srow, int sbs, int rnd, float out[8][2]) {                     \
         (void)srow, (void)sbs, (void)rnd; /* FP8's block scales: unused by the other weight types */    \
         __m256 a0[MT], a1[MT], b0[MT], b1[MT];                                                          \
         _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) a0[m] = a1[m] = b0[m] = b1[m] = _mm256_setzero_ps(); \
@@ -147,8 +151,8 @@ static inline void store1(void *p, int64_t i, int type, float v) {
             float s0 = hsum(MT <= 2 ? _mm256_add_ps(a0[m], b0[m]) : a0[m]);                             \
             float s1 = hsum(MT <= 2 ? _mm256_add_ps(a1[m], b1[m]) : a1[m]);                             \
             for (int64_t kk = k; kk < K; kk++) {                                                        \
-                s0 += x[m * xs + kk] * (float)LOAD##_1(w0, kk);                                          \
-                s1 += x[m * xs + kk] * (float)LOAD##_1(w1, kk);                                          \
+                s0 = fmaf(x[m * xs + kk], (float)LOAD##_1(w0, kk), s0);                                  \
+                s1 = fmaf(x[m * xs + kk], (float)LOAD##_1(w1, kk), s1);                                  \
             }                                                                                           \
             out[m][0] = s0;                                                                             \
             out[m][1] = s1;                                                                             \
@@ -174,7 +178,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
     DEFINE_DOT2(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)           \
     DEFINE_DOT2(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)           \
     static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
-                                     int64_t K, const float *srow, int sbs, int rnd, float out[4][2]) {    \
+                                     int64_t K, const float *srow, int sbs, int rnd, float out[8][2]) {    \
         switch (mt) {                                                                                      \
             case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
             case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
@@ -214,7 +218,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         }                                                                                               \
         _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                          \
             float s0 = hsum(_mm256_add_ps(a0[m], b0[m]));                                               \
-            for (int64_t kk = k; kk < K; kk++) s0 += x[m * xs + kk] * (float)LOAD##_1(w0, kk);          \
+            for (int64_t kk = k; kk < K; kk++) s0 = fmaf(x[m * xs + kk], (float)LOAD##_1(w0, kk), s0);  \
             out[m] = s0;                                                                                \
         }                                                                                               \
     }
@@ -228,13 +232,143 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         else                                                                                            \
             dot1_##SUFFIX##_2(x, xs, w0, K, srow, sbs, rnd, out);                                       \
     }
+#ifdef DSV3_AVX512
+// The same products on 16-lane registers, for CPUs with AVX-512 (F, BW, VL, DQ; the build adds those flags
+// only where the CPU has them). Every lane does the arithmetic of one lane of the 8-wide kernels above, in the
+// same order, so results are bit for bit the AVX2 build's: dot2's accumulators for weight rows w0 and w1 sit
+// side by side in one register (lanes 0-7 and 8-15: [a0 | a1], the weights [w0[k..k+8) | w1[k..k+8)], the
+// activations x[k..k+8) in both halves); dot1's two accumulator sets over 16 columns are one register
+// ([a0 | b0] over 16 contiguous weights). Half the multiply-adds and widenings per weight, which is what
+// limits batched decode (the lm_head product with 8 rows ran at ~145 GFLOP/s, compute-bound, on 8-wide
+// registers). Eight activation rows (two full tiles of four, each row's arithmetic that of a tile of four)
+// share one widening of each weight vector: 32 registers hold their 8 accumulators.
+#define LDZ_PAIR_bf16(p0, p1, k) load2x8_bf16((p0) + (k), (p1) + (k))
+#define LDZ_PAIR_f32(p0, p1, k) _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps((p0) + (k))), _mm256_loadu_ps((p1) + (k)), 1)
+#define LDZ_PAIR_fp8(p0, p1, k) _mm512_insertf32x8(_mm512_castps256_ps512(LD_fp8(p0, k)), LD_fp8(p1, k), 1)
+#define LDZ_16_bf16(p, k) load16_bf16((p) + (k))
+#define LDZ_16_f32(p, k) _mm512_loadu_ps((p) + (k))
+#define LDZ_16_fp8(p, k) load16z_fp8((p) + (k), srow[(k) >> sbs], rnd)
+static inline __m512 load2x8_bf16(const uint16_t *p0, const uint16_t *p1) {
+    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p0)),
+                                              _mm_loadu_si128((const __m128i *)p1), 1);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 load16z_fp8(const uint8_t *p, float scale, int round) {
+    __m256 lo, hi;
+    load16_fp8(p, scale, round, &lo, &hi);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+static inline __m512 bcast8(const float *p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
+static inline __m256 lo8(__m512 v) { return _mm512_castps512_ps256(v); }
+static inline __m256 hi8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
+
+#define DEFINE_DOT2Z(NAME, WTYPE, LOAD, MT)                                                             \
+    static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, const WTYPE *w1, int64_t K,    \
+                            const float *srow, int sbs, int rnd, float out[8][2]) {                     \
+        (void)srow, (void)sbs, (void)rnd;                                                               \
+        __m512 a[MT], b[MT];                                                                            \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) a[m] = b[m] = _mm512_setzero_ps();         \
+        int64_t k = 0;                                                                                  \
+        for (; MT <= 2 && k + 16 <= K; k += 16) {                                                       \
+            _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            const __m512 v = LDZ_PAIR_##LOAD(w0, w1, k), u = LDZ_PAIR_##LOAD(w0, w1, k + 8);            \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                      \
+                a[m] = _mm512_fmadd_ps(v, bcast8(x + m * xs + k), a[m]);                                \
+                b[m] = _mm512_fmadd_ps(u, bcast8(x + m * xs + k + 8), b[m]);                            \
+            }                                                                                           \
+        }                                                                                               \
+        for (; k + 8 <= K; k += 8) {                                                                    \
+            _mm_prefetch((const char *)(w0 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            _mm_prefetch((const char *)(w1 + k) + PREFETCH_AHEAD, _MM_HINT_T0);                         \
+            const __m512 v = LDZ_PAIR_##LOAD(w0, w1, k);                                                \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++)                                        \
+                a[m] = _mm512_fmadd_ps(v, bcast8(x + m * xs + k), a[m]);                                \
+        }                                                                                               \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                          \
+            float s0 = hsum(MT <= 2 ? _mm256_add_ps(lo8(a[m]), lo8(b[m])) : lo8(a[m]));                 \
+            float s1 = hsum(MT <= 2 ? _mm256_add_ps(hi8(a[m]), hi8(b[m])) : hi8(a[m]));                 \
+            for (int64_t kk = k; kk < K; kk++) {                                                        \
+                s0 = fmaf(x[m * xs + kk], (float)LD_##LOAD##_1(w0, kk), s0);                             \
+                s1 = fmaf(x[m * xs + kk], (float)LD_##LOAD##_1(w1, kk), s1);                             \
+            }                                                                                           \
+            out[m][0] = s0;                                                                             \
+            out[m][1] = s1;                                                                             \
+        }                                                                                               \
+    }
+#define DEFINE_DOT2Z_ALL(SUFFIX, WTYPE)                                                                 \
+    DEFINE_DOT2Z(dot2_##SUFFIX##_1, WTYPE, SUFFIX, 1)                                                   \
+    DEFINE_DOT2Z(dot2_##SUFFIX##_2, WTYPE, SUFFIX, 2)                                                   \
+    DEFINE_DOT2Z(dot2_##SUFFIX##_3, WTYPE, SUFFIX, 3)                                                   \
+    DEFINE_DOT2Z(dot2_##SUFFIX##_4, WTYPE, SUFFIX, 4)                                                   \
+    DEFINE_DOT2Z(dot2_##SUFFIX##_8, WTYPE, SUFFIX, 8)                                                   \
+    static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
+                                     int64_t K, const float *srow, int sbs, int rnd, float out[8][2]) {    \
+        switch (mt) {                                                                                      \
+            case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            case 4: dot2_##SUFFIX##_4(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            default: dot2_##SUFFIX##_8(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                      \
+        }                                                                                                  \
+    }
+
+#define DEFINE_DOT1Z(NAME, WTYPE, LOAD, MT)                                                             \
+    static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, int64_t K, const float *srow, int sbs, \
+                            int rnd, float out[2]) {                                                    \
+        (void)srow, (void)sbs, (void)rnd;                                                               \
+        __m512 ab[MT];                                                                                  \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) ab[m] = _mm512_setzero_ps();               \
+        int64_t k = 0;                                                                                  \
+        for (; k + 16 <= K; k += 16) {                                                                  \
+            if ((k * sizeof(WTYPE)) % 64 == 0)                                                          \
+                _mm_prefetch((const char *)(w0 + k) + DOT1_PREFETCH, _MM_HINT_T0);                      \
+            const __m512 v = LDZ_16_##LOAD(w0, k);                                                      \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++)                                        \
+                ab[m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * xs + k), ab[m]);                     \
+        }                                                                                               \
+        __m256 a0[MT], b0[MT];                                                                          \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) a0[m] = lo8(ab[m]), b0[m] = hi8(ab[m]);    \
+        for (; k + 8 <= K; k += 8) {                                                                    \
+            const __m256 v0 = LD_##LOAD(w0, k);                                                         \
+            _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++)                                        \
+                a0[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * xs + k), a0[m]);                    \
+        }                                                                                               \
+        _Pragma("GCC unroll 2") for (int m = 0; m < MT; m++) {                                          \
+            float s0 = hsum(_mm256_add_ps(a0[m], b0[m]));                                               \
+            for (int64_t kk = k; kk < K; kk++) s0 = fmaf(x[m * xs + kk], (float)LD_##LOAD##_1(w0, kk), s0); \
+            out[m] = s0;                                                                                \
+        }                                                                                               \
+    }
+#define DEFINE_DOT1Z_ALL(SUFFIX, WTYPE)                                                                 \
+    DEFINE_DOT1Z(dot1_##SUFFIX##_1, WTYPE, SUFFIX, 1)                                                   \
+    DEFINE_DOT1Z(dot1_##SUFFIX##_2, WTYPE, SUFFIX, 2)                                                   \
+    static inline void dot1_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, int64_t K,    \
+                                     const float *srow, int sbs, int rnd, float out[2]) {               \
+        if (mt == 1)                                                                                    \
+            dot1_##SUFFIX##_1(x, xs, w0, K, srow, sbs, rnd, out);                                       \
+        else                                                                                            \
+            dot1_##SUFFIX##_2(x, xs, w0, K, srow, sbs, rnd, out);                                       \
+    }
+DEFINE_DOT1Z_ALL(bf16, uint16_t)
+DEFINE_DOT1Z_ALL(f32, float)
+DEFINE_DOT1Z_ALL(fp8, uint8_t)
+DEFINE_DOT2Z_ALL(bf16, uint16_t)
+DEFINE_DOT2Z_ALL(f32, float)
+DEFINE_DOT2Z_ALL(fp8, uint8_t)
+#define DOT2_WIDEST 8  // activation rows one dot2 call takes
+#else
 DEFINE_DOT1_ALL(bf16, uint16_t, LD_bf16)
 DEFINE_DOT1_ALL(f32, float, LD_f32)
 DEFINE_DOT1_ALL(fp8, uint8_t, LD_fp8)
-
 DEFINE_DOT2_ALL(bf16, uint16_t, LD_bf16)
 DEFINE_DOT2_ALL(f32, float, LD_f32)
 DEFINE_DOT2_ALL(fp8, uint8_t, LD_fp8)
+#define DOT2_WIDEST 4
+#endif
 
 // Three contiguous rows (attention's key blocks, bf16 or fp32) against three or four activation rows: twelve
 // register accumulators instead of eight hide the FMA latency (1.27x the multiply-adds per second with
@@ -539,7 +673,7 @@ static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
 static void rows_times_weight(const float *x, const int16_t *xq, const float *xqs, int64_t xs, int64_t M,
                               const void *w, int wtype, int64_t ws, const float *scale, const fp8_grid *fq, int64_t n0,
                               int64_t n1, int64_t K, void *y, int ytype, int64_t ys, int key_block) {
-    float out[4][2], out3[4][3];
+    float out[8][2], out3[4][3];
     int64_t n = n0;
     for (; key_block && M >= 3 && (wtype == T_BF16 || wtype == T_F32) && n + 3 <= n1; n += 3) {
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -586,10 +720,12 @@ static void rows_times_weight(const float *x, const int16_t *xq, const float *xq
         }
         return;
     }
+    const int eight_rows = DOT2_WIDEST == 8 && (wtype == T_BF16 || wtype == T_F32 || (wtype == T_FP8 && !fq->act));
     for (; n < n1; n += 2) {
         const int64_t n_b = n + 1 < n1 ? n + 1 : n;  // an odd tail row is computed twice, stored once
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {  // up to four rows at a time (dot2_*_N keep them in registers)
-            const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
+        for (int64_t m0 = 0, mt; m0 < M; m0 += mt) {  // up to four rows at a time (dot2_*_N keep them in registers)
+            mt = M - m0 < 4 ? M - m0 : 4;
+            if (eight_rows && M - m0 >= 8) mt = 8;  // two tiles of four, the same arithmetic per row
             const float *xm = x + m0 * xs;
             if (wtype == T_I8) {  // always with int16 rows (callers quantize x)
                 dot2_i8q(xq + m0 * xs, xs, mt, (const int8_t *)w + n * ws, (const int8_t *)w + n_b * ws, K, out);
