@@ -34,3 +34,23 @@ def test_linear_int8_matches_the_reference(dtype, M, N, K):
     assert (got - exact).abs().max() <= tol * scale_out and (ref - exact).abs().max() <= tol * scale_out
     if K % 16:  # the shapes torch's kernel mishandles (K = 24 and 264 crash it on AVX-512) take the reference
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N, K", [(1, 1), (7, 13), (40, 64), (33, 1031)])
+def test_dequantize_int8_is_the_torch_expression_value_for_value(dtype, N, K):
+    """The one-pass native dequantization (where the kernels run) against `(q.float() * scale).to(dtype)`: every
+    int8 code, scales spanning 2**-20..2**6 (products that round to bf16 both ways), column tails, strided rows."""
+    from dsv3.kernels import native
+    from dsv3.kernels.int8 import dequantize_int8_reference
+
+    torch.manual_seed(N * K)
+    q = torch.randint(-128, 128, (N, K + 5), dtype=torch.int8)[:, 2 : K + 2]  # rows strided, not contiguous
+    q[0, : min(K, 256)] = torch.arange(-128, 128, dtype=torch.int8)[: min(K, 256)]
+    scale = torch.exp2(torch.empty(N).uniform_(-20, 6)) * (1 + torch.rand(N))
+    got = dequantize_int8(q, scale, dtype)
+    assert got.dtype == dtype and got.shape == (N, K)
+    assert torch.equal(got, dequantize_int8_reference(q, scale, dtype))
+    if native.available():
+        assert native.fits_dequantize_int8(q, scale, dtype)
+        assert not native.fits_dequantize_int8(q, scale.bfloat16(), dtype)  # bf16 scales: the torch expression

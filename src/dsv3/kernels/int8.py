@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import pages
+from . import native, pages
 
 INT8_MAX = 127.0
 
@@ -42,7 +42,14 @@ def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> t
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """q * scale per output channel, in fp32, rounded once to `dtype`."""
+    """q * scale per output channel, in fp32, rounded once to `dtype` (one native pass where it applies)."""
+    if not torch.compiler.is_compiling() and native.fits_dequantize_int8(q, scale, dtype):
+        return native.dequantize_int8(q, scale, dtype)
+    return dequantize_int8_reference(q, scale, dtype)
+
+
+def dequantize_int8_reference(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The spec of `dequantize_int8`, in torch."""
     return (q.float() * scale.float()[..., None]).to(dtype)
 
 
