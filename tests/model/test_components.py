@@ -317,3 +317,26 @@ def test_dequantized_strategy_has_the_grouped_gemms_bits(tiny_cfg, fused):
         grouped = experts.compute(x, counts, "grouped")
         assert torch.equal(experts.compute(x, counts, "dequantized"), grouped)
         assert not torch.equal(experts.compute(x, counts.roll(1), "dequantized"), grouped)
+
+
+def test_int8_experts_take_a_prompt_expert_by_expert(tiny_cfg):
+    """Many rows on int8 experts: the loop (each expert's rows through `int8_matmul`), not the native decode kernel,
+    even where the model's matvec is native and bf16 products stay bf16."""
+    import dsv3.model.moe as moe
+    from dsv3.kernels import native
+
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval()
+    matvec = "native" if native.available() else "mkl"
+    model.prepare_for_inference(InferenceOptions(quantize="int8", matvec=matvec, matmul_dtype="bf16"))
+    experts = next(layer.mlp.experts for layer in model.model.layers if isinstance(layer.mlp, moe.MoE))
+    x = torch.randn(40, tiny_cfg.hidden_size).bfloat16()
+    idx = torch.randint(0, tiny_cfg.n_routed_experts, (40, tiny_cfg.num_experts_per_tok))
+    with torch.no_grad():
+        order, counts = moe.sort_by_expert(idx, experts.num_experts)
+        x_sorted = x[order // idx.shape[1]]
+        assert moe.choose_strategy(experts, x_sorted) == "loop"
+        assert moe.choose_strategy(experts, x_sorted[:1]) == ("native" if native.available() else "loop")
+        reference = moe.experts_reference(experts, x_sorted, counts)
+        got = experts.compute(x_sorted, counts)
+    assert ((got.float() - reference.float()).abs() <= 0.02 * reference.float().abs().max()).all()
