@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from dsv3.llamacpp import counterpart, parse_tables
 
 # What the anchor script printed for a `small` checkpoint here (llama.cpp 0c1e570): llama-bench's markdown and
@@ -58,8 +60,12 @@ def test_bench_divides_by_the_anchor_figures(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
-    row = json.loads(out.read_text())["rows"][0]
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
     assert row["row"] == "decode b=1 after 128" and row["llamacpp"] == 31.5
+    # the host, for comparing runs across machines
+    assert result["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["meta"]["native_kernels"] in ("avx2", "avx512", None)
     assert abs(row["llamacpp_ratio"] - row["dsv3"] / 31.5) < 1e-9
     assert "llama.cpp round 2/2" in run.stdout and "bf16 tg16 @ d128" in run.stdout
     assert (tmp_path / "cache" / "bench-tiny" / "config.json").is_file()  # the checkpoint llama.cpp was given

@@ -408,7 +408,12 @@ def run_bench(
                 f"{'decode b=1 / bandwidth bound':34s} {ours:.1f} of {bound:.1f} tokens/s = {ours / bound:.0%} "
                 f"({need / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s, the best bf16 matvec here)"
             )
+    from .kernels import native
+
     meta = {"config": config, "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps}
+    # Which host this was (runs are compared across hosts): torch's CPU capability and the native kernels' build.
+    meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    meta["native_kernels"] = native.isa() if native.available() else None
     if layout is not None:
         meta["parallel"] = layout
     return {"rows": results, "meta": meta}
