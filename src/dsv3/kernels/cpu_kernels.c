@@ -172,20 +172,24 @@ static inline void store1(void *p, int64_t i, int type, float v) {
 #define LD_f32_1(p, k) ((p)[k])
 #define LD_fp8_1(p, k) (rnd ? bf16_to_f32(f32_to_bf16(fp8_to_f32((p)[k]) * srow[(k) >> sbs])) : fp8_to_f32((p)[k]) * srow[(k) >> sbs])
 
-#define DEFINE_DOT2_ALL(SUFFIX, WTYPE, LOAD)                 \
-    DEFINE_DOT2(dot2_##SUFFIX##_1, WTYPE, LOAD, 1)           \
-    DEFINE_DOT2(dot2_##SUFFIX##_2, WTYPE, LOAD, 2)           \
-    DEFINE_DOT2(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)           \
-    DEFINE_DOT2(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)           \
+// dot2_SUFFIX(mt): the kernel for mt rows (1-4; WIDEST, 4 or 8, for more: the caller passes at most WIDEST).
+#define DEFINE_DOT2_DISPATCH(SUFFIX, WTYPE, WIDEST)                                                       \
     static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
                                      int64_t K, const float *srow, int sbs, int rnd, float out[8][2]) {    \
         switch (mt) {                                                                                      \
             case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
             case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
             case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
-            default: dot2_##SUFFIX##_4(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                      \
+            case 4: dot2_##SUFFIX##_4(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
+            default: dot2_##SUFFIX##_##WIDEST(x, xs, w0, w1, K, srow, sbs, rnd, out); break;               \
         }                                                                                                  \
     }
+#define DEFINE_DOT2_ALL(SUFFIX, WTYPE, LOAD)                 \
+    DEFINE_DOT2(dot2_##SUFFIX##_1, WTYPE, LOAD, 1)           \
+    DEFINE_DOT2(dot2_##SUFFIX##_2, WTYPE, LOAD, 2)           \
+    DEFINE_DOT2(dot2_##SUFFIX##_3, WTYPE, LOAD, 3)           \
+    DEFINE_DOT2(dot2_##SUFFIX##_4, WTYPE, LOAD, 4)           \
+    DEFINE_DOT2_DISPATCH(SUFFIX, WTYPE, 4)
 
 // One or two activation rows against ONE weight row: dot2's one/two-row arithmetic (two accumulator sets
 // over each 16 columns, then 8, then the scalar tail: the same bits), but the weights are read as a single
@@ -222,9 +226,7 @@ static inline void store1(void *p, int64_t i, int type, float v) {
             out[m] = s0;                                                                                \
         }                                                                                               \
     }
-#define DEFINE_DOT1_ALL(SUFFIX, WTYPE, LOAD)                                                            \
-    DEFINE_DOT1(dot1_##SUFFIX##_1, WTYPE, LOAD, 1)                                                      \
-    DEFINE_DOT1(dot1_##SUFFIX##_2, WTYPE, LOAD, 2)                                                      \
+#define DEFINE_DOT1_DISPATCH(SUFFIX, WTYPE)                                                             \
     static inline void dot1_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, int64_t K,    \
                                      const float *srow, int sbs, int rnd, float out[2]) {               \
         if (mt == 1)                                                                                    \
@@ -232,6 +234,10 @@ static inline void store1(void *p, int64_t i, int type, float v) {
         else                                                                                            \
             dot1_##SUFFIX##_2(x, xs, w0, K, srow, sbs, rnd, out);                                       \
     }
+#define DEFINE_DOT1_ALL(SUFFIX, WTYPE, LOAD)                                                            \
+    DEFINE_DOT1(dot1_##SUFFIX##_1, WTYPE, LOAD, 1)                                                      \
+    DEFINE_DOT1(dot1_##SUFFIX##_2, WTYPE, LOAD, 2)                                                      \
+    DEFINE_DOT1_DISPATCH(SUFFIX, WTYPE)
 #ifdef DSV3_AVX512
 // The same products on 16-lane registers, for CPUs with AVX-512 (F, BW, VL, DQ; the build adds those flags
 // only where the CPU has them). Every lane does the arithmetic of one lane of the 8-wide kernels above, in the
@@ -305,16 +311,7 @@ static inline __m256 hi8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
     DEFINE_DOT2Z(dot2_##SUFFIX##_3, WTYPE, SUFFIX, 3)                                                   \
     DEFINE_DOT2Z(dot2_##SUFFIX##_4, WTYPE, SUFFIX, 4)                                                   \
     DEFINE_DOT2Z(dot2_##SUFFIX##_8, WTYPE, SUFFIX, 8)                                                   \
-    static inline void dot2_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, const WTYPE *w1, \
-                                     int64_t K, const float *srow, int sbs, int rnd, float out[8][2]) {    \
-        switch (mt) {                                                                                      \
-            case 1: dot2_##SUFFIX##_1(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
-            case 2: dot2_##SUFFIX##_2(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
-            case 3: dot2_##SUFFIX##_3(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
-            case 4: dot2_##SUFFIX##_4(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                       \
-            default: dot2_##SUFFIX##_8(x, xs, w0, w1, K, srow, sbs, rnd, out); break;                      \
-        }                                                                                                  \
-    }
+    DEFINE_DOT2_DISPATCH(SUFFIX, WTYPE, 8)
 
 #define DEFINE_DOT1Z(NAME, WTYPE, LOAD, MT)                                                             \
     static inline void NAME(const float *x, int64_t xs, const WTYPE *w0, int64_t K, const float *srow, int sbs, \
@@ -346,13 +343,7 @@ static inline __m256 hi8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
 #define DEFINE_DOT1Z_ALL(SUFFIX, WTYPE)                                                                 \
     DEFINE_DOT1Z(dot1_##SUFFIX##_1, WTYPE, SUFFIX, 1)                                                   \
     DEFINE_DOT1Z(dot1_##SUFFIX##_2, WTYPE, SUFFIX, 2)                                                   \
-    static inline void dot1_##SUFFIX(const float *x, int64_t xs, int mt, const WTYPE *w0, int64_t K,    \
-                                     const float *srow, int sbs, int rnd, float out[2]) {               \
-        if (mt == 1)                                                                                    \
-            dot1_##SUFFIX##_1(x, xs, w0, K, srow, sbs, rnd, out);                                       \
-        else                                                                                            \
-            dot1_##SUFFIX##_2(x, xs, w0, K, srow, sbs, rnd, out);                                       \
-    }
+    DEFINE_DOT1_DISPATCH(SUFFIX, WTYPE)
 DEFINE_DOT1Z_ALL(bf16, uint16_t)
 DEFINE_DOT1Z_ALL(f32, float)
 DEFINE_DOT1Z_ALL(fp8, uint8_t)
