@@ -300,7 +300,7 @@ def _experts_dequantized(experts: Experts, x_ND: torch.Tensor, counts_E: torch.T
 
     Why: an FP8 checkpoint kept as FP8 must give the logits of the same checkpoint dequantized at load
     (`fp8_compute="dequant"`), which runs "grouped" on a prompt; torch's grouped GEMM on CPU is a GEMM per
-    group, so these are its bits (tests/model/test_moe.py checks that on this torch), while the native
+    group, so these are its bits (tests/model/test_components.py checks that on this torch), while the native
     kernels' order, which the loop takes for an expert's few rows, is another."""
     out = x_ND.new_empty(x_ND.shape[0], experts.down_proj.out_features)
     dtype = x_ND.dtype
