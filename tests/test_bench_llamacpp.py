@@ -71,6 +71,31 @@ def test_bench_divides_by_the_anchor_figures(tmp_path):
     assert (tmp_path / "cache" / "bench-tiny" / "config.json").is_file()  # the checkpoint llama.cpp was given
 
 
+def test_a_type_llama_cpp_aborts_on_is_left_out_and_the_others_compared(tmp_path):
+    """As q8_0 aborts with ggml's AMX buffers while bf16 runs: the bf16 ratio still comes out, q8_0 gets a note."""
+    script = tmp_path / "anchor.sh"
+    bf16_part = ANCHOR_OUTPUT.split("## llama.cpp q8_0")[0]
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        "if [[ $2 == q8_0 ]]; then echo 'GGML_ASSERT(*cur_backend_id != -1) failed' >&2; exit 134; fi\n"
+        f"cat <<'EOF'\n{bf16_part}EOF\n"
+    )
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1,decode1_int8", "--steps", "1"]
+        + ["--no-transformers", "--llamacpp", str(script), "--json", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "llama.cpp q8_0 left out" in run.stdout and "GGML_ASSERT" in run.stdout
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["decode b=1 after 128"]["llamacpp"] == 31.5
+    assert "llamacpp" not in rows["decode b=1 after 128, int8"]
+
+
 def test_a_missing_anchor_script_is_one_error_line(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1", "--steps", "1"]

@@ -261,7 +261,7 @@ def with_llamacpp(
             for r in again["rows"]:
                 ours.setdefault(r["row"], []).append(r["dsv3"])
         log(f"llama.cpp round {round_no + 1}/{args.rounds}: {', '.join(types)} on {ckpt} ({threads} threads)")
-        anchors.append(llamacpp.run_anchor(args.llamacpp, ckpt, types, threads, quick))
+        anchors.append(llamacpp.run_anchor_by_type(args.llamacpp, ckpt, types, threads, quick, log))
     log("")
     log(f"{'row':34s} {'dsv3':>9s} {'llama.cpp':>10s}  {'ratio':>7s}  llama.cpp test")
     for r in first["rows"]:
@@ -490,7 +490,12 @@ def add_commands(sub) -> None:
         "llama.cpp once, converts the benchmark model to GGUF) and print dsv3 / llama.cpp per row; quick "
         "(pp512, tg128) unless a 4096 or batch-8 row is asked for",
     )
-    s.add_argument("--llamacpp-types", default="bf16,q8_0", help="GGUF types for --llamacpp (int8 rows use q8_0)")
+    s.add_argument(
+        "--llamacpp-types",
+        default="bf16,q8_0",
+        help="GGUF types for --llamacpp (int8 rows use q8_0), run one at a time: a type llama.cpp fails on is left "
+        "out with a note",
+    )
     s.add_argument(
         "--rounds", type=int, default=1, help="with --llamacpp: alternate this many dsv3 and llama.cpp rounds (medians)"
     )

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RequestError
@@ -63,6 +64,34 @@ def run_anchor(
         tail = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RequestError(f"--llamacpp: {script} failed (exit {run.returncode}): {tail}")
     return parse_tables(run.stdout)
+
+
+def run_anchor_by_type(
+    script: str,
+    checkpoint: Path,
+    types: tuple[str, ...],
+    threads: int,
+    quick: bool,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """`run_anchor` one GGUF type at a time: a type whose run fails is left out with one line to `log`, and the
+    others are still compared; RequestError when the script is missing or every type fails.
+
+    Why: llama.cpp can abort on one type only (q8_0 with ggml's AMX buffers on an AMX CPU, while bf16 runs),
+    and the script stops at its first failure: run together, one type's abort lost every figure."""
+    if not os.path.isfile(script):
+        raise RequestError(f"--llamacpp: no such script {script!r} (the anchor is ../shared/anchors/llamacpp.sh)")
+    tables: dict[str, dict[str, float]] = {}
+    failures = []
+    for gguf in types:
+        try:
+            tables.update(run_anchor(script, checkpoint, (gguf,), threads, quick))
+        except RequestError as e:
+            failures.append(f"{gguf}: {e}")
+            log(f"llama.cpp {gguf} left out: {e}")
+    if not tables:
+        raise RequestError("; ".join(failures) or "--llamacpp: no GGUF types given")
+    return tables
 
 
 def counterpart(tables: dict[str, dict[str, float]], row: str) -> tuple[str, float] | None:
