@@ -28,6 +28,33 @@
 
 enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_FP8 = 3, T_F32_BF16 = 4 };
 
+// Wall time of a decode step's phases (scripts/decode_profile.py): compiled in only with -DDSV3_PROFILE
+// (`native.build(profile=True)`, `DSV3_NATIVE_PROFILE=1`). dsv3_profile[phase] sums seconds on the calling
+// thread, a phase's parallel regions included; PROF_STEPS counts `dsv3_decode_step` calls. Without the flag
+// the macro is the statement alone.
+enum { PROF_Q_IN, PROF_Q_B, PROF_ATTEND, PROF_O_PROJ, PROF_ROUTED, PROF_SHARED, PROF_DENSE, PROF_LAYERS, PROF_HEAD,
+       PROF_STEPS, PROF_PHASES };
+#ifdef DSV3_PROFILE
+#include <time.h>
+double dsv3_profile[PROF_PHASES];
+static inline double profile_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#define PROFILED(phase, stmt)                              \
+    do {                                                   \
+        const double t0_ = profile_clock();                \
+        stmt;                                              \
+        dsv3_profile[phase] += profile_clock() - t0_;      \
+    } while (0)
+#else
+#define PROFILED(phase, stmt) \
+    do {                      \
+        stmt;                 \
+    } while (0)
+#endif
+
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -1095,28 +1122,45 @@ done:
     return rc;
 }
 
-// out[c] = sum_i a[i] * w[i * ld + c] for c < cols (a vector times a [n, cols] matrix, bf16 or fp32): row by
-// row, the partial sums of every column kept in `out` (L1), so the weight is read in one sequential pass.
-// (Blocks of 64 columns in registers walked the rows once per block, in short strided runs: the attention's
-// absorbed queries of `small` took 0.38-0.44 ms per decode step that way, 0.30-0.31 now.) Each column's
-// sum is the same fma chain over i either way: the same bits.
+// out[c] = sum_i a[i] * w[i * ld + c] for c < cols (a vector times a [n, cols] matrix, bf16 or fp32): four rows
+// at a time, the partial sums of every column kept in `out` (L1), so the weight is read in one sequential pass,
+// prefetched eight rows ahead. Each column's sum is the fma chain over i in order (a[0] w[0, c] first) whatever
+// the grouping: the same bits as one row at a time, which stored and reloaded every partial sum once per row
+// (the absorbed queries of a `small` decode layer, W_UK's 512 KB: 52-61 us that way, 39-40 with four rows a
+// pass and the prefetch). (Blocks of 64 columns in registers walked the rows once per block, in short strided
+// runs: slower still.)
+#define VTM_AHEAD 8
+static inline __m256 vtm_load8(const void *w, int wtype, int64_t i) {
+    return wtype == T_BF16 ? load8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
 static void vec_times_matrix(const float *a, int64_t n, const void *w, int wtype, int64_t ld, int64_t cols,
                              float *out) {
     const int64_t c8 = cols / 8 * 8;
+    const size_t wsize = wtype == T_BF16 ? 2 : 4;
     for (int64_t c = 0; c < c8; c += 8) _mm256_storeu_ps(out + c, _mm256_setzero_ps());
-    for (int64_t i = 0; i < n; i++) {
-        const __m256 av = _mm256_set1_ps(a[i]);
-        const int64_t off = i * ld;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int64_t r = i + VTM_AHEAD; r < i + VTM_AHEAD + 4 && r < n; r++)
+            for (int64_t b = 0; b < c8 * (int64_t)wsize; b += 64)
+                _mm_prefetch((const char *)w + (size_t)(r * ld) * wsize + b, _MM_HINT_T0);
+        const __m256 a0 = _mm256_set1_ps(a[i]), a1 = _mm256_set1_ps(a[i + 1]);
+        const __m256 a2 = _mm256_set1_ps(a[i + 2]), a3 = _mm256_set1_ps(a[i + 3]);
+        const int64_t o0 = i * ld, o1 = o0 + ld, o2 = o1 + ld, o3 = o2 + ld;
         for (int64_t c = 0; c < c8; c += 8) {
-            const __m256 wv = wtype == T_BF16 ? load8_bf16((const uint16_t *)w + off + c)
-                                              : _mm256_loadu_ps((const float *)w + off + c);
-            _mm256_storeu_ps(out + c, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(out + c)));
+            __m256 acc = _mm256_fmadd_ps(a0, vtm_load8(w, wtype, o0 + c), _mm256_loadu_ps(out + c));
+            acc = _mm256_fmadd_ps(a1, vtm_load8(w, wtype, o1 + c), acc);
+            acc = _mm256_fmadd_ps(a2, vtm_load8(w, wtype, o2 + c), acc);
+            _mm256_storeu_ps(out + c, _mm256_fmadd_ps(a3, vtm_load8(w, wtype, o3 + c), acc));
         }
     }
-    int64_t c0 = c8;
-    for (; c0 < cols; c0++) {
+    for (; i < n; i++) {
+        const __m256 av = _mm256_set1_ps(a[i]);
+        for (int64_t c = 0; c < c8; c += 8)
+            _mm256_storeu_ps(out + c, _mm256_fmadd_ps(av, vtm_load8(w, wtype, i * ld + c), _mm256_loadu_ps(out + c)));
+    }
+    for (int64_t c0 = c8; c0 < cols; c0++) {
         float acc = 0.0f;
-        for (int64_t i = 0; i < n; i++) acc += a[i] * load1(w, i * ld + c0, wtype);
+        for (int64_t r = 0; r < n; r++) acc += a[r] * load1(w, r * ld + c0, wtype);
         out[c0] = acc;
     }
 }
@@ -1274,7 +1318,6 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
     int64_t NC = (nt + B - 1) / B;
     NC = NC < kblocks ? NC : kblocks;
     NC = NC > 0 ? NC : 1;
-    const int64_t per_chunk = (kblocks + NC - 1) / NC;
     const int64_t items = B * NC;
     float *q = (float *)aligned_alloc(64, (size_t)((B * M * C * 4 + 63) / 64 * 64 + 64));
     float *o = (float *)aligned_alloc(64, (size_t)((items * M * R * 4 + 63) / 64 * 64 + 64));
@@ -1307,9 +1350,9 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
             float *mx = ml + it * M * 2, *l = mx + M, *oc = o + it * M * R;
             for (int64_t m = 0; m < M; m++) mx[m] = -INFINITY, l[m] = 0.0f;
             memset(oc, 0, sizeof(float) * (size_t)(M * R));
-            const int64_t kb1 = (c + 1) * per_chunk < kblocks ? (c + 1) * per_chunk : kblocks;
-            for (int64_t kb = c * per_chunk; kb < kb1; kb++) {
-                const int64_t j0 = kb * KEY_BLOCK, nj = S - j0 < KEY_BLOCK ? S - j0 : KEY_BLOCK;
+            const int64_t k1 = (c + 1) * S / NC;  // chunks of S / NC keys: whole blocks left one thread idle
+            for (int64_t j0 = c * S / NC; j0 < k1; j0 += KEY_BLOCK) {  // (131 keys: 128 against 3)
+                const int64_t nj = k1 - j0 < KEY_BLOCK ? k1 - j0 : KEY_BLOCK;
                 attend_key_block(q + b * M * C, M, H, C, R, kvb, kvtype, kv_ss, j0, nj, S, T, scale,
                                  mask ? mask + b * m_bs : NULL, m_ts, sbuf, mx, l, oc);
             }
@@ -1544,13 +1587,15 @@ int dsv3_decode_layer(const dsv3_layer *L, int64_t B, int64_t T, const void *x, 
     if (!h || !xp || !qa || !qb || !qr || !kvn || !att || !x1 || !y || !sh) goto done;
     // Attention: norm, input projections (one fused product or two into one buffer), queries, latent.
     dsv3_rms_norm(M, D, x, t, D, L->norm_in, L->eps_in, h, D);
-    if ((rc = project(&L->q_in, M, h, t, D, xp, NX, nthreads))) goto done;
-    if (L->kv_a.rows && (rc = project(&L->kv_a, M, h, t, D, (char *)xp + asz * (size_t)NQ, NX, nthreads))) goto done;
+    PROFILED(PROF_Q_IN, rc = project(&L->q_in, M, h, t, D, xp, NX, nthreads);
+             if (!rc && L->kv_a.rows) rc = project(&L->kv_a, M, h, t, D, (char *)xp + asz * (size_t)NQ, NX, nthreads));
+    if (rc) goto done;
     const void *q = xp;
     int64_t q_rs = NX;
     if (L->QR) {
         dsv3_rms_norm(M, L->QR, xp, t, NX, L->norm_q, L->eps_q, qa, L->QR);
-        if ((rc = project(&L->q_b, M, qa, t, L->QR, qb, QH, nthreads))) goto done;
+        PROFILED(PROF_Q_B, rc = project(&L->q_b, M, qa, t, L->QR, qb, QH, nthreads));
+        if (rc) goto done;
         q = qb, q_rs = QH;
     }
     dsv3_rope(M, H, Dr / 2, (const char *)q + asz * (size_t)Dn, t, q_rs, Dn + Dr, cos_, sin_, Dr / 2, qr, H * Dr);
@@ -1559,26 +1604,31 @@ int dsv3_decode_layer(const dsv3_layer *L, int64_t B, int64_t T, const void *x, 
               (char *)kvn + asz * (size_t)R, C);
     for (int64_t m = 0; m < M; m++)
         if (write_off[m] >= 0) memcpy((char *)store + asz * (size_t)write_off[m], (char *)kvn + asz * (size_t)(m * C), asz * (size_t)C);
-    if ((rc = mla_attend(B, T, H, S, Dn, Dr, R, L->Dv, q, qr, t, T * q_rs, q_rs, Dn + Dr, T * H * Dr, H * Dr, Dr, store,
-                         t, 0, slot_off, C, L->w_uk, L->w_uv_t, t, L->softmax_scale, mask, T * S, S, att,
-                         T * H * L->Dv, H * L->Dv, L->Dv, nthreads)))
-        goto done;
-    if ((rc = project(&L->o_proj, M, att, t, H * L->Dv, y, D, nthreads))) goto done;
+    PROFILED(PROF_ATTEND,
+             rc = mla_attend(B, T, H, S, Dn, Dr, R, L->Dv, q, qr, t, T * q_rs, q_rs, Dn + Dr, T * H * Dr, H * Dr, Dr,
+                             store, t, 0, slot_off, C, L->w_uk, L->w_uv_t, t, L->softmax_scale, mask, T * S, S, att,
+                             T * H * L->Dv, H * L->Dv, L->Dv, nthreads));
+    if (rc) goto done;
+    PROFILED(PROF_O_PROJ, rc = project(&L->o_proj, M, att, t, H * L->Dv, y, D, nthreads));
+    if (rc) goto done;
     for (int64_t i = 0; i < M * D; i++) store1(x1, i, t, load1(x, i, t) + load1(y, i, t));
     // Feed-forward: norm, then the routed experts plus the shared ones, or the dense MLP.
     dsv3_rms_norm(M, D, x1, t, D, L->norm_post, L->eps_post, h, D);
     if (L->E) {
-        if ((rc = dsv3_moe(M, D, L->F, L->E, L->K, h, t, L->router_w, L->bias, L->scoring, L->method, L->n_group,
-                           L->topk_group, L->norm_topk, L->scaling, L->gate, L->up, L->etype, L->gu_es, L->gate_scale,
-                           L->up_scale, L->down, L->down_es, L->down_scale,
-                           L->etype == T_FP8 ? L->expert_fp8 : NULL, y, NULL, NULL, nthreads)))
-            goto done;
+        PROFILED(PROF_ROUTED,
+                 rc = dsv3_moe(M, D, L->F, L->E, L->K, h, t, L->router_w, L->bias, L->scoring, L->method, L->n_group,
+                               L->topk_group, L->norm_topk, L->scaling, L->gate, L->up, L->etype, L->gu_es,
+                               L->gate_scale, L->up_scale, L->down, L->down_es, L->down_scale,
+                               L->etype == T_FP8 ? L->expert_fp8 : NULL, y, NULL, NULL, nthreads));
+        if (rc) goto done;
         if (L->mlp_gate.rows) {
-            if ((rc = mlp_rows(L, M, h, sh, nthreads))) goto done;
+            PROFILED(PROF_SHARED, rc = mlp_rows(L, M, h, sh, nthreads));
+            if (rc) goto done;
             for (int64_t i = 0; i < M * D; i++) store1(y, i, t, load1(y, i, t) + load1(sh, i, t));
         }
-    } else if ((rc = mlp_rows(L, M, h, y, nthreads))) {
-        goto done;
+    } else {
+        PROFILED(PROF_DENSE, rc = mlp_rows(L, M, h, y, nthreads));
+        if (rc) goto done;
     }
     for (int64_t i = 0; i < M * D; i++) store1(out, i, t, load1(x1, i, t) + load1(y, i, t));
 done:
@@ -1723,15 +1773,18 @@ int dsv3_decode_step(int64_t n, const dsv3_layer *const *L, void *const *stores,
         for (int64_t b = 0; b < B; b++) starts[b] = lengths[slots[b]], counts[b] = T;
         for (int64_t m = 0; m < M; m++)
             memcpy(x + asz * (size_t)(m * D), (const char *)embed + asz * (size_t)(ids[m] * D), asz * (size_t)D);
-        rc = dsv3_decode_pass(n, L, stores, B, T, x, h, rope_cos, rope_sin, rope_len, slots, starts, counts,
-                              slot_stride, pos_stride, S, nthreads);
+        PROFILED(PROF_LAYERS, rc = dsv3_decode_pass(n, L, stores, B, T, x, h, rope_cos, rope_sin, rope_len, slots,
+                                                    starts, counts, slot_stride, pos_stride, S, nthreads));
         if (!rc) {
-            dsv3_rms_norm(M, D, h, t, D, head->norm, head->eps, hn, D);
             const dsv3_proj *p = &head->proj;
-            rc = dsv3_linear(1, M, p->rows, p->cols, hn, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
-                             p->type == T_FP8 ? &p->fp8 : NULL, logits, t == T_BF16 ? T_F32_BF16 : T_F32, 0,
-                             p->rows, nthreads);
+            PROFILED(PROF_HEAD, dsv3_rms_norm(M, D, h, t, D, head->norm, head->eps, hn, D);
+                     rc = dsv3_linear(1, M, p->rows, p->cols, hn, t, 0, D, p->w, p->type, 0, p->cols, p->scale, 0,
+                                      p->type == T_FP8 ? &p->fp8 : NULL, logits, t == T_BF16 ? T_F32_BF16 : T_F32, 0,
+                                      p->rows, nthreads));
         }
+#ifdef DSV3_PROFILE
+        dsv3_profile[PROF_STEPS] += 1;
+#endif
         if (!rc)  // as `CacheBatch.commit`: a slot named twice advances once
             for (int64_t b = 0; b < B; b++) lengths[slots[b]] = starts[b] + T;
     }
