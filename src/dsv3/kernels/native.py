@@ -16,6 +16,9 @@ On CPUs with AVX-512 (F, BW, VL, DQ) the file is built with those flags too and 
 registers, lane for lane the AVX2 arithmetic: the same bits, about half the instructions (the tests compare
 the two builds). `DSV3_NATIVE_ISA=avx2` keeps the AVX2 build on such a CPU.
 
+`DSV3_NATIVE_PROFILE=1` loads a build that times a decode step's phases (`profile()`; scripts/decode_profile.py
+prints them): the same arithmetic, a clock read around each phase.
+
 Every function here has a plain-torch reference in the tests; callers check `fits_*` first.
 """
 
@@ -42,6 +45,8 @@ ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-m
 _TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float8_e4m3fn: 3}
 _F32_HOLDING_BF16 = 4  # an output type: float32 storage of values rounded to bf16
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+# cpu_kernels.c's PROF_* phases, in order (the last, PROF_STEPS, counts decode steps).
+PROFILE_PHASES = ("q_in", "q_b", "attend", "o_proj", "routed", "shared", "dense", "layers", "head", "steps")
 
 
 def cache_dir() -> Path:
@@ -84,13 +89,13 @@ def cpu_has_bf16_products() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def build(out_dir: Path | None = None, target_isa: str | None = None) -> Path:
-    """Compile cpu_kernels.c for `target_isa` (default `isa()`; if not cached) and return the shared object's
-    path; RuntimeError on failure."""
+def build(out_dir: Path | None = None, target_isa: str | None = None, profile: bool = False) -> Path:
+    """Compile cpu_kernels.c for `target_isa` (default `isa()`; with `profile`, the phase timers; if not cached)
+    and return the shared object's path; RuntimeError on failure."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    flags = (*FLAGS, *ISA_FLAGS[target_isa or isa()])
+    flags = (*FLAGS, *ISA_FLAGS[target_isa or isa()], *(("-DDSV3_PROFILE",) if profile else ()))
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((cc, *flags)).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
@@ -116,7 +121,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("DSV3_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
         return None
     try:
-        return load(build())
+        return load(build(profile=os.environ.get("DSV3_NATIVE_PROFILE", "0") == "1"))
     except (RuntimeError, OSError) as e:
         print(f"dsv3: note: native CPU kernels unavailable ({e}); using torch's", file=sys.stderr)
         return None
@@ -159,6 +164,26 @@ def load(path: Path) -> ctypes.CDLL:
 def available() -> bool:
     """True when the native kernels can run in this process (x86-64 with AVX2, a compiler, a good build)."""
     return _library() is not None
+
+
+def profile() -> dict[str, float] | None:
+    """Seconds spent in each decode-step phase since the last `reset_profile()` (`PROFILE_PHASES`; "steps" is a
+    count), or None unless this process loaded the profiling build (`DSV3_NATIVE_PROFILE=1`)."""
+    lib = _library()
+    try:
+        totals = (ctypes.c_double * len(PROFILE_PHASES)).in_dll(lib, "dsv3_profile") if lib is not None else None
+    except ValueError:  # not a profiling build: the symbol is absent
+        return None
+    return None if totals is None else dict(zip(PROFILE_PHASES, totals))
+
+
+def reset_profile() -> None:
+    """Zero the profiling build's phase timers (nothing without one)."""
+    lib = _library()
+    try:
+        ctypes.memset(ctypes.addressof(ctypes.c_double.in_dll(lib, "dsv3_profile")), 0, 8 * len(PROFILE_PHASES))
+    except (ValueError, TypeError):
+        pass
 
 
 def _check(rc: int, what: str) -> None:
