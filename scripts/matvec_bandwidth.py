@@ -1,12 +1,13 @@
 """Bytes/s of one-row bf16 products over weights that cannot stay in cache: native kernels vs torch's two paths.
 
-    python scripts/matvec_bandwidth.py [--rounds 5] [--gb 1.2] [--threads 2] [--shape 129280x1024 ...]
+    python scripts/matvec_bandwidth.py [--rounds 5] [--gb 1.2] [--threads 2] [--shape 129280x1024 ...] [--pages 4k]
 
 For each shape, enough copies of a random bf16 matrix to fill --gb are multiplied by one row in turn (so each
 product reads its matrix from memory, not from a cache the previous repeat warmed, as `bench.measure_bandwidth`'s
 repeats of one 512 MB matrix can on a CPU with a large L3); the paths alternate over the rounds and the medians
 are printed: `native.linear` with this CPU's build and with the AVX2 build (where they differ), torch's MKL
-path (oneDNN off) and oneDNN. Run it on a quiet machine.
+path (oneDNN off) and oneDNN. The matrices are in 2 MiB pages, as the model's weights (--pages 4k: not). Run it on
+a quiet machine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels import native
+from dsv3.kernels import native, pages
 
 
 def main() -> None:
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.2, help="bytes of weights streamed per product pass")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shape", action="append", help="NxK (default: 129280x1024, lm_head; 2816x1024)")
+    parser.add_argument(
+        "--pages", choices=("huge", "4k"), default="huge", help="2 MiB pages as the model's weights, or not"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shape or ["129280x1024", "2816x1024"])]
@@ -45,6 +49,8 @@ def main() -> None:
     for N, K in shapes:
         copies = max(3, int(args.gb * 1e9) // (N * K * 2))
         weights = [torch.randn(N, K).to(torch.bfloat16) for _ in range(copies)]
+        if args.pages == "huge":  # where the model's weights live (kernels/pages.py)
+            weights = [pages.copy_of(w) for w in weights]
         x = torch.randn(1, K).to(torch.bfloat16)
         rates = {name: [] for name in products}
         for _ in range(args.rounds):

@@ -71,13 +71,17 @@ def measure_bandwidth(mb: int = 512, repeats: int = 10) -> float:
     """Bytes/s streamed by a large bf16 matrix-vector product (the decode roofline on this machine).
 
     The best of torch's two CPU paths (oneDNN on and off) and of dsv3's native kernel where it runs:
-    the bound is what the machine can do, not what one backend does.
+    the bound is what the machine can do, not what one backend does. The matrix lives in memory of the
+    kind the model's weights get (`kernels.pages`: 2 MiB pages where Linux allows), since the page size
+    alone moves this figure by a third on a VM (docs/benchmarks.md: 27-29 GB/s against 17-22 in 4 KiB
+    pages, the same product, any size from 256 MB to 2 GB).
     """
-    from .kernels import native
+    from .kernels import native, pages
 
     cols = 8192
     rows = mb * (1 << 20) // (2 * cols)
-    w = torch.randn(rows, cols).to(torch.bfloat16)
+    w = pages.empty((rows, cols), torch.bfloat16)
+    w.normal_()
     x = torch.randn(1, cols).to(torch.bfloat16)
     previous = torch.backends.mkldnn.enabled
     products = [lambda: torch.nn.functional.linear(x, w)] * 2
