@@ -681,6 +681,45 @@ static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
     return g;
 }
 
+// Rows [r0, r1) of one or two activation rows times a bf16, fp32 or int8 weight (int8: xq, xqs as in
+// `rows_times_weight`), walked as two sequential streams: the first half of the rows beside the second, a pair at
+// a time (`dot2`: each row's arithmetic that of `dot1`, the same bits); an odd middle row goes alone. Two streams
+// keep twice the loads and FMA chains in flight: on 1 GiB of bf16 weights in 2 MiB pages, two threads, 28.8-31.5
+// GB/s against 25.2-28.0 one row at a time with 2 KiB rows (K = 1024), 30.8-31.5 against 28.6-29.5 with 16 KiB
+// rows; a thread's whole share split in two (what `dsv3_linear` does) or 16-row blocks split in two
+// (`rows_times_weight`, 28.0-28.4) both gain, but 512-byte rows lose there (24.3-25.1 against 26.7-27.6). Decode
+// b1 on `small`, same process, alternating: bf16 50 -> 60 tokens/s, int8 74-80 -> 86-92 (docs/benchmarks.md).
+static void rows_in_two_streams(const float *x, const int16_t *xq, const float *xqs, int64_t xs, int M, const void *w,
+                                int wtype, int64_t ws, const float *scale, int64_t r0, int64_t r1, int64_t K, void *y,
+                                int ytype, int64_t ys) {
+    const int64_t h = (r1 - r0) / 2, mid = r0 + h;
+    float out[8][2];
+    for (int64_t i = 0; i < h; i++) {
+        const int64_t a = r0 + i, b = mid + (r1 - r0) % 2 + i;
+        if (wtype == T_I8) {  // int16 rows (callers quantize x), the products in units of each row's scale
+            dot2_i8q(xq, xs, M, (const int8_t *)w + a * ws, (const int8_t *)w + b * ws, K, out);
+            for (int m = 0; m < M; m++) out[m][0] *= xqs[m], out[m][1] *= xqs[m];
+        } else if (wtype == T_BF16)
+            dot2_bf16(x, xs, M, (const uint16_t *)w + a * ws, (const uint16_t *)w + b * ws, K, NULL, 0, 0, out);
+        else
+            dot2_f32(x, xs, M, (const float *)w + a * ws, (const float *)w + b * ws, K, NULL, 0, 0, out);
+        const float sa = scale ? scale[a] : 1.0f, sb = scale ? scale[b] : 1.0f;
+        for (int m = 0; m < M; m++)
+            store1(y, m * ys + a, ytype, out[m][0] * sa), store1(y, m * ys + b, ytype, out[m][1] * sb);
+    }
+    if ((r1 - r0) % 2) {
+        float v[2];
+        if (wtype == T_I8) {
+            dot1_i8q(xq, xs, M, (const int8_t *)w + mid * ws, K, v);
+            for (int m = 0; m < M; m++) v[m] *= xqs[m];
+        } else if (wtype == T_BF16)
+            dot1_bf16(x, xs, M, (const uint16_t *)w + mid * ws, K, NULL, 0, 0, v);
+        else
+            dot1_f32(x, xs, M, (const float *)w + mid * ws, K, NULL, 0, 0, v);
+        for (int m = 0; m < M; m++) store1(y, m * ys + mid, ytype, v[m] * (scale ? scale[mid] : 1.0f));
+    }
+}
+
 // y[m, n] for n in [n0, n1) and all M rows: x (fp32, row stride xs) times weight rows w (row stride ws);
 // scale: int8's per-row scales, fq: FP8's block scales (else NULL). xq: x's rows quantized by
 // `quantize_rows_i16` (same row stride, scales xqs) for int8 weights, else NULL. key_block: the rows are one
@@ -719,6 +758,10 @@ static void rows_times_weight(const float *x, const int16_t *xq, const float *xq
             for (int m = 0; m < mt; m++)
                 for (int j = 0; j < 3; j++) store1(y, (m0 + m) * ys + n + j, ytype, out3[m][j]);
         }
+    }
+    if (M <= 2 && !key_block && wtype != T_FP8 && K * (wtype == T_F32 ? 4 : wtype == T_BF16 ? 2 : 1) >= 1024) {
+        rows_in_two_streams(x, xq, xqs, xs, (int)M, w, wtype, ws, scale, n0, n1, K, y, ytype, ys);  // halves together
+        return;
     }
     if (M <= 2 && !key_block && !(wtype == T_FP8 && fq->act)) {  // one weight row at a time (`DEFINE_DOT1`)
         const int mt = (int)M;
@@ -830,12 +873,23 @@ int dsv3_linear(int64_t G, int64_t M, int64_t N, int64_t K, const void *x, int x
         free(xf);
         xf = x8;
     }
+    const int nt = threads_for(G * M * N * K, nthreads);
+    if (G == 1 && M <= 2 && wtype != T_FP8) {  // decode-sized: each thread's rows in two streams
+#pragma omp parallel num_threads(nt)
+        {
+            const int64_t th = omp_get_thread_num(), nth = omp_get_num_threads();
+            rows_in_two_streams(xf, xq, xqs, K, (int)M, w, wtype, w_ns, scale, N * th / nth, N * (th + 1) / nth, K, y,
+                                ytype, y_ms);
+        }
+        free(xf), free(xq), free(xqs);
+        return 0;
+    }
     const int64_t block = 16;
     const int64_t nblocks = (N + block - 1) / block;
     const int64_t items = G * nblocks;
     const size_t wsize = wtype == T_F32 ? 4 : wtype == T_BF16 ? 2 : 1;
     const size_t ysize = ytype == T_BF16 ? 2 : 4;
-#pragma omp parallel for schedule(static) num_threads(threads_for(G * M * N * K, nthreads))
+#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t it = 0; it < items; it++) {
         const int64_t g = it / nblocks, b = it % nblocks;
         const int64_t n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
