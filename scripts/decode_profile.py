@@ -31,8 +31,10 @@ from dsv3.kernels import native  # noqa: E402
 
 
 def phase_bytes(cfg: ModelConfig, batch: int, context: int, weight_bytes: float) -> dict[str, float]:
-    """Bytes one decode step of `batch` rows reads in each phase: weights at `weight_bytes` each (bf16 2; int8 1 plus a float32
-    scale a row, counted here as 1), the router in float32, each row's latent cache in bf16."""
+    """Bytes one decode step of `batch` rows reads in each phase: the projections' and experts' weights at
+    `weight_bytes` each (bf16 2; int8 1 plus a float32 scale a row, counted as 1), the router in float32, the
+    attention's absorbed W_UK / W_UV in bf16 (kept in the activations' dtype under int8 too) and each row's
+    latent cache in bf16."""
     D, H, R, Dr = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     Dn, Dv, Fm = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.moe_intermediate_size
     moe = cfg.moe_layer_indices
@@ -42,7 +44,7 @@ def phase_bytes(cfg: ModelConfig, batch: int, context: int, weight_bytes: float)
     return {
         "q_in": n * q_in * D * weight_bytes,
         "q_b": n * (H * (Dn + Dr) * cfg.q_lora_rank * weight_bytes if cfg.q_lora_rank else 0),
-        "attend": n * (H * (Dn + Dv) * R * weight_bytes + batch * (context + 1) * (R + Dr) * 2),
+        "attend": n * (H * (Dn + Dv) * R * 2 + batch * (context + 1) * (R + Dr) * 2),
         "o_proj": n * D * H * Dv * weight_bytes,
         "routed": len(moe) * (cfg.num_experts_per_tok * 3 * Fm * D * weight_bytes + cfg.n_routed_experts * D * 4),
         "shared": len(moe) * cfg.n_shared_experts * 3 * Fm * D * weight_bytes,

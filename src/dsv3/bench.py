@@ -63,7 +63,8 @@ ROW_HELP = {
     "ttft512_int8": "time to first token after a 512-token prompt with dsv3's int8 weights (dsv3.generate) vs "
     "transformers bf16 generate, as prompt tokens/s",
     "mtp": "MTP speculative decoding, batch 1 after 128 (acceptance and tokens/step; dsv3 only)",
-    "bandwidth": "decode batch 1 as a fraction of the bound: bf16 matrix-vector bandwidth / weight bytes per token",
+    "bandwidth": "decode batch 1 as a fraction of the bound: bf16 matrix-vector bandwidth (a 512 MB matrix in 2 MiB "
+    "pages, as the weights) / weight bytes per token",
 }
 
 
