@@ -168,6 +168,39 @@ def test_experts_int8_match_float64():
     _close(got, torch.cat(want))
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("D", [72, 33])
+def test_experts_with_one_or_two_rows_each_get_the_bits_of_a_larger_batch(wdtype, D):
+    """Where every active expert has one or two rows (decode), gate and up rows are read in pairs and the down
+    projection's halves side by side; an expert with three rows sends the whole call the block-by-block way.
+    Each row's arithmetic is the same either way: the shared rows' outputs are equal bit for bit (D = 33: an odd
+    last row of the down projection)."""
+    torch.manual_seed(D)
+    E, Fh = 5, 40
+    shapes = ((Fh, D), (Fh, D), (D, Fh))
+    if wdtype == torch.int8:
+        ws = [quantize_int8(torch.randn(E, o, i)) for o, i in shapes]
+        args = [q for q, _ in ws] + [s for _, s in ws]
+    else:
+        args = [torch.randn(E, o, i).to(wdtype) for o, i in shapes]
+    x = torch.randn(7, D)
+    decode = native.experts(x[:4], torch.tensor([1, 2, 0, 1, 0]), *args)
+    batch = native.experts(x, torch.tensor([1, 2, 0, 1, 3]), *args)
+    assert torch.equal(decode, batch[:4])
+    exact = batch[:4].double()  # and both are right, not merely equal (a swapped half would show here)
+    gate, up, down = (
+        (a.double() for a in args[:3])
+        if wdtype != torch.int8
+        else (dequantize_int8(q, s, torch.float64) for q, s in ws)
+    )
+    rows = x[:4].double() if wdtype != torch.int8 else _int16_rows(x[:4])
+    want = []
+    for r, e in zip(rows, [0, 1, 1, 3]):
+        hidden = F.silu(r @ gate[e].T) * (r @ up[e].T)
+        want.append((hidden if wdtype != torch.int8 else _int16_rows(hidden[None])[0]) @ down[e].T)
+    assert bool(((exact - torch.stack(want)).abs() <= 1e-2 * torch.stack(want).abs().max()).all())
+
+
 def test_nan_and_inf_propagate_like_torch():
     w = torch.ones(4, 16, dtype=torch.bfloat16)
     x = torch.ones(1, 16, dtype=torch.bfloat16)

@@ -681,6 +681,27 @@ static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
     return g;
 }
 
+// Row n of weight wa and row n of weight wb (bf16, fp32 or int8; row stride ws) for n < count, one or two activation
+// rows: ya[m, n] and yb[m, n] (row stride ys), each times its row's scale sa[n] / sb[n] where given. One `dot2` a
+// pair, so each row's arithmetic is `dot1`'s (the same bits) while the two weights stream side by side.
+static void pair_rows(const float *x, const int16_t *xq, const float *xqs, int64_t xs, int M, const void *wa,
+                      const void *wb, int wtype, int64_t ws, const float *sa, const float *sb, int64_t count, int64_t K,
+                      void *ya, void *yb, int ytype, int64_t ys) {
+    float out[8][2];
+    for (int64_t n = 0; n < count; n++) {
+        if (wtype == T_I8) {  // int16 rows (callers quantize x), the products in units of each row's scale
+            dot2_i8q(xq, xs, M, (const int8_t *)wa + n * ws, (const int8_t *)wb + n * ws, K, out);
+            for (int m = 0; m < M; m++) out[m][0] *= xqs[m], out[m][1] *= xqs[m];
+        } else if (wtype == T_BF16)
+            dot2_bf16(x, xs, M, (const uint16_t *)wa + n * ws, (const uint16_t *)wb + n * ws, K, NULL, 0, 0, out);
+        else
+            dot2_f32(x, xs, M, (const float *)wa + n * ws, (const float *)wb + n * ws, K, NULL, 0, 0, out);
+        const float s0 = sa ? sa[n] : 1.0f, s1 = sb ? sb[n] : 1.0f;
+        for (int m = 0; m < M; m++)
+            store1(ya, m * ys + n, ytype, out[m][0] * s0), store1(yb, m * ys + n, ytype, out[m][1] * s1);
+    }
+}
+
 // Rows [r0, r1) of one or two activation rows times a bf16, fp32 or int8 weight (int8: xq, xqs as in
 // `rows_times_weight`), walked as two sequential streams: the first half of the rows beside the second, a pair at
 // a time (`dot2`: each row's arithmetic that of `dot1`, the same bits); an odd middle row goes alone. Two streams
@@ -692,22 +713,14 @@ static inline fp8_grid expert_grid(const fp8_grid *q, int64_t e) {
 static void rows_in_two_streams(const float *x, const int16_t *xq, const float *xqs, int64_t xs, int M, const void *w,
                                 int wtype, int64_t ws, const float *scale, int64_t r0, int64_t r1, int64_t K, void *y,
                                 int ytype, int64_t ys) {
-    const int64_t h = (r1 - r0) / 2, mid = r0 + h;
-    float out[8][2];
-    for (int64_t i = 0; i < h; i++) {
-        const int64_t a = r0 + i, b = mid + (r1 - r0) % 2 + i;
-        if (wtype == T_I8) {  // int16 rows (callers quantize x), the products in units of each row's scale
-            dot2_i8q(xq, xs, M, (const int8_t *)w + a * ws, (const int8_t *)w + b * ws, K, out);
-            for (int m = 0; m < M; m++) out[m][0] *= xqs[m], out[m][1] *= xqs[m];
-        } else if (wtype == T_BF16)
-            dot2_bf16(x, xs, M, (const uint16_t *)w + a * ws, (const uint16_t *)w + b * ws, K, NULL, 0, 0, out);
-        else
-            dot2_f32(x, xs, M, (const float *)w + a * ws, (const float *)w + b * ws, K, NULL, 0, 0, out);
-        const float sa = scale ? scale[a] : 1.0f, sb = scale ? scale[b] : 1.0f;
-        for (int m = 0; m < M; m++)
-            store1(y, m * ys + a, ytype, out[m][0] * sa), store1(y, m * ys + b, ytype, out[m][1] * sb);
-    }
+    const int64_t h = (r1 - r0) / 2, b = r0 + h + (r1 - r0) % 2;  // rows r0 + i and b + i; an odd middle row alone
+    const size_t wsize = wtype == T_F32 ? 4 : wtype == T_BF16 ? 2 : 1, ysize = ytype == T_BF16 ? 2 : 4;
+    const char *wc = (const char *)w;
+    pair_rows(x, xq, xqs, xs, M, wc + (size_t)(r0 * ws) * wsize, wc + (size_t)(b * ws) * wsize, wtype, ws,
+              scale ? scale + r0 : NULL, scale ? scale + b : NULL, h, K, (char *)y + (size_t)r0 * ysize,
+              (char *)y + (size_t)b * ysize, ytype, ys);
     if ((r1 - r0) % 2) {
+        const int64_t mid = r0 + h;
         float v[2];
         if (wtype == T_I8) {
             dot1_i8q(xq, xs, M, (const int8_t *)w + mid * ws, K, v);
@@ -994,10 +1007,24 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
         if (counts[e] > 0) active[na++] = e;
     const size_t wsize = wtype == T_F32 ? 4 : wtype == T_BF16 ? 2 : 1;
     const int nt = threads_for(R * 3 * F * D, nthreads);
+    // Decode-sized (every active expert has one or two rows, weights not FP8): gate row f beside up row f, and
+    // the down projection's row d beside row d + D/2, two streams a pair (`pair_rows`, the same bits).
+    int paired = wtype != T_FP8 && D >= 2;
+    for (int64_t i = 0; i < na; i++) paired &= counts[active[i]] <= 2;
+    const int64_t Dh = D / 2, hblocks = (Dh + block - 1) / block;
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < na * 2 * fblocks; it++) {
+        for (int64_t it = 0; it < (paired ? na * fblocks : 0); it++) {
+            const int64_t e = active[it / fblocks], f0 = (it % fblocks) * block, f1 = f0 + block < F ? f0 + block : F;
+            const size_t wo = (size_t)(e * gu_es + f0 * D) * wsize;
+            pair_rows(xf + start[e] * D, q8 ? xq + start[e] * D : NULL, q8 ? xqs + start[e] : NULL, D, (int)counts[e],
+                      (const char *)gate + wo, (const char *)up + wo, wtype, D,
+                      gate_scale ? gate_scale + e * F + f0 : NULL, up_scale ? up_scale + e * F + f0 : NULL, f1 - f0,
+                      D, h + start[e] * 2 * F + f0, h + start[e] * 2 * F + F + f0, T_F32, 2 * F);
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < (paired ? 0 : na * 2 * fblocks); it++) {
             const int64_t e = active[it / (2 * fblocks)], b = it % (2 * fblocks);
             const int is_up = b >= fblocks;
             const int64_t f0 = (b % fblocks) * block, f1 = f0 + block < F ? f0 + block : F;
@@ -1014,11 +1041,28 @@ static int experts_rows(int64_t R, int64_t D, int64_t F, int64_t E, const int64_
             for (int64_t f = 0; f < F; f++) hh[r * F + f] = silu(h[r * 2 * F + f]) * h[r * 2 * F + F + f];
             if (q8) quantize_rows_i16(hh + r * F, F, 1, F, hq + r * F, hqs + r);
         }
+        const size_t ysize = ytype == T_BF16 ? 2 : 4;
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < na * dblocks; it++) {
+        for (int64_t it = 0; it < (paired ? na * hblocks : 0); it++) {
+            const int64_t e = active[it / hblocks], d0 = (it % hblocks) * block, d1 = d0 + block < Dh ? d0 + block : Dh;
+            const size_t wo = (size_t)(e * down_es) * wsize;
+            const float *ds = down_scale ? down_scale + e * D : NULL;
+            pair_rows(hh + start[e] * F, q8 ? hq + start[e] * F : NULL, q8 ? hqs + start[e] : NULL, F, (int)counts[e],
+                      (const char *)down + wo + (size_t)(d0 * F) * wsize,
+                      (const char *)down + wo + (size_t)((Dh + d0) * F) * wsize, wtype, F, ds ? ds + d0 : NULL,
+                      ds ? ds + Dh + d0 : NULL, d1 - d0, F, (char *)y + (size_t)(start[e] * D + d0) * ysize,
+                      (char *)y + (size_t)(start[e] * D + Dh + d0) * ysize, ytype, D);
+            if (D % 2 && it % hblocks == hblocks - 1)  // an odd last row of down: with itself
+                pair_rows(hh + start[e] * F, q8 ? hq + start[e] * F : NULL, q8 ? hqs + start[e] : NULL, F,
+                          (int)counts[e], (const char *)down + wo + (size_t)((D - 1) * F) * wsize,
+                          (const char *)down + wo + (size_t)((D - 1) * F) * wsize, wtype, F, ds ? ds + D - 1 : NULL,
+                          ds ? ds + D - 1 : NULL, 1, F, (char *)y + (size_t)(start[e] * D + D - 1) * ysize,
+                          (char *)y + (size_t)(start[e] * D + D - 1) * ysize, ytype, D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < (paired ? 0 : na * dblocks); it++) {
             const int64_t e = active[it / dblocks], d0 = (it % dblocks) * block;
             const int64_t d1 = d0 + block < D ? d0 + block : D;
-            const size_t ysize = ytype == T_BF16 ? 2 : 4;
             const fp8_grid fq = fp8 ? expert_grid(&fp8[2], e) : (fp8_grid){0};
             rows_times_weight(hh + start[e] * F, q8 ? hq + start[e] * F : NULL, q8 ? hqs + start[e] : NULL, F,
                               counts[e], (const char *)down + (size_t)(e * down_es) * wsize, wtype, F,
