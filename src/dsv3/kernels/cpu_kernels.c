@@ -709,7 +709,7 @@ static void pair_rows(const float *x, const int16_t *xq, const float *xqs, int64
 // GB/s against 25.2-28.0 one row at a time with 2 KiB rows (K = 1024), 30.8-31.5 against 28.6-29.5 with 16 KiB
 // rows; a thread's whole share split in two (what `dsv3_linear` does) or 16-row blocks split in two
 // (`rows_times_weight`, 28.0-28.4) both gain, but 512-byte rows lose there (24.3-25.1 against 26.7-27.6). Decode
-// b1 on `small`, same process, alternating: bf16 50 -> 60 tokens/s, int8 74-80 -> 86-92 (docs/benchmarks.md).
+// b1 on `small`, the two builds in alternating processes: bf16 50 -> 60 tokens/s, int8 74-80 -> 86-92.
 static void rows_in_two_streams(const float *x, const int16_t *xq, const float *xqs, int64_t xs, int M, const void *w,
                                 int wtype, int64_t ws, const float *scale, int64_t r0, int64_t r1, int64_t K, void *y,
                                 int ytype, int64_t ys) {
