@@ -4,8 +4,6 @@ by logit (the 16-lane kernels are documented as lane-for-lane the 8-lane arithme
 import pytest
 import torch
 
-import dsv3
-from dsv3 import InferenceOptions
 from dsv3.inference.generate import decode_step, prefill
 from dsv3.kernels import native
 from dsv3.kernels.int8 import quantize_int8
@@ -100,18 +98,14 @@ def test_experts_get_the_same_bits_from_both_builds(monkeypatch, builds, wdtype)
 
 @needs_avx512
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_a_ragged_batch_of_nine_decodes_to_the_same_logits_on_both_builds(monkeypatch, builds, tiny_cfg, quantize):
+def test_a_ragged_batch_of_nine_decodes_to_the_same_logits_on_both_builds(
+    monkeypatch, builds, native_tiny_model, quantize
+):
     """Nine sequences: the projections and lm_head run an eight-row tile and a one-row tail every step."""
     prompts = [[5 + i, 9, 13 * i % 50 + 1][: 1 + i % 3] for i in range(9)]
 
     def logits():
-        torch.manual_seed(0)
-        model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval()
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buf.normal_(0, 0.3)
-        model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+        model = native_tiny_model(quantize)
         cache = LatentCache(model.config, len(prompts), 32, dtype=torch.bfloat16)
         slots = [cache.allocate() for _ in prompts]
         out = [prefill(model, cache, slots, prompts)]

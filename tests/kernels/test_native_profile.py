@@ -4,8 +4,6 @@ of a decode step and computes what the plain build computes, bit for bit."""
 import pytest
 import torch
 
-import dsv3
-from dsv3 import InferenceOptions
 from dsv3.inference.generate import decode_step, prefill
 from dsv3.kernels import native
 from dsv3.model.cache import LatentCache
@@ -28,7 +26,7 @@ def test_the_profiling_build_is_its_own_cached_build(tmp_path):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_the_profiling_build_times_each_phase_and_keeps_the_logits(monkeypatch, tiny_cfg, quantize):
+def test_the_profiling_build_times_each_phase_and_keeps_the_logits(monkeypatch, native_tiny_model, quantize):
     """Three sequences of a tiny model (a dense layer, two MoE layers with a shared expert, q LoRA) decode four
     steps on each build: the same logits; the profile counts the four steps and gives every phase time."""
     prompts = [[5, 9, 13], [7], [11, 2]]
@@ -36,13 +34,7 @@ def test_the_profiling_build_times_each_phase_and_keeps_the_logits(monkeypatch, 
     logits, profiles = {}, {}
     for name, lib in builds.items():
         monkeypatch.setattr(native, "_library", lambda lib=lib: lib)
-        torch.manual_seed(0)
-        model = dsv3.DeepSeekV3(tiny_cfg, dtype=torch.bfloat16).eval()
-        with torch.no_grad():
-            for key, buf in model.named_buffers():
-                if key.endswith("e_score_correction_bias"):
-                    buf.normal_(0, 0.3)
-        model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+        model = native_tiny_model(quantize)
         cache = LatentCache(model.config, len(prompts), 32, dtype=torch.bfloat16)
         slots = [cache.allocate() for _ in prompts]
         out = [prefill(model, cache, slots, prompts)]
