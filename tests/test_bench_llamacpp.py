@@ -71,6 +71,29 @@ def test_bench_divides_by_the_anchor_figures(tmp_path):
     assert (tmp_path / "cache" / "bench-tiny" / "config.json").is_file()  # the checkpoint llama.cpp was given
 
 
+def test_rounds_give_the_bandwidth_row_the_median_decode_over_the_median_bound(tmp_path):
+    """With --rounds, each round re-measures decode and the bound: the fraction saved is the ratio of the medians
+    (it was round 1's fraction beside the median decode figure)."""
+    script = tmp_path / "anchor.sh"
+    script.write_text(f"#!/usr/bin/env bash\ncat <<'EOF'\n{ANCHOR_OUTPUT}EOF\n")
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1,bandwidth", "--steps", "2"]
+        + ["--no-transformers", "--llamacpp", str(script), "--rounds", "2", "--json", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    decode, bandwidth = rows["decode b=1 after 128"], rows["decode b=1 vs bandwidth bound"]
+    assert bandwidth["dsv3"] == decode["dsv3"]  # the same rounds' decode figures, the same median
+    assert abs(bandwidth["fraction"] - bandwidth["dsv3"] / bandwidth["bound"]) < 1e-12
+    assert abs(bandwidth["bound"] - bandwidth["bandwidth_GBps"] * 1e9 / bandwidth["bytes_per_token"]) < 1e-6
+    assert f"= {bandwidth['fraction']:.0%}" in run.stdout.split("llama.cpp round 2/2")[1]
+
+
 def test_a_type_llama_cpp_aborts_on_is_left_out_and_the_others_compared(tmp_path):
     """As q8_0 aborts with ggml's AMX buffers while bf16 runs: the bf16 ratio still comes out, q8_0 gets a note."""
     script = tmp_path / "anchor.sh"
