@@ -891,3 +891,69 @@ def test_fp8_prefill_dequantizes_in_one_native_pass_with_the_same_logits(tiny_cf
         monkeypatch.setattr(native, "fits_fp8", lambda *a: False)  # the torch dequantization everywhere
         want = model(ids)
     assert "torch" in calls and torch.equal(got, want)
+
+
+def _prefill_attend_float64(q_nope, q_rope, kv, k_rope, v_dim, scale):
+    """Causal attention of a fresh prompt written out in float64: the reference for `native.prefill_attend`."""
+    B, T, H, Dn = q_nope.shape
+    q_nope, q_rope, kv, k_rope = (t.double() for t in (q_nope, q_rope, kv, k_rope))
+    scores = torch.einsum("bthd,bshd->bths", q_nope, kv[..., :Dn]) + torch.einsum("bthd,bsd->bths", q_rope, k_rope)
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = (scores * scale).masked_fill(~visible[None, :, None, :], -math.inf)
+    return torch.einsum("bths,bshv->bthv", scores.softmax(-1), kv[..., Dn:])
+
+
+@pytest.mark.parametrize(
+    "B, T, H, Dn, Dr, Dv, threads",
+    [(1, 1, 1, 4, 2, 3, 1), (2, 63, 3, 12, 6, 10, 2), (1, 65, 2, 64, 32, 64, 2), (2, 200, 5, 20, 0, 17, 3)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attend_matches_float64(B, T, H, Dn, Dr, Dv, threads, dtype):
+    """Blocks of 64 queries and keys with tails on both sides, widths not multiples of 8 or 16, no rope part, and
+    every operand a strided view of a wider projection (as MLA splits them); more threads than rows x heads."""
+    torch.manual_seed(B * 1000 + T + H + Dv)
+    q = torch.randn(B, T, H, Dn + Dr + 5).to(dtype)
+    kv_a = torch.randn(B, T, 40 + Dr).to(dtype)
+    kv = torch.randn(B, T, H, Dn + Dv).to(dtype)
+    q_nope, q_rope, k_rope = q[..., :Dn], q[..., Dn : Dn + Dr], kv_a[..., 40:]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.prefill_attend(q_nope, q_rope, kv, k_rope, Dv, 0.4)
+    finally:
+        torch.set_num_threads(previous)
+    exact = _prefill_attend_float64(q_nope, q_rope, kv, k_rope, Dv, 0.4)
+    assert got.shape == (B, T, H, Dv) and got.dtype == dtype
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5  # bf16: the output is rounded once
+    assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
+    # Query t never sees key t + 1: changing the last key leaves every earlier query's output alone.
+    kv[:, -1] += 50
+    again = native.prefill_attend(q_nope, q_rope, kv, k_rope, Dv, 0.4)
+    assert torch.equal(again[:, :-1], got[:, :-1])
+
+
+def test_prefill_attention_of_a_bf16_prompt_takes_the_native_pass_and_matches_torchs():
+    """MLA's expanded attention on a fresh bf16 prompt with fp32 products goes through `prefill_attend`, and its
+    output is torch's flash-kernel path to bf16 rounding (the kernel swapped out for the same call)."""
+    cfg = dsv3.ModelConfig.from_pretrained("tiny")
+    torch.manual_seed(3)
+    model = dsv3.DeepSeekV3(cfg, dtype=torch.bfloat16).prepare_for_inference(InferenceOptions(matmul_dtype="fp32"))
+    attn = model.model.layers[0].self_attn
+    T = 150
+    x = torch.randn(1, T, cfg.hidden_size).to(torch.bfloat16)
+    cos, sin = model.rotary(torch.arange(T)[None])
+    calls = []
+    real, fits = native.prefill_attend, native.fits_prefill_attend
+    try:
+        native.prefill_attend = lambda *a: calls.append(a[0].shape) or real(*a)
+        with torch.no_grad():
+            got = attn(x, cos, sin, absorb=False)
+        native.prefill_attend = real
+        native.fits_prefill_attend = lambda *a: False
+        with torch.no_grad():
+            want = attn(x, cos, sin, absorb=False)
+    finally:
+        native.prefill_attend = real
+        native.fits_prefill_attend = fits
+    assert calls == [torch.Size([1, T, cfg.num_attention_heads, cfg.qk_nope_head_dim])]
+    assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()

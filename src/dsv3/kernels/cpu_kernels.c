@@ -118,6 +118,12 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+static inline float hmax(__m256 v) {
+    float m[8], r = -INFINITY;
+    _mm256_storeu_ps(m, v);
+    for (int j = 0; j < 8; j++) r = m[j] > r ? m[j] : r;
+    return r;
+}
 static inline float load1(const void *p, int64_t i, int type) {
     switch (type) {
         case T_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
@@ -1497,6 +1503,174 @@ int dsv3_mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, int6
                     int64_t m_bs, int64_t m_ts, void *out, int64_t o_bs, int64_t o_ts, int64_t o_hs, int nthreads) {
     return mla_attend(B, T, H, S, Dn, Dr, R, Dv, q_nope, q_rope, xtype, q_bs, q_ts, q_hs, r_bs, r_ts, r_hs, kv, kvtype,
                       kv_bs, NULL, kv_ss, w_uk, w_uv_t, wtype, scale, mask, m_bs, m_ts, out, o_bs, o_ts, o_hs, nthreads);
+}
+
+// ------------------------------------------------------------------------------------ prefill attention
+// MLA's expanded causal attention over a fresh prompt (dsv3.model.attention, `_attend_expanded` with no cache
+// behind the prompt), in fp32 for CPUs whose bf16 products torch emulates: per row b, head h and query t,
+//   s_j = scale * ([q_nope, q_rope] . [k_nope[j, h], k_rope[j]]) for keys j <= t,  out = softmax(s) @ v[:, h].
+// torch's fused (flash) CPU kernel needs v as wide as q and k: MLA's v (64) is zero-padded to 96 there, a sixth
+// of the products wasted, and the operands are widened, concatenated and transposed into new tensors first.
+// Here each (row, head) widens its keys once, transposed by blocks of 64 (key j in column j), and its values,
+// then walks its blocks of 64 queries, each over its key blocks with an online softmax (running max and sum, as `mla_attend`'s
+// key chunks): q_nope / q_rope [B, T, H, d], kv [B, T, H, Dn + Dv] (k_nope then v), k_rope [B, T, Dr], any
+// strides in (b, t, h), unit stride in d; out [B, T, H, Dv] contiguous, rounded once to the inputs' type.
+// Register tiles: 6 queries x 16 keys (scores), 6 queries x 16 values (probabilities x values): 12 accumulators.
+#define FA_BLOCK 64
+#define FA_ROWS 66  // a block's query rows rounded up to the tiles' 6
+static inline void fa_load_row(const void *p, int type, int64_t off, int64_t n, float *dst) {
+    if (type == T_BF16) {
+        const uint16_t *s = (const uint16_t *)p + off;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_bf16(s + i));
+        for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, (const float *)p + off, sizeof(float) * (size_t)n);
+    }
+}
+
+#define FA_TILE6(LOAD0, LOAD1, BCAST, STEP, N)                                                          \
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, \
+           a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;                                       \
+    for (int64_t d = 0; d < (N); d++) {                                                                 \
+        const __m256 k0 = LOAD0, k1 = LOAD1;                                                            \
+        __m256 b = BCAST(0);                                                                            \
+        a00 = _mm256_fmadd_ps(b, k0, a00), a01 = _mm256_fmadd_ps(b, k1, a01);                           \
+        b = BCAST(1), a10 = _mm256_fmadd_ps(b, k0, a10), a11 = _mm256_fmadd_ps(b, k1, a11);             \
+        b = BCAST(2), a20 = _mm256_fmadd_ps(b, k0, a20), a21 = _mm256_fmadd_ps(b, k1, a21);             \
+        b = BCAST(3), a30 = _mm256_fmadd_ps(b, k0, a30), a31 = _mm256_fmadd_ps(b, k1, a31);             \
+        b = BCAST(4), a40 = _mm256_fmadd_ps(b, k0, a40), a41 = _mm256_fmadd_ps(b, k1, a41);             \
+        b = BCAST(5), a50 = _mm256_fmadd_ps(b, k0, a50), a51 = _mm256_fmadd_ps(b, k1, a51);             \
+    }
+
+// s[i][j] (i < nq6 rows of q, row stride dq; j < 64) = q[i] . kt[:, j] (kt: dq rows of stride kts, key j column j).
+static void fa_scores(const float *q, int64_t nq6, const float *kt, int64_t kts, int64_t dq, float *s) {
+    for (int64_t i0 = 0; i0 < nq6; i0 += 6)
+        for (int64_t j0 = 0; j0 < FA_BLOCK; j0 += 16) {
+            const float *qi = q + i0 * dq, *kj = kt + j0;
+#define FA_QB(r) _mm256_broadcast_ss(qi + (r) * dq + d)
+            FA_TILE6(_mm256_loadu_ps(kj + d * kts), _mm256_loadu_ps(kj + d * kts + 8), FA_QB, , dq)
+#undef FA_QB
+            float *s0 = s + i0 * FA_BLOCK + j0;
+            _mm256_storeu_ps(s0, a00), _mm256_storeu_ps(s0 + 8, a01);
+            _mm256_storeu_ps(s0 + FA_BLOCK, a10), _mm256_storeu_ps(s0 + FA_BLOCK + 8, a11);
+            _mm256_storeu_ps(s0 + 2 * FA_BLOCK, a20), _mm256_storeu_ps(s0 + 2 * FA_BLOCK + 8, a21);
+            _mm256_storeu_ps(s0 + 3 * FA_BLOCK, a30), _mm256_storeu_ps(s0 + 3 * FA_BLOCK + 8, a31);
+            _mm256_storeu_ps(s0 + 4 * FA_BLOCK, a40), _mm256_storeu_ps(s0 + 4 * FA_BLOCK + 8, a41);
+            _mm256_storeu_ps(s0 + 5 * FA_BLOCK, a50), _mm256_storeu_ps(s0 + 5 * FA_BLOCK + 8, a51);
+        }
+}
+
+// o[i][c] += sum_{j < nk} p[i][j] v[j][c] for i < nq6, c < dv (a multiple of 16; o and v rows of stride dv).
+static void fa_values(const float *p, int64_t nq6, int64_t nk, const float *v, int64_t dv, float *o) {
+    for (int64_t i0 = 0; i0 < nq6; i0 += 6)
+        for (int64_t c0 = 0; c0 < dv; c0 += 16) {
+            const float *pi = p + i0 * FA_BLOCK, *vc = v + c0;
+#define FA_PB(r) _mm256_broadcast_ss(pi + (r) * FA_BLOCK + d)
+            FA_TILE6(_mm256_loadu_ps(vc + d * dv), _mm256_loadu_ps(vc + d * dv + 8), FA_PB, , nk)
+#undef FA_PB
+            float *o0 = o + i0 * dv + c0;
+            const __m256 acc[12] = {a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51};
+            for (int r = 0; r < 6; r++)
+                for (int h = 0; h < 2; h++) {
+                    float *op = o0 + r * dv + 8 * h;
+                    _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), acc[2 * r + h]));
+                }
+        }
+}
+
+int dsv3_prefill_attend(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, const void *q_nope,
+                        const void *q_rope, int xtype, int64_t qn_bs, int64_t qn_ts, int64_t qn_hs, int64_t qr_bs,
+                        int64_t qr_ts, int64_t qr_hs, const void *kv, int64_t kv_bs, int64_t kv_ts, int64_t kv_hs,
+                        const void *k_rope, int64_t kr_bs, int64_t kr_ts, float scale, void *out, int nthreads) {
+    if (B < 0 || T < 0 || H < 0 || Dn < 0 || Dr < 0 || Dv < 0 || (xtype != T_BF16 && xtype != T_F32)) return 2;
+    const int64_t dq = Dn + Dr, dvp = (Dv + 15) / 16 * 16, nblk = (T + FA_BLOCK - 1) / FA_BLOCK;
+    const int64_t Tp = nblk * FA_BLOCK;  // keys padded to whole blocks (zero keys and values, masked)
+    const size_t per_thread = (size_t)(dq * Tp + Tp * dvp + FA_ROWS * dq + FA_ROWS * FA_BLOCK + FA_ROWS * dvp + 2 * FA_ROWS);
+    const int nt = nthreads > 0 ? nthreads : 1;
+    float *scratch = (float *)aligned_alloc(64, (sizeof(float) * per_thread * (size_t)nt + 63) / 64 * 64);
+    if (!scratch) return 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        float *kt = scratch + per_thread * (size_t)omp_get_thread_num(), *v = kt + dq * Tp, *qs = v + Tp * dvp;
+        float *s = qs + FA_ROWS * dq, *o = s + FA_ROWS * FA_BLOCK, *mx = o + FA_ROWS * dvp, *l = mx + FA_ROWS;
+        // This head's keys, transposed, and values, widened once for all its query blocks.
+        float krow[dq > 0 ? dq : 1];
+        for (int64_t j = 0; j < Tp; j++) {
+            if (j < T) {
+                fa_load_row(kv, xtype, b * kv_bs + j * kv_ts + h * kv_hs, Dn, krow);
+                fa_load_row(k_rope, xtype, b * kr_bs + j * kr_ts, Dr, krow + Dn);
+                fa_load_row(kv, xtype, b * kv_bs + j * kv_ts + h * kv_hs + Dn, Dv, v + j * dvp);
+                for (int64_t c = Dv; c < dvp; c++) v[j * dvp + c] = 0.0f;
+            } else {
+                memset(krow, 0, sizeof(float) * (size_t)dq);
+                memset(v + j * dvp, 0, sizeof(float) * (size_t)dvp);
+            }
+            float *ktb = kt + (j / FA_BLOCK) * dq * FA_BLOCK + j % FA_BLOCK;  // key blocks of [dq][64], contiguous
+            for (int64_t d = 0; d < dq; d++) ktb[d * FA_BLOCK] = krow[d];
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += FA_BLOCK) {
+            const int64_t nq = T - t0 < FA_BLOCK ? T - t0 : FA_BLOCK, nq6 = (nq + 5) / 6 * 6;
+            memset(qs, 0, sizeof(float) * (size_t)(FA_ROWS * dq));  // rows past nq: computed, never stored
+            for (int64_t i = 0; i < nq; i++) {
+                fa_load_row(q_nope, xtype, b * qn_bs + (t0 + i) * qn_ts + h * qn_hs, Dn, qs + i * dq);
+                fa_load_row(q_rope, xtype, b * qr_bs + (t0 + i) * qr_ts + h * qr_hs, Dr, qs + i * dq + Dn);
+            }
+            memset(o, 0, sizeof(float) * (size_t)(FA_ROWS * dvp));
+            for (int64_t i = 0; i < FA_ROWS; i++) mx[i] = -INFINITY, l[i] = 0.0f;
+            for (int64_t j0 = 0; j0 < t0 + nq; j0 += FA_BLOCK) {  // causal: keys up to the block's last query
+                const int64_t nk = T - j0 < FA_BLOCK ? T - j0 : FA_BLOCK;
+                fa_scores(qs, nq6, kt + j0 * dq, FA_BLOCK, dq, s);
+                for (int64_t i = 0; i < nq; i++) {  // online softmax: scale, mask, running max and sum
+                    float *si = s + i * FA_BLOCK, bmx = -INFINITY;
+                    const int64_t last = t0 + i - j0;  // keys 0..last of this block are visible
+                    if (last >= FA_BLOCK - 1 && nk == FA_BLOCK) {  // the whole block (below the diagonal): 8 lanes
+                        const __m256 sc = _mm256_set1_ps(scale);
+                        __m256 m8 = _mm256_set1_ps(-INFINITY);
+                        for (int64_t j = 0; j < FA_BLOCK; j += 8) {
+                            const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(si + j), sc);
+                            _mm256_storeu_ps(si + j, x);
+                            m8 = _mm256_max_ps(m8, x);
+                        }
+                        bmx = hmax(m8);
+                    } else {
+                        for (int64_t j = 0; j < FA_BLOCK; j++) {
+                            si[j] = j <= last && j < nk ? si[j] * scale : -INFINITY;
+                            bmx = si[j] > bmx ? si[j] : bmx;
+                        }
+                    }
+                    const float new_mx = bmx > mx[i] ? bmx : mx[i];
+                    if (new_mx == -INFINITY) {  // no visible key yet (never here: key 0 is seen by every query)
+                        memset(si, 0, sizeof(float) * FA_BLOCK);
+                        continue;
+                    }
+                    const float alpha = mx[i] == -INFINITY ? 0.0f : expf(mx[i] - new_mx);
+                    if (alpha != 1.0f) {
+                        l[i] *= alpha;
+                        for (int64_t c = 0; c < dvp; c++) o[i * dvp + c] *= alpha;
+                    }
+                    mx[i] = new_mx;
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < FA_BLOCK; j += 8) {
+                        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(si + j), _mm256_set1_ps(new_mx)));
+                        _mm256_storeu_ps(si + j, e);
+                        acc = _mm256_add_ps(acc, e);
+                    }
+                    l[i] += hsum(acc);
+                }
+                for (int64_t i = nq; i < nq6; i++) memset(s + i * FA_BLOCK, 0, sizeof(float) * FA_BLOCK);
+                fa_values(s, nq6, nk, v + j0 * dvp, dvp, o);
+            }
+            for (int64_t i = 0; i < nq; i++) {
+                const float inv = 1.0f / l[i];
+                for (int64_t c = 0; c < Dv; c++)
+                    store1(out, ((b * T + t0 + i) * H + h) * Dv + c, xtype, o[i * dvp + c] * inv);
+            }
+        }
+    }
+    free(scratch);
+    return 0;
 }
 
 // One token of `dsv3_combine` in fp32: y = sum_k h[rows[k]] * w[k], each product rounded before its sum (no FMA:

@@ -140,6 +140,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.dsv3_moe.argtypes += [_ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
     lib.dsv3_mla_attend.argtypes = [_i64] * 8 + [_ptr, _ptr, _int] + [_i64] * 6 + [_ptr, _int, _i64, _i64]
     lib.dsv3_mla_attend.argtypes += [_ptr, _ptr, _int, ctypes.c_float, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_prefill_attend.argtypes = [_i64] * 6 + [_ptr, _ptr, _int] + [_i64] * 6 + [_ptr] + [_i64] * 3
+    lib.dsv3_prefill_attend.argtypes += [_ptr, _i64, _i64, ctypes.c_float, _ptr, _int]
     lib.dsv3_decode_layer.argtypes = [ctypes.POINTER(LayerWeights), _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
     lib.dsv3_decode_layer.argtypes += [_ptr, _i64, _ptr, _int]
     lib.dsv3_decode_pass.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr]
@@ -498,6 +500,36 @@ def mla_attend(
         out.data_ptr(), *out.stride()[:3], torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "attention")
+    return out
+
+
+def fits_prefill_attend(q_nope: Tensor, q_rope: Tensor, kv: Tensor, k_rope: Tensor) -> bool:
+    """Whether `prefill_attend` takes these operands: CPU, all bf16 or all fp32, unit stride in the last dim."""
+    tensors = (q_nope, q_rope, kv, k_rope)
+    return (
+        available()
+        and all(t.device.type == "cpu" and t.dtype == q_nope.dtype and t.stride(-1) == 1 for t in tensors)
+        and q_nope.dtype in (torch.bfloat16, torch.float32)
+    )
+
+
+def prefill_attend(q_nope: Tensor, q_rope: Tensor, kv: Tensor, k_rope: Tensor, v_dim: int, scale: float) -> Tensor:
+    """Causal attention of a fresh prompt over its own keys, fp32 inside (`dsv3_prefill_attend`) -> [B, T, H, Dv].
+
+    q_nope [B, T, H, Dn], q_rope [B, T, H, Dr], kv [B, T, H, Dn + Dv] (per head: k_nope, then v), k_rope [B, T, Dr]
+    (shared by the heads); query t sees keys 0..t. The result is rounded to the inputs' dtype once.
+    """
+    B, T, H, Dn = q_nope.shape
+    Dr = q_rope.shape[-1]
+    if q_rope.shape != (B, T, H, Dr) or kv.shape != (B, T, H, Dn + v_dim) or k_rope.shape != (B, T, Dr):
+        raise ValueError("prefill_attend: q_nope [B,T,H,Dn], q_rope [B,T,H,Dr], kv [B,T,H,Dn+Dv], k_rope [B,T,Dr]")
+    out = torch.empty(B, T, H, v_dim, dtype=q_nope.dtype)
+    rc = _library().dsv3_prefill_attend(
+        B, T, H, Dn, Dr, v_dim, q_nope.data_ptr(), q_rope.data_ptr(), _TYPE[q_nope.dtype], *q_nope.stride()[:3],
+        *q_rope.stride()[:3], kv.data_ptr(), *kv.stride()[:3], k_rope.data_ptr(), *k_rope.stride()[:2], scale,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "prefill attention")
     return out
 
 

@@ -167,9 +167,18 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         S = kv.shape[1]
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_nope, v = (
-            self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split([self.nope_dim, self.v_dim], dim=-1)
-        )  # (B, S, H, Dn), (B, S, H, Dv)
+        kv_heads = self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim))  # (B, S, H, Dn+Dv)
+        if (
+            mask is None
+            and S == T
+            and widens(q_nope.reshape(B * T, -1), self.options)
+            and not torch.compiler.is_compiling()
+            and native.fits_prefill_attend(q_nope, q_rope, kv_heads, k_rope)
+        ):
+            # A fresh prompt with fp32 products (no BF16 instructions): one native pass over the operands as
+            # they are, v at its own width (torch's flash kernel below needs it padded to the q/k width).
+            return native.prefill_attend(q_nope, q_rope, kv_heads, k_rope, self.v_dim, self.softmax_scale)
+        k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
