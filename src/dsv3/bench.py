@@ -277,7 +277,8 @@ def with_llamacpp(
             r["bound"] = _median([x["bound"] for x in rounds])
             r["bandwidth_GBps"] = _median([x["bandwidth_GBps"] for x in rounds])
             r["fraction"] = r["dsv3"] / r["bound"]
-            log(f"{'decode b=1 / bandwidth bound':34s} {r['dsv3']:9.1f} of {r['bound']:.1f} = {r['fraction']:.0%}")
+            if args.rounds > 1:
+                log(f"{'decode b=1 / bandwidth bound':34s} {r['dsv3']:9.1f} of {r['bound']:.1f} = {r['fraction']:.0%}")
             continue
         values = [v for v in (llamacpp.counterpart(a, r["row"]) for a in anchors) if v is not None]
         if not values:
