@@ -168,10 +168,11 @@ class MLA(nn.Module):
         S = kv.shape[1]
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_heads = self.kv_b_proj(c).unflatten(-1, (-1, self.nope_dim + self.v_dim))  # (B, S, H, Dn+Dv)
+        wide = widens(q_nope[..., 0].reshape(B * T, H), self.options)  # B*T rows (not a copy of every query)
         if (
             mask is None
             and S == T
-            and widens(q_nope.reshape(B * T, -1), self.options)
+            and wide
             and not torch.compiler.is_compiling()
             and native.fits_prefill_attend(q_nope, q_rope, kv_heads, k_rope)
         ):
@@ -187,7 +188,7 @@ class MLA(nn.Module):
             # and without it a 4096-token prefill materialises every (T, S) score matrix: 5x slower.
             v = F.pad(v, (0, self.qk_head_dim - self.v_dim))
         dtype = q.dtype
-        if widens(q_nope.reshape(B * T, -1), self.options):  # bf16 flash attention is emulated on AVX2: fp32
+        if wide:  # bf16 flash attention is emulated on AVX2: fp32
             q, k, v = q.float(), k.float(), v.float()
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
