@@ -29,6 +29,17 @@ batch 8 decode (llama-batched-bench, 128-token prompts, 32 new tokens each): S_T
 """
 
 
+def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m dsv3 bench ARGS` in a fresh process, its checkpoints cached under tmp_path."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", "bench", *args],
+        capture_output=True,
+        text=True,
+        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+
+
 def test_parse_tables_reads_every_figure():
     tables = parse_tables(ANCHOR_OUTPUT)
     assert tables == {
@@ -51,14 +62,10 @@ def test_bench_divides_by_the_anchor_figures(tmp_path):
     script = tmp_path / "anchor.sh"
     script.write_text(f"#!/usr/bin/env bash\ntest -f \"$1/config.json\" || exit 3\ncat <<'EOF'\n{ANCHOR_OUTPUT}EOF\n")
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1", "--steps", "2"]
-        + ["--no-transformers", "--llamacpp", str(script), "--rounds", "2", "--json", str(out), "--threads", "1"],
-        capture_output=True,
-        text=True,
-        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
+    run = _bench(
+        tmp_path, "--config", "tiny", "--rows", "decode1", "--steps", "2", "--no-transformers", "--llamacpp",
+        str(script), "--rounds", "2", "--json", str(out), "--threads", "1",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     row = result["rows"][0]
@@ -77,14 +84,10 @@ def test_rounds_give_the_bandwidth_row_the_median_decode_over_the_median_bound(t
     script = tmp_path / "anchor.sh"
     script.write_text(f"#!/usr/bin/env bash\ncat <<'EOF'\n{ANCHOR_OUTPUT}EOF\n")
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1,bandwidth", "--steps", "2"]
-        + ["--no-transformers", "--llamacpp", str(script), "--rounds", "2", "--json", str(out), "--threads", "1"],
-        capture_output=True,
-        text=True,
-        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
+    run = _bench(
+        tmp_path, "--config", "tiny", "--rows", "decode1,bandwidth", "--steps", "2", "--no-transformers", "--llamacpp",
+        str(script), "--rounds", "2", "--json", str(out), "--threads", "1",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     decode, bandwidth = rows["decode b=1 after 128"], rows["decode b=1 vs bandwidth bound"]
@@ -104,14 +107,10 @@ def test_a_type_llama_cpp_aborts_on_is_left_out_and_the_others_compared(tmp_path
         f"cat <<'EOF'\n{bf16_part}EOF\n"
     )
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1,decode1_int8", "--steps", "1"]
-        + ["--no-transformers", "--llamacpp", str(script), "--json", str(out), "--threads", "1"],
-        capture_output=True,
-        text=True,
-        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
+    run = _bench(
+        tmp_path, "--config", "tiny", "--rows", "decode1,decode1_int8", "--steps", "1", "--no-transformers", "--llamacpp",
+        str(script), "--json", str(out), "--threads", "1",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "llama.cpp q8_0 left out" in run.stdout and "GGML_ASSERT" in run.stdout
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
@@ -120,14 +119,10 @@ def test_a_type_llama_cpp_aborts_on_is_left_out_and_the_others_compared(tmp_path
 
 
 def test_a_missing_anchor_script_is_one_error_line(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "dsv3", "bench", "--config", "tiny", "--rows", "decode1", "--steps", "1"]
-        + ["--no-transformers", "--llamacpp", str(tmp_path / "nope.sh")],
-        capture_output=True,
-        text=True,
-        env={"DSV3_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
+    run = _bench(
+        tmp_path, "--config", "tiny", "--rows", "decode1", "--steps", "1", "--no-transformers", "--llamacpp",
+        str(tmp_path / "nope.sh"),
+    )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("dsv3 bench: error: --llamacpp: no such script")
     assert "decode b=1" not in run.stdout  # refused before anything was timed

@@ -1291,6 +1291,30 @@ static inline __m256 exp8_nonpositive(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep);
 }
 
+// The online softmax's step for one query row and one block of n scores s (scaled, hidden keys -inf; n a multiple
+// of 8) whose largest is bmx: the row's running max *mx and sum *l, and its unnormalised output o (width values)
+// rescaled to the new max, s replaced by exp(s - max). A row that has seen no key yet gets all-zero s.
+static inline void online_softmax_step(float *s, int64_t n, float bmx, float *mx, float *l, float *o, int64_t width) {
+    const float new_mx = bmx > *mx ? bmx : *mx;
+    if (new_mx == -INFINITY) {
+        memset(s, 0, sizeof(float) * (size_t)n);
+        return;
+    }
+    if (new_mx != *mx) {
+        const float alpha = *mx == -INFINITY ? 0.0f : expf(*mx - new_mx);
+        *l *= alpha;
+        for (int64_t c = 0; c < width; c++) o[c] *= alpha;
+        *mx = new_mx;
+    }
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(new_mx)));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    *l += hsum(acc);
+}
+
 // o[m][0..16) += sum_j p[m][j] * kv[j][r0 .. r0+16) for 4 rows of probabilities (row stride ps) and 1 row:
 // the accumulators are a fixed set of registers (a loop over a run-time row count would keep them in memory).
 static inline void probs_times_latents4(const float *p, int64_t ps, const char *kv, int kvtype, int64_t kv_ss,
@@ -1351,24 +1375,7 @@ static void attend_key_block(const float *q, int64_t M, int64_t nh, int64_t C, i
             sm[j] = visible ? sm[j] * scale : -INFINITY;
             bmx = sm[j] > bmx ? sm[j] : bmx;
         }
-        const float new_mx = bmx > mx[m] ? bmx : mx[m];
-        if (new_mx == -INFINITY) {  // nothing visible yet: the probabilities of this block are all 0
-            memset(sm, 0, sizeof(float) * KEY_BLOCK);
-            continue;
-        }
-        if (new_mx != mx[m]) {
-            const float alpha = mx[m] == -INFINITY ? 0.0f : expf(mx[m] - new_mx);
-            l[m] *= alpha;
-            for (int64_t r = 0; r < R; r++) o[m * R + r] *= alpha;
-            mx[m] = new_mx;
-        }
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < KEY_BLOCK; j += 8) {
-            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sm + j), _mm256_set1_ps(new_mx)));
-            _mm256_storeu_ps(sm + j, e);
-            acc = _mm256_add_ps(acc, e);
-        }
-        l[m] += hsum(acc);
+        online_softmax_step(sm, KEY_BLOCK, bmx, mx + m, l + m, o + m * R, R);
     }
     // o += p @ kv[:, :R] by blocks of 16 latent columns: a column slice of the block's rows stays in L1 while
     // every group of four query rows passes over it.
@@ -1640,24 +1647,7 @@ int dsv3_prefill_attend(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr,
                             bmx = si[j] > bmx ? si[j] : bmx;
                         }
                     }
-                    const float new_mx = bmx > mx[i] ? bmx : mx[i];
-                    if (new_mx == -INFINITY) {  // no visible key yet (never here: key 0 is seen by every query)
-                        memset(si, 0, sizeof(float) * FA_BLOCK);
-                        continue;
-                    }
-                    const float alpha = mx[i] == -INFINITY ? 0.0f : expf(mx[i] - new_mx);
-                    if (alpha != 1.0f) {
-                        l[i] *= alpha;
-                        for (int64_t c = 0; c < dvp; c++) o[i * dvp + c] *= alpha;
-                    }
-                    mx[i] = new_mx;
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t j = 0; j < FA_BLOCK; j += 8) {
-                        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(si + j), _mm256_set1_ps(new_mx)));
-                        _mm256_storeu_ps(si + j, e);
-                        acc = _mm256_add_ps(acc, e);
-                    }
-                    l[i] += hsum(acc);
+                    online_softmax_step(si, FA_BLOCK, bmx, mx + i, l + i, o + i * dvp, dvp);
                 }
                 for (int64_t i = nq; i < nq6; i++) memset(s + i * FA_BLOCK, 0, sizeof(float) * FA_BLOCK);
                 fa_values(s, nq6, nk, v + j0 * dvp, dvp, o);
