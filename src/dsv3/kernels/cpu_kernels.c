@@ -1559,12 +1559,9 @@ static void fa_scores(const float *q, int64_t nq6, const float *kt, int64_t kts,
             FA_TILE6(_mm256_loadu_ps(kj + d * kts), _mm256_loadu_ps(kj + d * kts + 8), FA_QB, , dq)
 #undef FA_QB
             float *s0 = s + i0 * FA_BLOCK + j0;
-            _mm256_storeu_ps(s0, a00), _mm256_storeu_ps(s0 + 8, a01);
-            _mm256_storeu_ps(s0 + FA_BLOCK, a10), _mm256_storeu_ps(s0 + FA_BLOCK + 8, a11);
-            _mm256_storeu_ps(s0 + 2 * FA_BLOCK, a20), _mm256_storeu_ps(s0 + 2 * FA_BLOCK + 8, a21);
-            _mm256_storeu_ps(s0 + 3 * FA_BLOCK, a30), _mm256_storeu_ps(s0 + 3 * FA_BLOCK + 8, a31);
-            _mm256_storeu_ps(s0 + 4 * FA_BLOCK, a40), _mm256_storeu_ps(s0 + 4 * FA_BLOCK + 8, a41);
-            _mm256_storeu_ps(s0 + 5 * FA_BLOCK, a50), _mm256_storeu_ps(s0 + 5 * FA_BLOCK + 8, a51);
+            const __m256 acc[12] = {a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51};
+            for (int r = 0; r < 6; r++)
+                for (int h = 0; h < 2; h++) _mm256_storeu_ps(s0 + r * FA_BLOCK + 8 * h, acc[2 * r + h]);
         }
 }
 
