@@ -15,6 +15,20 @@ a bigram model (attention and MLP outputs zeroed: every weight is still read) an
 its next-token step (`eh_proj` passes the embedding of token t+1 through, head and final norm copied), so every
 draft is the main model's own next token. Prompts are then fixed ids. An upper bound for that checkpoint's shapes:
 a trained head reaches 0.94-0.98 on the packaged model.
+
+    python scripts/mtp_check.py --pad-mb 128
+
+times the packaged model, trained head and all, made memory-bound: its dense layers' MLPs are widened until a
+decode step streams that many more MB (`pad_dense_mlps`: the new gate/up rows random, the new down_proj columns
+zero, so every output is the trained model's; the greedy tokens are checked against the unpadded model's). The
+packaged model streams ~3 MB a step, so its steps cost what their Python and thread hand-offs cost and a second
+verified row costs nearly what the first does; a real checkpoint streams hundreds of MB to GB a step, where a
+second row is nearly free and the MTP layer is one layer of many (V3: 1 of 62, its head ~2% of a step's bytes),
+which the padding reproduces with the acceptance of a trained head. The padded rows are short (the packaged
+model is 128 wide), which costs more arithmetic per byte than a real model's rows: a pessimistic proxy.
+
+Every mode also prints the verification's cost: a two-row pass of the main model (tokens [last, draft], with
+hidden states, as a speculative step verifies) against a one-row decode pass, medians of alternating rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +46,8 @@ import torch
 from dsv3 import DeepSeekV3, InferenceOptions
 from dsv3.inference.generate import stream
 from dsv3.inference.speculative import SpeculativeStats, speculative_stream
+from dsv3.model import native_decode
+from dsv3.model.cache import LatentCache
 from dsv3.pretrained import packaged_model_dir
 from dsv3.tokenizer import Tokenizer
 
@@ -77,6 +93,54 @@ def make_drafts_perfect(model: DeepSeekV3) -> None:
     model.invalidate_derived_()
 
 
+def pad_dense_mlps(model: DeepSeekV3, extra_mb: float) -> DeepSeekV3:
+    """A copy of `model` computing the same function while a decode step streams `extra_mb` more MB: the dense
+    layers' MLPs (`intermediate_size`) get extra rows, random in gate_proj and up_proj, zero in down_proj's new
+    columns, so each extra product adds exact zeros to the original sums."""
+    cfg = model.config
+    dense = [i for i in range(cfg.num_hidden_layers) if i not in cfg.moe_layer_indices]
+    if not dense:
+        raise SystemExit("--pad-mb needs a model with a dense layer (first_k_dense_replace > 0)")
+    F = cfg.intermediate_size
+    per_row = 3 * cfg.hidden_size * model.dtype.itemsize * len(dense)  # gate, up and down, every dense layer
+    extra = max(64, round(extra_mb * 2**20 / per_row / 64) * 64)
+    padded = DeepSeekV3(cfg.replace(intermediate_size=F + extra), dtype=model.dtype).eval()
+    original = model.state_dict()
+    with torch.no_grad():
+        for name, t in padded.state_dict().items():
+            src = original[name]
+            if src.shape == t.shape:
+                t.copy_(src)
+            elif name.endswith("down_proj.weight"):
+                t.zero_()
+                t[:, :F] = src
+            else:  # gate_proj / up_proj: the original rows first, the rest stay random
+                t[:F] = src
+    return padded
+
+
+def verification_cost(model: DeepSeekV3, prompt: list[int], rounds: int = 8, reps: int = 10) -> tuple[float, float]:
+    """Median seconds of a one-row decode pass and of a two-row verification pass (with hidden states, as
+    `speculative_step` verifies) of the main model after `prompt`, alternating; each pass undone by truncation."""
+    cache = LatentCache(model.config, 1, len(prompt) + 2, dtype=model.dtype)
+    slot = cache.allocate()
+    with torch.inference_mode():
+        batch = cache.bind([slot], [len(prompt) - 2])
+        model.hidden_states(torch.tensor([prompt[:-2]]), cache=batch)
+        batch.commit()
+        list(stream(model, [prompt], 2, stop_token_ids=[]))  # plans the native decode pass
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(rounds):
+            for T in (1, 2):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    if native_decode.decode_logits(model, cache, [slot], prompt[-T:], T, T == 2) is None:
+                        raise SystemExit("the one-call native decode pass does not apply to this model here")
+                    cache.truncate(slot, len(prompt) - 2)
+                times[T].append((time.perf_counter() - t0) / reps)
+    return statistics.median(times[1]), statistics.median(times[2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -85,6 +149,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--perfect-draft", metavar="CHECKPOINT", help="time this checkpoint's shapes at acceptance 1.0")
     ap.add_argument("--quantize", choices=["int8"], help="with --perfect-draft: int8 weights")
+    ap.add_argument("--pad-mb", type=float, help="the packaged model made to stream this many more MB a step")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,11 +165,19 @@ def main() -> None:
         tok = Tokenizer.from_dir(d)
         src = pathlib.Path(inspect.getfile(json)).read_text()
         prompts = [tok.encode(src[i * 2000 : i * 2000 + 600])[:200] for i in range(8)]
+        if args.pad_mb:
+            before = list(stream(model, prompts[:1], args.tokens, stop_token_ids=[]))
+            model = pad_dense_mlps(model, args.pad_mb).prepare_for_inference()
+            if list(stream(model, prompts[:1], args.tokens, stop_token_ids=[])) != before:
+                raise SystemExit("the padded model's greedy tokens differ from the packaged model's")
+            print(f"padded: intermediate_size {model.config.intermediate_size}, greedy tokens unchanged", flush=True)
+    one, two = verification_cost(model, prompts[0])
+    print(f"verification: 2 rows {two * 1e3:.3f} ms vs 1 row {one * 1e3:.3f} ms = {two / one:.2f}x", flush=True)
+    report: dict = {"verification_ms": {"one_row": one * 1e3, "two_rows": two * 1e3, "ratio": two / one}}
     runs = {
         "plain": lambda p, st: stream(model, p, args.tokens, stop_token_ids=[]),
         "mtp": lambda p, st: speculative_stream(model, p, args.tokens, stop_token_ids=[], stats=st),
     }
-    report = {}
     for B in [int(b) for b in args.batch.split(",")]:
         P = prompts[:B]
         for run in runs.values():  # warm-up: plans, rotary tables

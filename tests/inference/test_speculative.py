@@ -1,5 +1,8 @@
 """MTP self-speculative decoding: identical greedy output, real acceptances, the sampling rule, batches."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -188,3 +191,43 @@ def test_needs_mtp_module(tmp_path):
     m = dsv3.DeepSeekV3(cfg)
     with pytest.raises(dsv3.RequestError, match="MTP"):
         dsv3.generate(m, [[1, 2]], max_new_tokens=2, speculative="mtp")
+
+
+def _mtp_check():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "mtp_check.py"
+    spec = importlib.util.spec_from_file_location("mtp_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bandwidth_padding_keeps_the_function():
+    """`mtp_check.py --pad-mb`: the padded model streams the asked-for extra bytes and computes the same logits,
+    main and MTP (its extra gate/up rows are real work, only down_proj's new columns are zero)."""
+    pad_dense_mlps = _mtp_check().pad_dense_mlps
+    m = random_model(torch.float32)
+    with torch.no_grad():
+        for layer in m.model.layers:  # norms not all ones: the padding must not lean on them
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    padded = pad_dense_mlps(m, 0.5)
+    F, D = m.config.intermediate_size, m.config.hidden_size
+    extra = padded.config.intermediate_size - F
+    assert extra % 64 == 0 and abs(extra * 3 * D * 4 - 0.5 * 2**20) <= 32 * 3 * D * 4
+    added = sum(p.numel() for p in padded.parameters()) - sum(p.numel() for p in m.parameters())
+    assert added == extra * 3 * D  # the one dense layer of `tiny`
+    mlp = padded.model.layers[0].mlp
+    assert mlp.gate_proj.weight[F:].any() and mlp.up_proj.weight[F:].any()
+    assert not mlp.down_proj.weight[:, F:].any()
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        h_ref, h_pad = m.hidden_states(ids), padded.hidden_states(ids)
+        torch.testing.assert_close(h_pad, h_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(padded.logits(h_pad), m.logits(h_ref), rtol=1e-5, atol=1e-5)
+        nxt = torch.tensor([PROMPTS[2][1:] + [0]])
+        torch.testing.assert_close(padded.mtp_logits(h_pad, nxt)[0], m.mtp_logits(h_ref, nxt)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bandwidth_padding_needs_a_dense_layer():
+    cfg = dsv3.ModelConfig.from_pretrained("tiny").replace(first_k_dense_replace=0)
+    with pytest.raises(SystemExit, match="dense layer"):
+        _mtp_check().pad_dense_mlps(dsv3.DeepSeekV3(cfg).eval(), 1.0)
