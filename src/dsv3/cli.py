@@ -66,15 +66,12 @@ DEMO_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n   
 
 
 def _complete(model, prompts: list[list[int]], max_new_tokens: int, vocab_limit: int, args) -> list[list[int]]:
-    from .inference.generate import stream
-    from .inference.sampling import SamplingParams
+    from .inference.generate import generate
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens, params, args.seed, vocab_limit=vocab_limit):
-        for row, token in step.items():
-            out[row].append(token)
-    return out
+    return generate(
+        model, prompts, max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        vocab_limit=vocab_limit,
+    )  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -120,3 +120,43 @@ def test_bf16_generation_is_finite_and_matches_fp32_mostly(model):
     out16 = dsv3.generate(m16, [PROMPTS[2]], max_new_tokens=4, stop_token_ids=[])[0]
     out32 = dsv3.generate(model, [PROMPTS[2]], max_new_tokens=4, stop_token_ids=[])[0]
     assert out16[0] == out32[0]
+
+
+@pytest.fixture(scope="module")
+def bf16_model(model):
+    """The fixture's weights in bf16: the dtype the one-call native decode takes by default."""
+    torch.manual_seed(0)
+    m = dsv3.DeepSeekV3(model.config, dtype=torch.bfloat16).eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+@pytest.mark.parametrize("run", [2, 5, 1 << 30])
+def test_greedy_runs_yield_the_steps_of_stream(bf16_model, run, monkeypatch):
+    """generate()'s runs of greedy steps in one native call: step for step what `stream` yields (ragged rows, a
+    stop id mid-run, a vocabulary limit), the runs shown to be taken where the kernels are."""
+    from dsv3.inference.generate import _steps
+    from dsv3.inference.request import GenerationRequest
+    from dsv3.kernels import native
+    from dsv3.model import native_decode
+
+    model = bf16_model
+    free = dsv3.generate(model, PROMPTS, max_new_tokens=13, stop_token_ids=[])
+    request = GenerationRequest(PROMPTS, 13, stop_token_ids=[free[2][4]], vocab_limit=max(free[0]))
+    expected = list(stream(model, request))
+    assert [len(s) for s in expected] != [len(PROMPTS)] * 13  # a row left early
+    taken = []
+    greedy = native_decode.decode_greedy
+    monkeypatch.setattr(native_decode, "decode_greedy", lambda *a: taken.append(greedy(*a)) or taken[-1])
+    assert list(_steps(model, request, greedy_run=run)) == expected
+    assert any(t is not None for t in taken) == native.available()
+
+
+def test_sampled_rows_decode_step_by_step(model):
+    """A request with a sampled row never takes the greedy runs: the same draws as `stream`."""
+    from dsv3.inference.generate import _steps
+    from dsv3.inference.request import GenerationRequest
+
+    sampling = [SamplingParams(), SamplingParams(temperature=0.9, top_k=20), SamplingParams(), SamplingParams()]
+    request = GenerationRequest(PROMPTS, 9, sampling, seed=3, stop_token_ids=[])
+    assert list(_steps(model, request, greedy_run=1 << 30)) == list(stream(model, request))

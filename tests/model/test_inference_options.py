@@ -5,6 +5,7 @@ import torch
 
 import dsv3
 from dsv3 import ConfigError, InferenceOptions
+from dsv3.inference.generate import stream
 from dsv3.kernels import fp8 as fp8_kernels
 from dsv3.kernels import native
 from dsv3.model.linear import Linear
@@ -164,10 +165,13 @@ def test_preparing_again_with_the_same_options_keeps_the_decode_plans(tiny_cfg, 
     real = native.decode_step
     monkeypatch.setattr(native, "decode_step", lambda *a: calls.append(1) or real(*a))
     prompt = [list(range(2, 22))]  # longer than a decode-sized pass: the prefill does not plan the stack
-    first = dsv3.generate(model, prompt, max_new_tokens=4, stop_token_ids=[])
+    def generate():  # step by step (generate() runs its greedy steps in one call after the first)
+        return [s[0] for s in stream(model, prompt, 4, stop_token_ids=[])]
+
+    first = generate()
     assert len(calls) == 2  # the first decode step plans the stack through the modules
     calls.clear()
-    assert dsv3.generate(model, prompt, max_new_tokens=4, stop_token_ids=[]) == first
+    assert generate() == first
     assert len(calls) == 3
     model.prepare_for_inference(InferenceOptions(fp8_compute="gemm"))  # other options: a new object, plans rebuilt
     assert model.inference_options is not applied and model.inference_options.fp8_compute == "gemm"

@@ -7,6 +7,7 @@ import dsv3
 from dsv3 import InferenceOptions
 from dsv3.inference.generate import decode_step, prefill
 from dsv3.kernels import native
+from dsv3.model import native_decode
 from dsv3.model.cache import LatentCache
 from dsv3.model.moe import choose_strategy
 
@@ -72,3 +73,59 @@ def test_a_float16_model_decodes_through_torch_where_the_kernels_do_not_apply(ti
     torch_out = _decode_logits(_model(tiny_cfg, dtype), InferenceOptions(matvec="mkl"), dtype, 2, cache)
     assert torch.isfinite(native_out).all()
     assert torch.allclose(native_out, torch_out, atol=1e-3 * float(torch_out.abs().max()))
+
+
+def _greedy_by_steps(model, cache, slots, tokens, limit, n_steps, stops):
+    """`native_decode.decode_greedy`'s contract, one `decode_step` and argmax at a time."""
+    out = {s: [] for s in slots}
+    running = dict(zip(slots, tokens))
+    while running:
+        logits = decode_step(model, cache, list(running), list(running.values()))
+        top = logits[:, :limit].argmax(-1).tolist()
+        for s, t in zip(list(running), top):
+            out[s].append(t)
+            if t in stops or len(out[s]) == n_steps:
+                del running[s]
+            else:
+                running[s] = t
+    return [out[s] for s in slots]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_greedy_run_in_one_call_equals_step_by_step(tiny_cfg, quantize):
+    """`decode_greedy`: the tokens, cache lengths and cache contents of one `decode_step` + argmax a step, rows
+    leaving at a stop id or n_steps, with a vocabulary limit that changes the argmax; ragged rows, bf16."""
+    model = _model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native", quantize=quantize))
+
+    def fresh():
+        cache = LatentCache(model.config, 4, 48, dtype=torch.bfloat16)
+        slots = [cache.allocate() for _ in range(4)]
+        prefill(model, cache, slots[:3], PROMPTS)  # slot 3 stays empty: rows need not be the first slots
+        return cache, slots[:3]
+
+    cache, slots = fresh()
+    V = model.config.vocab_size
+    free = _greedy_by_steps(model, cache, slots, [11, 40, 7], V, 12, set())
+    limit = max(t for row in free for t in row)  # excludes a token the free run chose
+    stops = {free[1][3], free[2][6]}
+    cache, slots = fresh()
+    expected = _greedy_by_steps(model, cache, slots, [11, 40, 7], limit, 12, stops)
+    assert expected != free and min(map(len, expected)) < 12  # the limit and a stop both matter
+    cache2, slots2 = fresh()
+    got = native_decode.decode_greedy(model, cache2, slots2, [11, 40, 7], limit, 12, stops)
+    assert got == expected
+    assert torch.equal(cache2.lengths, cache.lengths)
+    assert torch.equal(cache2.kv, cache.kv)
+
+
+def test_greedy_run_past_the_cache_is_a_request_error(tiny_cfg):
+    model = _model(tiny_cfg, torch.bfloat16)
+    model.prepare_for_inference(InferenceOptions(matvec="native"))
+    cache = LatentCache(model.config, 1, 8, dtype=torch.bfloat16)
+    slot = cache.allocate()
+    prefill(model, cache, [slot], [[5, 9, 13]])
+    decode_step(model, cache, [slot], [4])  # plans the stack
+    with pytest.raises(dsv3.RequestError, match="exceeds the cache length 8"):
+        native_decode.decode_greedy(model, cache, [slot], [4], model.config.vocab_size, 10, set())
+    assert int(cache.lengths[slot]) == 8  # the steps before the full cache ran

@@ -21,6 +21,8 @@ from .request import GenerationRequest
 from .sampling import SamplingParams, sample_tokens
 from .speculative import speculative_stream
 
+GREEDY_RUN = 1 << 30  # generate(): greedy steps a native call may take (all of them)
+
 
 def model_dtype(model: DeepSeekV3) -> torch.dtype:
     """`model.dtype` (kept for callers of the function)."""
@@ -110,7 +112,13 @@ def stream(
     """
     if not isinstance(prompts, GenerationRequest):
         prompts = GenerationRequest(prompts, max_new_tokens, sampling, seed, stop_token_ids, vocab_limit)
-    request = prompts.validate(model.config)
+    yield from _steps(model, prompts, greedy_run=1)
+
+
+def _steps(model: DeepSeekV3, request: GenerationRequest, greedy_run: int) -> Iterator[dict[int, int]]:
+    """`stream()`'s steps. With greedy_run > 1, up to that many steps of greedy rows at a time in one native call
+    (`native_decode.decode_greedy`: the same batches, so the same tokens), yielded when the run returns."""
+    request = request.validate(model.config)
     if request.max_new_tokens == 0:
         return
     model.prepare_for_inference()
@@ -122,20 +130,30 @@ def stream(
     )  # fmt: skip
     slots = [cache.allocate() for _ in prompts]
     logits = prefill(model, cache, slots, prompts)
-    active = list(range(len(prompts)))
+    tokens = sample_tokens(request.limit_vocab(logits), request.row_params(range(len(prompts))), gens)
+    steps = [dict(enumerate(tokens))]
     produced = [0] * len(prompts)
-    while active:
-        tokens = sample_tokens(request.limit_vocab(logits), request.row_params(active), [gens[b] for b in active])
-        yield dict(zip(active, tokens))
-        still = []
-        for b, t in zip(active, tokens):
-            produced[b] += 1
-            if t not in stops and produced[b] < budget:
-                still.append((b, t))
-        if not still:
+    compiled = model.inference_options is not None and model.inference_options.compile
+    while True:
+        for step in steps:
+            yield step
+            for b in step:
+                produced[b] += 1
+        running = {b: t for b, t in steps[-1].items() if t not in stops and produced[b] < budget}
+        if not running:
             return
-        active = [b for b, _ in still]
-        logits = decode_step(model, cache, [slots[b] for b in active], [t for _, t in still])
+        active, fed = list(running), list(running.values())
+        params = request.row_params(active)
+        run = None
+        if greedy_run > 1 and not compiled and all(p.temperature == 0 for p in params):
+            n_steps = min(greedy_run, budget - max(produced[b] for b in active))
+            limit = min(request.vocab_limit or model.config.vocab_size, model.config.vocab_size)
+            run = native_decode.decode_greedy(model, cache, [slots[b] for b in active], fed, limit, n_steps, stops)
+        if run is not None:
+            steps = [{b: r[i] for b, r in zip(active, run) if i < len(r)} for i in range(max(map(len, run)))]
+            continue
+        logits = decode_step(model, cache, [slots[b] for b in active], fed)
+        steps = [dict(zip(active, sample_tokens(request.limit_vocab(logits), params, [gens[b] for b in active])))]
 
 
 def generate(
@@ -148,18 +166,20 @@ def generate(
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     speculative: str | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """New tokens only, one list per prompt; greedy at temperature 0; the stop token is included.
 
     `speculative="mtp"` drafts with the MTP module and verifies with the main model (same output
-    distribution; identical greedy output).
+    distribution; identical greedy output). `vocab_limit` masks ids >= limit, as `stream`'s.
     """
     if speculative not in (None, "mtp"):
         raise RequestError(f"speculative must be None or 'mtp', got {speculative!r}")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    request = GenerationRequest(prompts, max_new_tokens, params, seed, stop_token_ids)
+    request = GenerationRequest(prompts, max_new_tokens, params, seed, stop_token_ids, vocab_limit)
     out: list[list[int]] = [[] for _ in prompts]
-    steps = stream(model, request) if speculative is None else speculative_stream(model, request)
+    # Whole runs of greedy steps in one native call each: nothing here reads a token before the last one.
+    steps = _steps(model, request, greedy_run=GREEDY_RUN) if speculative is None else speculative_stream(model, request)
     for step in steps:
         for b, tokens in step.items():
             out[b].extend([tokens] if isinstance(tokens, int) else tokens)

@@ -152,6 +152,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.dsv3_argmax_rows.argtypes = [_i64, _i64, _ptr, _i64, _ptr]
     lib.dsv3_decode_step.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.POINTER(HeadWeights)]
     lib.dsv3_decode_step.argtypes += [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
+    lib.dsv3_decode_greedy.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, ctypes.POINTER(HeadWeights)]
+    lib.dsv3_decode_greedy.argtypes += [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr]
+    lib.dsv3_decode_greedy.argtypes += [_i64, _ptr, _ptr, _int]
     lib.dsv3_mtp_draft.argtypes = [ctypes.POINTER(LayerWeights), _ptr, ctypes.POINTER(MtpWeights), _i64, _i64, _ptr]
     lib.dsv3_mtp_draft.argtypes += [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int]
     lib.dsv3_speculative_step.argtypes = [_i64, _ptr, _ptr, ctypes.POINTER(HeadWeights), _ptr, _i64]
@@ -697,6 +700,42 @@ def decode_step(
     _check_step(rc, lengths, slots, T, max_len, embed.shape[0])
     logits = logits[:, 0] if T == 1 and not hidden else logits
     return (logits, states) if hidden else logits
+
+
+def decode_greedy(
+    stack: LayerStack,
+    head: HeadWeights,
+    ids: Sequence[int],
+    embed: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    stores: Sequence[int],
+    slots: Sequence[int],
+    lengths: Tensor,
+    store_shape: tuple[int, int, int],
+    limit: int,
+    n_steps: int,
+    stops: Sequence[int],
+) -> list[list[int]]:
+    """Up to n_steps greedy tokens for each row in one call (`dsv3_decode_greedy`): `decode_step` over the running
+    rows, each row's argmax over ids < limit fed next, a row stopping after an id in `stops` or at n_steps tokens.
+    Row b starts from ids[b] in slot slots[b] (arguments as `decode_step`'s). Errors as `decode_step`'s, at the
+    step that met them (the cache has advanced by the steps before it)."""
+    B = len(slots)
+    if len(ids) != B:
+        raise ValueError(f"{len(ids)} ids for {B} rows")
+    out = (ctypes.c_int64 * (B * max(n_steps, 1)))()
+    counts = (ctypes.c_int64 * B)()
+    store_array = (ctypes.c_void_p * len(stack.layers))(*stores)
+    max_len, slot_stride, pos_stride = store_shape
+    rc = _library().dsv3_decode_greedy(
+        len(stack.layers), stack.pointers, store_array, B, (ctypes.c_int64 * B)(*ids), embed.data_ptr(),
+        embed.shape[0], ctypes.byref(head), rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0],
+        (ctypes.c_int64 * B)(*slots), lengths.shape[0], lengths.data_ptr(), max_len, slot_stride, pos_stride, limit,
+        n_steps, (ctypes.c_int64 * len(stops))(*stops), len(stops), out, counts, torch.get_num_threads(),
+    )  # fmt: skip
+    _check_step(rc, lengths, slots, 1, max_len, embed.shape[0])
+    return [out[b * n_steps : b * n_steps + counts[b]] for b in range(B)]
 
 
 def _check_step(rc: int, lengths: Tensor, slots: Sequence[int], n_new: int, max_len: int, vocab: int) -> None:
