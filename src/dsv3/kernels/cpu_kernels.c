@@ -1365,9 +1365,23 @@ static inline void probs_times_latents1(const float *p, const char *kv, int kvty
 #define KEY_BLOCK 64
 static void attend_key_block(const float *q, int64_t M, int64_t nh, int64_t C, int64_t R, const char *kvb, int kvtype,
                              int64_t kv_ss, int64_t j0, int64_t nj, int64_t S, int64_t T, float scale,
-                             const unsigned char *mask_b, int64_t m_ts, float *s, float *mx, float *l, float *o) {
+                             const unsigned char *mask_b, int64_t m_ts, float *s, float *mx, float *l, float *o,
+                             float *wide) {
     const size_t ksize = kvtype == T_F32 ? 4 : 2;
     const char *kvj = kvb + (size_t)(j0 * kv_ss) * ksize;
+    if (kvtype == T_BF16 && wide) {
+        // The block's rows widened once (`wide`: KEY_BLOCK x C floats): the scores and the latents below read each
+        // row once per four query rows, and widened every time, the conversion was a third of their instructions.
+        // Exact, and the products are the fp32 kernels' (the same arithmetic): the same bits.
+        const int64_t c8 = C / 8 * 8;
+        for (int64_t j = 0; j < nj; j++) {
+            const uint16_t *row = (const uint16_t *)kvj + j * kv_ss;
+            float *dst = wide + j * C;
+            for (int64_t c = 0; c < c8; c += 8) _mm256_storeu_ps(dst + c, load8_bf16(row + c));
+            for (int64_t c = c8; c < C; c++) dst[c] = bf16_to_f32(row[c]);
+        }
+        kvj = (const char *)wide, kvtype = T_F32, kv_ss = C;
+    }
     rows_times_weight(q, NULL, NULL, C, M, kvj, kvtype, kv_ss, NULL, NULL, 0, nj, C, s, T_F32, KEY_BLOCK, 1);
     for (int64_t m = 0; m < M; m++) {
         const int64_t t = m / nh, last = S - T + t;  // causal: keys 0..last
@@ -1438,8 +1452,9 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
     float *o = (float *)aligned_alloc(64, (size_t)((items * M * R * 4 + 63) / 64 * 64 + 64));
     float *ml = (float *)malloc(sizeof(float) * (size_t)(items * M * 2));  // running max, then running sum
     float *s = (float *)aligned_alloc(64, (size_t)((nt * M * KEY_BLOCK * 4 + 63) / 64 * 64 + 64));
-    if (!q || !o || !ml || !s) {
-        free(q), free(o), free(ml), free(s);
+    float *wide = (float *)aligned_alloc(64, (size_t)((nt * KEY_BLOCK * C * 4 + 63) / 64 * 64 + 64));
+    if (!q || !o || !ml || !s || !wide) {
+        free(q), free(o), free(ml), free(s), free(wide);
         return 1;
     }
 #pragma omp parallel num_threads(nt)
@@ -1458,6 +1473,7 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
         }
         // Key chunks: each (cache row, chunk) item owns its running max / sum / output rows.
         float *sbuf = s + (int64_t)omp_get_thread_num() * M * KEY_BLOCK;
+        float *wbuf = wide + (int64_t)omp_get_thread_num() * KEY_BLOCK * C;
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             const int64_t b = it / NC, c = it % NC;
@@ -1469,7 +1485,7 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
             for (int64_t j0 = c * S / NC; j0 < k1; j0 += KEY_BLOCK) {  // (131 keys: 128 against 3)
                 const int64_t nj = k1 - j0 < KEY_BLOCK ? k1 - j0 : KEY_BLOCK;
                 attend_key_block(q + b * M * C, M, H, C, R, kvb, kvtype, kv_ss, j0, nj, S, T, scale,
-                                 mask ? mask + b * m_bs : NULL, m_ts, sbuf, mx, l, oc);
+                                 mask ? mask + b * m_bs : NULL, m_ts, sbuf, mx, l, oc, wbuf);
             }
         }
         // Merge the chunks of each query row, normalise, round; out = o @ W_UV^T of the row's head.
@@ -1502,7 +1518,7 @@ static int mla_attend(int64_t B, int64_t T, int64_t H, int64_t S, int64_t Dn, in
             for (int64_t v = 0; v < Dv; v++) store1(out, b * o_bs + t * o_ts + h * o_hs + v, xtype, acc[v]);
         }
     }
-    free(q), free(o), free(ml), free(s);
+    free(q), free(o), free(ml), free(s), free(wide);
     return 0;
 }
 
