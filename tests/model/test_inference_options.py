@@ -165,6 +165,7 @@ def test_preparing_again_with_the_same_options_keeps_the_decode_plans(tiny_cfg, 
     real = native.decode_step
     monkeypatch.setattr(native, "decode_step", lambda *a: calls.append(1) or real(*a))
     prompt = [list(range(2, 22))]  # longer than a decode-sized pass: the prefill does not plan the stack
+
     def generate():  # step by step (generate() runs its greedy steps in one call after the first)
         return [s[0] for s in stream(model, prompt, 4, stop_token_ids=[])]
 
