@@ -431,15 +431,10 @@ def _step_plans(model: DeepSeekV3, cache: LatentCache, rows: int, tokens_per_row
     """The stack's and the head's plans for a one-call pass of `rows` token rows over `cache`, current; None where
     the module path must run (`decode_logits`' cases)."""
     stack = _STACKS.get(model.model.layers)
-    if (
-        stack is None
-        or not 0 < rows <= NATIVE_MAX_ROWS
-        or not _cache_fits(cache, stack.dtype)
-        or not 0
-        <= stack.layer_indices[0] - cache.first_layer
-        <= stack.layer_indices[-1] - cache.first_layer
-        < len(cache.kv)
-    ):
+    if stack is None or not 0 < rows <= NATIVE_MAX_ROWS or not _cache_fits(cache, stack.dtype):
+        return None
+    first, last = (i - cache.first_layer for i in (stack.layer_indices[0], stack.layer_indices[-1]))
+    if not 0 <= first <= last < len(cache.kv):  # the cache holds the stack's layers
         return None
     head = _HEADS.get(model)
     if head is None or not head.current():
