@@ -152,11 +152,14 @@ def test_greedy_runs_yield_the_steps_of_stream(bf16_model, run, monkeypatch):
     assert any(t is not None for t in taken) == native.available()
 
 
-def test_sampled_rows_decode_step_by_step(model):
+def test_sampled_rows_decode_step_by_step(bf16_model, monkeypatch):
     """A request with a sampled row never takes the greedy runs: the same draws as `stream`."""
     from dsv3.inference.generate import _steps
     from dsv3.inference.request import GenerationRequest
+    from dsv3.model import native_decode
 
     sampling = [SamplingParams(), SamplingParams(temperature=0.9, top_k=20), SamplingParams(), SamplingParams()]
     request = GenerationRequest(PROMPTS, 9, sampling, seed=3, stop_token_ids=[])
-    assert list(_steps(model, request, greedy_run=1 << 30)) == list(stream(model, request))
+    expected = list(stream(bf16_model, request))
+    monkeypatch.setattr(native_decode, "decode_greedy", lambda *a: pytest.fail("a greedy run with a sampled row"))
+    assert list(_steps(bf16_model, request, greedy_run=1 << 30)) == expected
