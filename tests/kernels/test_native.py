@@ -381,3 +381,42 @@ def test_dequantize_fp8_equals_dequantize_blocks_on_every_code(N, K, block, rows
         assert got.shape == want.shape and torch.equal(got, want)
     with pytest.raises(ValueError, match="rows outside"):
         native.dequantize_fp8(weight, scale, block, True, (0, N + 1))
+
+
+@pytest.mark.parametrize(
+    "M, N, K",
+    [(1, 1, 1), (5, 17, 7), (6, 16, 256), (7, 15, 257), (121, 33, 300), (250, 300, 600), (13, 3100, 40)],
+)
+@pytest.mark.parametrize("xdtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                            (torch.float32, torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_matches_float64_on_partial_tiles_and_blocks(M, N, K, xdtype, wdtype, threads):
+    """Rows, columns and depth off the 6 x 16 tile and the 256-deep, 120-row, 3072-column blocks, on strided
+    operands: every output within fp32 summation error of the float64 product."""
+    torch.manual_seed(M * 7 + N * 3 + K)
+    x = torch.randn(M, K + 5).to(xdtype)[:, 2 : K + 2]  # rows 5 elements apart from their ends
+    w = torch.randn(N, K + 3).to(wdtype)[:, :K]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.gemm(x, w)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    exact = x.double() @ w.double().T
+    assert bool(((got.double() - exact).abs() <= 1e-5 * exact.abs().max() + 1e-30).all())
+
+
+def test_gemm_keeps_leading_dims_handles_empty_depth_and_propagates_nan_and_inf():
+    x = torch.randn(2, 9, 20).bfloat16()
+    w = torch.randn(40, 20).bfloat16()
+    assert torch.allclose(native.gemm(x, w), (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(native.gemm(torch.randn(3, 0), torch.randn(4, 0)), torch.zeros(3, 4))
+    assert native.gemm(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
+    x, w = torch.randn(8, 32), torch.randn(20, 32)
+    x[1, 3], x[5, 0] = float("nan"), float("inf")
+    got = native.gemm(x, w)
+    assert bool(got[1].isnan().all()) and bool((got[5].isinf() | got[5].isnan()).all())
+    assert torch.equal(got[5].isinf(), (x[5].double() @ w.double().T).isinf())  # inf * w with a mixed sign sum: nan
+    keep = [0, 2, 3, 4, 6, 7]
+    assert torch.allclose(got[keep], (x[keep].double() @ w.double().T).float(), rtol=1e-5, atol=1e-5)

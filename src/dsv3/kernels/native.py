@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -162,6 +163,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.dsv3_speculative_step.argtypes += [_i64, _ptr, _i64] + [_ptr] * 7 + [_ptr, _ptr, _i64, _ptr, _ptr]
     lib.dsv3_speculative_step.argtypes += [_i64, _i64, _i64, _int]
     lib.dsv3_dequantize_fp8.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _int, _ptr, _i64, _int]
+    lib.dsv3_gemm.argtypes = [_i64] * 3 + [_ptr, _int, _i64, _ptr, _int, _i64, _ptr, _i64, _int]
     lib.dsv3_dequantize_int8.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, _int, _i64, _int]
     return lib
 
@@ -351,6 +353,35 @@ def linear(
     )  # fmt: skip
     _check(rc, "linear")
     return y
+
+
+def fits_gemm(x: Tensor, weight: Tensor) -> bool:
+    """Whether `gemm(x, weight)` runs natively: CPU, bf16 or fp32 operands, unit stride in the last dim, no grad."""
+    return (
+        available()
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.dim() == 2
+        and _inner_contiguous(x, weight)
+        and not torch.is_grad_enabled()
+    )
+
+
+def gemm(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weight [N, K].T computed and returned in fp32 (`F.linear(x.float(), weight.float())` to fp32
+    round-off), for many rows: the operands are widened block by block inside (`dsv3_gemm`), never copied whole.
+    Each output is one fp32 multiply-add chain over k in order, so the bits do not depend on threads or shape."""
+    N, K = weight.shape
+    rows = x.reshape(math.prod(x.shape[:-1]), K)  # (-1 is ambiguous when K == 0)
+    y = torch.empty(rows.shape[0], N, dtype=torch.float32)
+    rc = _library().dsv3_gemm(
+        rows.shape[0], N, K, rows.data_ptr(), _TYPE[rows.dtype], rows.stride(0),
+        weight.data_ptr(), _TYPE[weight.dtype], weight.stride(0), y.data_ptr(), N, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "gemm")
+    return y.view(*x.shape[:-1], N)
 
 
 def batched_linear(x: Tensor, weight: Tensor, out: Tensor, scale: Tensor | None = None) -> Tensor:
